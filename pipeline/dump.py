@@ -1,0 +1,284 @@
+"""Stage one: run a teacher over replayable views and write its logits into a Zarr cache.
+
+The work unit is a chunk: one view index x :data:`~kdcache.store.CHUNK`
+samples. DataLoader workers build the views (uint8, CPU); the teacher runs in
+fixed padded blocks; rows are buffered into whole chunks and handed to a
+background writer thread, which writes logits, parameters and pixel hashes and
+only then marks the chunk done. A re-run skips done chunks, so an interrupted
+dump resumes and ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from kdcache import __version__
+from kdcache.data import ImageDataset, build_dataset
+from kdcache.errors import KdcacheError
+from kdcache.store import (
+    CHUNK, CacheStore, array_names, check_writable_location, create_store, disk_bytes, extend_views,
+    identity_mismatch, num_chunks, open_store, remove_store, store_exists, writer_lock,
+)
+from kdcache.teacher import Teacher, load_teacher
+from kdcache.views import Recipe, make_recipe, pixel_hash
+
+DTYPES = ("float16", "float32")
+FLOAT16_MAX = 65504.0
+
+
+def parse_views(views: str | int, recipe: Recipe) -> tuple[int, str]:
+    """``--views`` as (number of views, mode): ``all`` enumerates a finite view space, ``N`` seeds N views."""
+    if str(views) == "all":
+        n = recipe.num_discrete_views
+        if n is None:
+            raise KdcacheError(f"--views all needs a finite view space; recipe {recipe.name!r} is continuous: pass --views N")
+        return n, "all" if recipe.name == "cifar" else "seeded"
+    try:
+        n = int(views)
+    except ValueError:
+        raise KdcacheError(f"--views must be a positive integer or 'all', got {views!r}") from None
+    if n < 1:
+        raise KdcacheError(f"--views must be at least 1, got {n}")
+    if recipe.name == "none" and n != 1:
+        raise KdcacheError("--augment none has exactly one view: pass --views 1")
+    return n, "seeded"
+
+
+class ViewSet(Dataset):
+    """The views of (view, sample) pairs: uint8 pixels, float32 parameters and pixel hashes per kind."""
+
+    def __init__(self, dataset: ImageDataset, recipe: Recipe, seed: int, items: np.ndarray, all_views: bool):
+        self.dataset, self.recipe, self.seed, self.items, self.all_views = dataset, recipe, seed, items, all_views
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> tuple:
+        v, i = (int(x) for x in self.items[k])
+        img = self.dataset.image(i)
+        pixels, params, hashes = [], [], []
+        for kind in range(len(self.recipe.kinds)):
+            p = self.recipe.params(self.seed, v, i, kind, img.shape[:2], self.all_views)
+            x = self.recipe.apply(img, p, kind)
+            pixels.append(x)
+            params.append(torch.from_numpy(p))
+            hashes.append(np.uint64(pixel_hash(x)).view(np.int64))
+        return v, i, pixels, params, hashes
+
+
+@dataclass
+class DumpSummary:
+    """What a dump produced: shown at the end of the command and returned to Python callers."""
+
+    location: str
+    num_views: int
+    num_samples: int
+    num_classes: int
+    written_chunks: int
+    teacher_top1: list[float]
+    disk_bytes: int | None
+    seconds: float
+    samples_per_second: float
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        top = np.asarray(self.teacher_top1) * 100
+        out = [f"cache     {self.location}",
+               f"views     {self.num_views}  samples {self.num_samples}  classes {self.num_classes}",
+               f"written   {self.written_chunks} chunks in {self.seconds:.1f} s ({self.samples_per_second:,.0f} views/s)"]
+        if len(top):
+            out.append(f"teacher   top-1 per view mean {top.mean():.2f}%  range {top.min():.2f}-{top.max():.2f}%")
+        if self.disk_bytes is not None:
+            per = self.disk_bytes / max(1, self.num_views * self.num_samples)
+            out.append(f"on disk   {self.disk_bytes / 2**20:.1f} MiB  ({per:.1f} B per view-sample)")
+        return out + self.notes
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour decides a view's pixels and logits."""
+    out = {"kdcache": __version__}
+    for name in ("torch", "torchvision", "zarr", "numpy", "numcodecs"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+class _ChunkWriter:
+    """Background thread that writes whole chunks and then marks them done."""
+
+    def __init__(self, store: CacheStore, kinds: int, max_pending: int = 4):
+        self.store, self.names = store, array_names(kinds)
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        g = self.store.group
+        while (job := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            v, c, logits, params, hashes = job
+            rows = slice(c * CHUNK, c * CHUNK + logits[0].shape[0])
+            try:
+                for k in range(len(logits)):
+                    g[self.names["logits"][k]][v, rows] = logits[k]
+                    if self.names["params"][k] in g:
+                        g[self.names["params"][k]][v, rows] = params[k]
+                    g[self.names["view_hash"][k]][v, rows] = hashes[k]
+                g["done"][v, c] = 1
+                self.written += 1
+            except BaseException as exc:  # surfaced to the producer on its next put/close
+                self.error = exc
+
+    def put(self, job: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(job)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _teacher_top1(store: CacheStore) -> list[float]:
+    labels = store.labels()
+    return [float((np.argmax(store.read("logits", v), axis=1) == labels).mean()) for v in range(store.num_views)]
+
+
+def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, out: str, checkpoint: str | None = None,
+                weights: str | None = None, data_root: str | None = None, split: str = "train", seed: int = 0,
+                batch_size: int = 256, workers: int = 0, device: str = "auto", amp: str = "none", dtype: str = "float16",
+                forward_block: int = 64, download: bool = False, overwrite: bool = False, progress: bool = True,
+                data: ImageDataset | None = None) -> DumpSummary:
+    """Write (or resume, or extend) the teacher-logit cache ``out``; see the module docstring.
+
+    Everything is validated (dataset, teacher, checkpoint, store identity)
+    before the first byte is written; a mismatch with an existing store is
+    refused naming the field unless ``overwrite``.
+    """
+    if batch_size < 1:
+        raise KdcacheError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise KdcacheError(f"--workers must be 0 or more, got {workers}")
+    if dtype not in DTYPES:
+        raise KdcacheError(f"unknown --dtype {dtype!r}: choose float16 or float32")
+    if seed < 0:
+        raise KdcacheError(f"--seed must be 0 or more, got {seed}")
+    ds = data if data is not None else build_dataset(dataset, data_root, split, download)
+    recipe = make_recipe(augment, ds.small)
+    num_views, views_mode = parse_views(views, recipe)
+    check_writable_location(out)
+    model = load_teacher(teacher, ds.num_classes, ds.norm, checkpoint, weights, device, forward_block, amp)
+    identity = {
+        "teacher": model.identity(), "dataset": ds.fingerprint(), "split": ds.split, "recipe": recipe.to_attrs(),
+        "seed": seed, "dtype": dtype, "num_classes": ds.num_classes, "views_mode": views_mode,
+    }
+    labels = ds.labels
+    with writer_lock(out):
+        exists = store_exists(out)
+        if exists and overwrite:
+            remove_store(out)
+            exists = False
+        if exists:
+            store = open_store(out, "r+")
+            diff = identity_mismatch(store.attrs, identity)
+            if diff:
+                raise KdcacheError(f"{out} was made differently: {diff}; use the same settings to resume, or --overwrite / a new --out")
+            if num_views > store.num_views:
+                extend_views(store, num_views)
+        else:
+            attrs = {**identity, "versions": library_versions(), "views_requested": str(views)}
+            store = create_store(out, num_views=num_views, labels=labels, num_classes=ds.num_classes, dtype=dtype,
+                                 kinds=len(recipe.kinds), param_fields=[list(recipe.fields(k)) for k in range(len(recipe.kinds))],
+                                 attrs=attrs)
+        created = not exists
+        try:
+            summary = _run_dump(store, ds, recipe, model, seed, views_mode == "all", batch_size, workers, dtype, progress)
+        except BaseException:
+            if created and not store.done().any():
+                remove_store(out)
+            raise
+    return summary
+
+
+def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teacher, seed: int, all_views: bool,
+              batch_size: int, workers: int, dtype: str, progress: bool) -> DumpSummary:
+    n = store.num_samples
+    done = store.done()
+    todo = [(v, c) for v in range(store.num_views) for c in range(num_chunks(n)) if not done[v, c]]
+    items = np.concatenate([np.stack(np.broadcast_arrays(v, np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))), 1) for v, c in todo]) \
+        if todo else np.zeros((0, 2), dtype=np.int64)
+    kinds = len(recipe.kinds)
+    loader = DataLoader(ViewSet(ds, recipe, seed, items, all_views), batch_size=batch_size, num_workers=workers,
+                        shuffle=False, persistent_workers=False, pin_memory=teacher.device.type == "cuda")
+    writer = _ChunkWriter(store, kinds)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    buf: dict[tuple[int, int], list] = {}
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), unit="view", disable=not progress, desc="dump-logits", dynamic_ncols=True)
+    try:
+        for v_b, i_b, pixels, params, hashes in loader:
+            outs = [teacher(pixels[k]) for k in range(kinds)]
+            for k, logits in enumerate(outs):
+                _check_logits(logits, v_b, i_b, dtype, "strong " if k else "")
+            for row in range(len(v_b)):
+                v, i = int(v_b[row]), int(i_b[row])
+                c = i // CHUNK
+                key = (v, c)
+                if key not in buf:
+                    rows = min(n, (c + 1) * CHUNK) - c * CHUNK
+                    buf[key] = [0, [np.empty((rows, store.num_classes), np_dtype) for _ in range(kinds)],
+                                [np.empty((rows, params[k].shape[1]), np.float32) for k in range(kinds)],
+                                [np.empty(rows, np.uint64) for _ in range(kinds)]]
+                entry = buf[key]
+                r = i - c * CHUNK
+                for k in range(kinds):
+                    entry[1][k][r] = outs[k][row].numpy()
+                    entry[2][k][r] = params[k][row].numpy()
+                    entry[3][k][r] = np.int64(hashes[k][row]).view(np.uint64)
+                entry[0] += 1
+                if entry[0] == len(entry[1][0]):
+                    writer.put((v, c, entry[1], entry[2], entry[3]))
+                    del buf[key]
+            bar.update(len(v_b))
+    finally:
+        bar.close()
+        writer.close()
+    seconds = time.perf_counter() - start
+    store.refresh()
+    top1 = _teacher_top1(store) if store.complete() else []
+    if top1:
+        store.group.attrs["teacher_top1"] = top1
+        store.group.attrs["complete"] = True
+    notes = [] if todo else ["nothing to do: every chunk of every view was already written"]
+    return DumpSummary(store.location, store.num_views, n, store.num_classes, writer.written, top1, disk_bytes(store.location),
+                       seconds, len(items) / max(seconds, 1e-9), notes)
+
+
+def _check_logits(logits: torch.Tensor, views: torch.Tensor, samples: torch.Tensor, dtype: str, kind: str) -> None:
+    finite = torch.isfinite(logits).all(dim=1)
+    if not finite.all():
+        r = int((~finite).nonzero()[0])
+        raise KdcacheError(
+            f"teacher produced non-finite {kind}logits for sample {int(samples[r])}, view {int(views[r])}: check the checkpoint and --amp"
+        )
+    if dtype == "float16" and logits.abs().max() > FLOAT16_MAX:
+        r = int((logits.abs().max(dim=1).values > FLOAT16_MAX).nonzero()[0])
+        raise KdcacheError(
+            f"teacher {kind}logits of sample {int(samples[r])}, view {int(views[r])} exceed the float16 range (|x| > 65504): use --dtype float32"
+        )

@@ -1,0 +1,285 @@
+"""The Zarr v3 logit cache: layout, creation, compatibility checks, completion records and the writer lock.
+
+Layout of a cache (a Zarr v3 group; every array's axis 0 is the view index):
+
+==================  ======================  =========  ==========================================
+array               shape                   dtype      meaning
+==================  ======================  =========  ==========================================
+logits              (views, samples, C)     f16/f32    teacher logits of the weak (or only) view
+logits_strong       (views, samples, C)     f16/f32    MLKD only: logits of the strong view
+labels              (samples,)              int64      dataset labels, dataset index order
+params              (views, samples, P)     float32    the view's random parameters (attr ``fields``)
+params_strong       (views, samples, P')    float32    MLKD only
+view_hash           (views, samples)        uint64     blake2b-64 of the view's uint8 CHW pixels
+view_hash_strong    (views, samples)        uint64     MLKD only
+done                (views, chunks)         uint8      1 once chunk ``c`` of view ``v`` is written
+==================  ======================  =========  ==========================================
+
+The sample axis is in dataset index order and chunked by :data:`CHUNK` rows; a
+chunk counts only once ``done`` says so (unwritten rows read back as NaN).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from kdcache.errors import KdcacheError
+
+FORMAT_VERSION = 1
+CHUNK = 4096
+LOCK_NAME = "kdcache.lock"
+# Fields a resumed or extended dump must match exactly.
+IDENTITY_FIELDS = ("teacher", "dataset", "split", "recipe", "seed", "dtype", "num_classes", "views_mode")
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def local_path(store: str | os.PathLike) -> Path | None:
+    """The filesystem path of a local store (``file://`` URLs included), else None."""
+    s = str(store)
+    if s.startswith("file://"):
+        return Path(s[len("file://"):])
+    return None if _is_url(s) else Path(s)
+
+
+def num_chunks(num_samples: int) -> int:
+    """Chunks along the sample axis."""
+    return -(-num_samples // CHUNK)
+
+
+def array_names(kinds: int) -> dict[str, list[str]]:
+    """Per view kind, the names of its logits, params and hash arrays."""
+    suffix = ["", "_strong"][:kinds]
+    return {"logits": [f"logits{s}" for s in suffix], "params": [f"params{s}" for s in suffix],
+            "view_hash": [f"view_hash{s}" for s in suffix]}
+
+
+class CacheStore:
+    """An open cache. Read-only opens are safe from any number of processes while nothing writes."""
+
+    def __init__(self, group: zarr.Group, location: str):
+        self.group = group
+        self.location = location
+        attrs = dict(group.attrs)
+        if "kdcache_format" not in attrs:
+            raise KdcacheError(f"{location} is not a kdcache store (no kdcache_format attribute): pass a store made by `kdcache dump-logits`")
+        if int(attrs["kdcache_format"]) > FORMAT_VERSION:
+            raise KdcacheError(
+                f"{location} has store format {attrs['kdcache_format']}, newer than this kdcache reads ({FORMAT_VERSION}): upgrade kdcache"
+            )
+        self.attrs = attrs
+
+    @property
+    def num_views(self) -> int:
+        return int(self.group["logits"].shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.attrs["num_samples"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.attrs["num_classes"])
+
+    @property
+    def num_kinds(self) -> int:
+        return 2 if "logits_strong" in self.group else 1
+
+    def done(self) -> np.ndarray:
+        """Boolean (views, chunks) completion record."""
+        return np.asarray(self.group["done"][...]).astype(bool)
+
+    def complete(self) -> bool:
+        """True when every chunk of every view is written."""
+        return bool(self.done().all())
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.group["labels"][...])
+
+    def read(self, name: str, view: int, rows: slice | None = None) -> np.ndarray:
+        """One contiguous read of array ``name`` at ``view`` (optionally a row range)."""
+        arr = self.group[name]
+        return np.asarray(arr[view] if rows is None else arr[view, rows])
+
+    def refresh(self) -> None:
+        self.attrs = dict(self.group.attrs)
+
+
+def open_store(location: str | os.PathLike, mode: str = "r") -> CacheStore:
+    """Open an existing cache (``mode`` "r" or "r+")."""
+    loc = str(location)
+    lp = local_path(loc)
+    if lp is not None and not lp.exists():
+        raise KdcacheError(f"cache {lp} not found: create it with `kdcache dump-logits --out {lp}`")
+    if lp is not None and lp.is_file():
+        raise KdcacheError(f"cache path {lp} is a file, not a Zarr store directory")
+    try:
+        group = zarr.open_group(store=str(lp) if lp is not None else loc, mode=mode)
+    except Exception as exc:
+        raise KdcacheError(f"cannot open cache {loc}: {str(exc).splitlines()[0][:160]}") from None
+    return CacheStore(group, loc)
+
+
+def store_exists(location: str | os.PathLike) -> bool:
+    """Whether ``location`` already holds a Zarr group."""
+    lp = local_path(location)
+    if lp is not None:
+        return (lp / "zarr.json").is_file()
+    try:
+        zarr.open_group(store=str(location), mode="r")
+        return True
+    except Exception:
+        return False
+
+
+def check_writable_location(location: str | os.PathLike) -> None:
+    """Refuse local store paths that are files, non-store directories or read-only, before anything is written."""
+    lp = local_path(location)
+    if lp is None:
+        return
+    if lp.is_file():
+        raise KdcacheError(f"--out {lp} is a file: give a directory path for the Zarr store")
+    if lp.is_dir() and any(lp.iterdir()) and not (lp / "zarr.json").is_file():
+        raise KdcacheError(f"--out {lp} is a non-empty directory that is not a kdcache store: choose a new path")
+    parent = lp if lp.is_dir() else lp.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise KdcacheError(f"--out {lp} is not writable: choose a path you can write to")
+
+
+def remove_store(location: str | os.PathLike) -> None:
+    """Delete a cache (``--overwrite``); only paths that hold a kdcache store are ever removed."""
+    lp = local_path(location)
+    if lp is not None:
+        if lp.exists():
+            open_store(lp)  # raises unless it is a kdcache store
+            shutil.rmtree(lp)
+        return
+    open_store(location)  # raises unless it is a kdcache store
+    zarr.open_group(store=str(location), mode="w")
+
+
+def _logit_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str) -> None:
+    group.create_array(name, shape=shape, dtype=dtype, chunks=(1, CHUNK, shape[2]), compressors=[ZstdCodec(level=1), Crc32cCodec()],
+                       fill_value=float("nan"), dimension_names=("view", "sample", "class"))
+
+
+def create_store(location: str | os.PathLike, *, num_views: int, labels: np.ndarray, num_classes: int, dtype: str,
+                 kinds: int, param_fields: list[list[str]], attrs: dict[str, object]) -> CacheStore:
+    """Create an empty cache with every array allocated (NaN-filled) and the identity attributes written."""
+    n = len(labels)
+    loc = str(location)
+    lp = local_path(loc)
+    group = zarr.open_group(store=str(lp) if lp is not None else loc, mode="w")
+    names = array_names(kinds)
+    for k in range(kinds):
+        _logit_array(group, names["logits"][k], (num_views, n, num_classes), dtype)
+        fields = param_fields[k]
+        if fields:
+            group.create_array(names["params"][k], shape=(num_views, n, len(fields)), dtype="float32",
+                               chunks=(1, CHUNK, len(fields)), fill_value=float("nan"), compressors=[ZstdCodec(level=1), Crc32cCodec()],
+                               dimension_names=("view", "sample", "field"), attributes={"fields": list(fields)})
+        group.create_array(names["view_hash"][k], shape=(num_views, n), dtype="uint64", chunks=(1, CHUNK), fill_value=0,
+                           compressors=[ZstdCodec(level=1), Crc32cCodec()], dimension_names=("view", "sample"))
+    group.create_array("labels", shape=(n,), dtype="int64", chunks=(max(n, 1),), compressors=[ZstdCodec(level=1), Crc32cCodec()],
+                       dimension_names=("sample",))
+    group["labels"][...] = labels
+    group.create_array("done", shape=(num_views, num_chunks(n)), dtype="uint8", chunks=(1, num_chunks(n)), fill_value=0,
+                       compressors=[Crc32cCodec()], dimension_names=("view", "chunk"))
+    meta = {"kdcache_format": FORMAT_VERSION, "num_samples": n, "num_classes": num_classes, "chunk_samples": CHUNK,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **attrs}
+    group.attrs.update(json.loads(json.dumps(meta)))
+    return CacheStore(group, loc)
+
+
+def extend_views(store: CacheStore, num_views: int) -> None:
+    """Grow every per-view array to ``num_views`` views (new views start not done)."""
+    for name in list(store.group.array_keys()):
+        arr = store.group[name]
+        if name != "labels" and arr.shape[0] < num_views:
+            arr.resize((num_views, *arr.shape[1:]))
+
+
+def identity_mismatch(stored: dict[str, object], wanted: dict[str, object]) -> str | None:
+    """The first identity field where a store and a requested dump differ, described, or None."""
+    for key in IDENTITY_FIELDS:
+        a, b = stored.get(key), wanted.get(key)
+        if json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub = next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), "?")
+                return f"{key}.{sub} (store has {a.get(sub)!r}, this run {b.get(sub)!r})"
+            return f"{key} (store has {a!r}, this run {b!r})"
+    return None
+
+
+def disk_bytes(location: str | os.PathLike) -> int | None:
+    """Bytes a local store takes on disk (None for remote stores)."""
+    lp = local_path(location)
+    if lp is None or not lp.exists():
+        return None
+    return sum(f.stat().st_size for f in lp.rglob("*") if f.is_file())
+
+
+@contextmanager
+def writer_lock(location: str | os.PathLike) -> Iterator[None]:
+    """Hold the single-writer lock of a local store: a file naming host and pid.
+
+    A second writer is refused; a lock left by a dead process on this host is
+    taken over. Remote stores have no lock (their writers must be coordinated
+    by the caller).
+    """
+    lp = local_path(location)
+    if lp is None:
+        yield
+        return
+    lp.mkdir(parents=True, exist_ok=True)
+    lock = lp / LOCK_NAME
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
+                lock.unlink(missing_ok=True)
+                continue
+            raise KdcacheError(
+                f"{lp} is being written by pid {holder.get('pid')} on {holder.get('host')}: wait for it to finish "
+                f"(or delete {lock} if that process is gone)"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,94 @@
+"""Running a teacher the same way everywhere: eval mode, inference mode, fixed-size padded blocks.
+
+CPU and GPU kernels pick different algorithms for different batch shapes, so
+the same image can get logits that differ in the last bits with batch size 1
+and 64. The teacher therefore always runs in blocks of exactly
+``forward_block`` images (the last block zero-padded): a sample's logits then
+depend only on its pixels, not on ``--batch-size`` or on what else is in the
+batch. Stage one records the block size; online training uses the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdcache.data import Normalization
+from kdcache.errors import KdcacheError
+from kdcache.models import create_model, file_sha256, load_checkpoint
+from kdcache.views import normalize
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is refused."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KdcacheError("--device cuda but no CUDA GPU is visible: use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise KdcacheError(f"unknown --device {device!r}: choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher and how it was made (recorded in every cache)."""
+
+    model: nn.Module
+    name: str
+    checkpoint_sha256: str | None
+    weights: str | None
+    norm: Normalization
+    device: torch.device
+    forward_block: int = 64
+    amp: str = "none"
+
+    @torch.inference_mode()
+    def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        """float32 logits of a uint8 NCHW batch of views, computed in padded blocks of ``forward_block``."""
+        n = views.shape[0]
+        outs = []
+        for start in range(0, n, self.forward_block):
+            block = views[start : start + self.forward_block].to(self.device, non_blocking=True)
+            real = block.shape[0]
+            if real < self.forward_block:
+                pad = block.new_zeros((self.forward_block - real, *block.shape[1:]))
+                block = torch.cat([block, pad])
+            x = normalize(block, self.norm.mean, self.norm.std)
+            with self._autocast():
+                logits = self.model(x)
+            outs.append(logits[:real].float())
+        return torch.cat(outs).cpu()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def identity(self) -> dict[str, object]:
+        """What a cache records about its teacher and that a resume must match."""
+        return {"name": self.name, "checkpoint_sha256": self.checkpoint_sha256, "weights": self.weights,
+                "forward_block": self.forward_block, "amp": self.amp}
+
+
+def load_teacher(name: str, num_classes: int, norm: Normalization, checkpoint: str | None = None,
+                 weights: str | None = None, device: str = "auto", forward_block: int = 64, amp: str = "none") -> Teacher:
+    """Build, load and freeze a teacher for ``num_classes`` classes."""
+    if forward_block < 1:
+        raise KdcacheError(f"--forward-block must be at least 1, got {forward_block}")
+    if amp not in AMP_MODES:
+        raise KdcacheError(f"unknown --amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
+    dev = resolve_device(device)
+    model = create_model(name, num_classes, weights)
+    sha = None
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+        sha = file_sha256(checkpoint)
+    model.eval().requires_grad_(False).to(dev)
+    return Teacher(model, name, sha, weights, norm, dev, forward_block, amp)
