@@ -229,33 +229,52 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     writer = _ChunkWriter(store, kinds)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     buf: dict[tuple[int, int], list] = {}
+    pending: list[tuple] = []
+
+    def flush(final: bool) -> None:
+        # Run the teacher on whole forward blocks only (the remainder waits for
+        # the next loader batch), so --batch-size never changes the computation.
+        count = sum(len(p[0]) for p in pending)
+        take = count if final else count - count % teacher.forward_block
+        if take == 0:
+            return
+        v_b, i_b = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+        pix = [torch.cat([p[2][k] for p in pending]) for k in range(kinds)]
+        par = [torch.cat([p[3][k] for p in pending]) for k in range(kinds)]
+        hsh = [torch.cat([p[4][k] for p in pending]) for k in range(kinds)]
+        pending.clear()
+        if take < count:
+            pending.append((v_b[take:], i_b[take:], [x[take:] for x in pix], [x[take:] for x in par], [x[take:] for x in hsh]))
+        outs = [teacher(pix[k][:take]) for k in range(kinds)]
+        for k, logits in enumerate(outs):
+            _check_logits(logits, v_b[:take], i_b[:take], dtype, "strong " if k else "")
+        for row in range(take):
+            v, i = int(v_b[row]), int(i_b[row])
+            c = i // CHUNK
+            if (v, c) not in buf:
+                rows = min(n, (c + 1) * CHUNK) - c * CHUNK
+                buf[v, c] = [0, [np.empty((rows, store.num_classes), np_dtype) for _ in range(kinds)],
+                             [np.empty((rows, par[k].shape[1]), np.float32) for k in range(kinds)],
+                             [np.empty(rows, np.uint64) for _ in range(kinds)]]
+            entry = buf[v, c]
+            r = i - c * CHUNK
+            for k in range(kinds):
+                entry[1][k][r] = outs[k][row].numpy()
+                entry[2][k][r] = par[k][row].numpy()
+                entry[3][k][r] = np.int64(hsh[k][row]).view(np.uint64)
+            entry[0] += 1
+            if entry[0] == len(entry[1][0]):
+                writer.put((v, c, entry[1], entry[2], entry[3]))
+                del buf[v, c]
+        bar.update(take)
+
     start = time.perf_counter()
     bar = tqdm(total=len(items), unit="view", disable=not progress, desc="dump-logits", dynamic_ncols=True)
     try:
-        for v_b, i_b, pixels, params, hashes in loader:
-            outs = [teacher(pixels[k]) for k in range(kinds)]
-            for k, logits in enumerate(outs):
-                _check_logits(logits, v_b, i_b, dtype, "strong " if k else "")
-            for row in range(len(v_b)):
-                v, i = int(v_b[row]), int(i_b[row])
-                c = i // CHUNK
-                key = (v, c)
-                if key not in buf:
-                    rows = min(n, (c + 1) * CHUNK) - c * CHUNK
-                    buf[key] = [0, [np.empty((rows, store.num_classes), np_dtype) for _ in range(kinds)],
-                                [np.empty((rows, params[k].shape[1]), np.float32) for k in range(kinds)],
-                                [np.empty(rows, np.uint64) for _ in range(kinds)]]
-                entry = buf[key]
-                r = i - c * CHUNK
-                for k in range(kinds):
-                    entry[1][k][r] = outs[k][row].numpy()
-                    entry[2][k][r] = params[k][row].numpy()
-                    entry[3][k][r] = np.int64(hashes[k][row]).view(np.uint64)
-                entry[0] += 1
-                if entry[0] == len(entry[1][0]):
-                    writer.put((v, c, entry[1], entry[2], entry[3]))
-                    del buf[key]
-            bar.update(len(v_b))
+        for batch in loader:
+            pending.append(batch)
+            flush(final=False)
+        flush(final=True)
     finally:
         bar.close()
         writer.close()

@@ -1,4 +1,4 @@
-"""Running a teacher the same way everywhere: eval mode, inference mode, fixed-size padded blocks.
+"""Running a teacher the same way everywhere: eval mode, inference mode, fixed-size padded blocks, channels-last.
 
 CPU and GPU kernels pick different algorithms for different batch shapes, so
 the same image can get logits that differ in the last bits with batch size 1
@@ -59,7 +59,7 @@ class Teacher:
             if real < self.forward_block:
                 pad = block.new_zeros((self.forward_block - real, *block.shape[1:]))
                 block = torch.cat([block, pad])
-            x = normalize(block, self.norm.mean, self.norm.std)
+            x = normalize(block, self.norm.mean, self.norm.std).contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 logits = self.model(x)
             outs.append(logits[:real].float())
@@ -84,11 +84,13 @@ def load_teacher(name: str, num_classes: int, norm: Normalization, checkpoint: s
         raise KdcacheError(f"--forward-block must be at least 1, got {forward_block}")
     if amp not in AMP_MODES:
         raise KdcacheError(f"unknown --amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
+    if not checkpoint and not weights:
+        raise KdcacheError(f"teacher {name} has no trained weights: pass --checkpoint PATH (or --weights NAME for torchvision.<arch>)")
     dev = resolve_device(device)
     model = create_model(name, num_classes, weights)
     sha = None
     if checkpoint:
         load_checkpoint(model, checkpoint)
         sha = file_sha256(checkpoint)
-    model.eval().requires_grad_(False).to(dev)
+    model.eval().requires_grad_(False).to(dev, memory_format=torch.channels_last)
     return Teacher(model, name, sha, weights, norm, dev, forward_block, amp)

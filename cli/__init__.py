@@ -1,0 +1,143 @@
+"""The ``kdcache`` command line: a thin click shell over the library functions."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+
+import click
+
+from kdcache import __version__
+from kdcache.errors import KdcacheError
+
+
+def _errors(fn: Callable) -> Callable:
+    """Turn a KdcacheError into one ``error:`` line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KdcacheError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def _milestones(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter("give comma-separated epochs such as 150,180,210") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kdcache")
+def main() -> None:
+    """kdcache: pay the teacher's forward pass once, train many students from its cached logits."""
+
+
+@main.command("dump-logits")
+@click.option("--teacher", required=True, help="Zoo name (resnet32x4, wrn_40_2, ...) or torchvision.<arch>.")
+@click.option("--checkpoint", type=click.Path(), help="Teacher weights: {'model': state_dict} or a bare state dict.")
+@click.option("--weights", help="torchvision weights name for torchvision.<arch> teachers (e.g. IMAGENET1K_V1).")
+@click.option("--dataset", required=True, help="cifar100, imagenet, folder or digits (built in, offline).")
+@click.option("--data-root", type=click.Path(), help="Dataset root (default data/).")
+@click.option("--split", default="train", show_default=True, help="Dataset split to dump.")
+@click.option("--augment", required=True, type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe.")
+@click.option("--views", required=True, help="Views per sample: N seeded views, or 'all' (the 162 CIFAR crop/flip views).")
+@click.option("--out", required=True, help="Store: a directory or any fsspec URL zarr accepts.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Cache seed the views are derived from.")
+@click.option("--batch-size", default=256, show_default=True, type=int, help="Views per loader batch.")
+@click.option("--forward-block", default=64, show_default=True, type=int,
+              help="Teacher runs in padded blocks of this many views, so logits do not depend on --batch-size.")
+@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader worker processes building views.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16", "fp16"]))
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--download", is_flag=True, help="Download CIFAR-100 if it is missing (needs internet).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache made with different settings.")
+@_errors
+def dump_logits_cmd(**kw) -> None:
+    """Stage one: run a teacher over replayable views and store its logits in a Zarr cache."""
+    from kdcache.dump import dump_logits
+
+    summary = dump_logits(**kw)
+    click.echo("\n".join(summary.lines()))
+
+
+@main.command("train-student")
+@click.option("--cache", help="A cache written by dump-logits.")
+@click.option("--teacher", help="Online teacher instead of a cache (zoo name or torchvision.<arch>).")
+@click.option("--checkpoint", type=click.Path(), help="Online teacher weights.")
+@click.option("--teacher-weights", help="torchvision weights name for an online torchvision teacher.")
+@click.option("--augment", type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe (online or CE runs).")
+@click.option("--views", help="Views per sample for online runs: N or all.")
+@click.option("--view-seed", default=0, show_default=True, type=int, help="Online runs: the cache seed whose views to replay.")
+@click.option("--forward-block", default=64, show_default=True, type=int, help="Online teacher block size (match the cache's).")
+@click.option("--student", required=True, help="Student model name.")
+@click.option("--dataset", required=True, help="cifar100, imagenet, folder or digits.")
+@click.option("--data-root", type=click.Path())
+@click.option("--download", is_flag=True)
+@click.option("--loss", default="kd", show_default=True, type=click.Choice(["ce", "kd", "dkd", "mlkd"]))
+@click.option("--logit-stand", is_flag=True, help="Z-score standardize teacher and student logits (LS, CVPR 2024).")
+@click.option("--temperature", type=float, help="Default 4 (2 with --logit-stand).")
+@click.option("--ce-weight", type=float, help="Default 0.1 for kd/mlkd, 1 for dkd and ce.")
+@click.option("--kd-weight", type=float, help="Default 0.9 (9 with --logit-stand); dkd: multiplies alpha and beta.")
+@click.option("--alpha", type=float, help="DKD target weight (default 1).")
+@click.option("--beta", type=float, help="DKD non-target weight (default 8).")
+@click.option("--warmup", type=int, help="DKD warm-up epochs (default 20).")
+@click.option("--mlkd-variant", default="reference", show_default=True, type=click.Choice(["reference", "paper"]))
+@click.option("--epochs", default=240, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--lr", type=float, help="Default 0.05 (0.01 for MobileNetV2/ShuffleNet students; MLKD 0.025).")
+@click.option("--lr-milestones", default="150,180,210", show_default=True, callback=_milestones)
+@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
+@click.option("--momentum", default=0.9, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int, help="Student init, sample order and per-epoch view draws.")
+@click.option("--workers", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Run directory (metrics.jsonl, last.pt, best.pt).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
+@click.option("--verify-views", is_flag=True, help="Check the pixel hash of every view, not a sample of batches.")
+@click.option("--plot", is_flag=True, help="Write RUN_DIR/curves.png.")
+@_errors
+def train_student_cmd(**kw) -> None:
+    """Stage two: train a student from cached logits (or an online teacher, or CE alone)."""
+    from kdcache.train import train_student
+
+    result = train_student(**kw)
+    click.echo(f"best test top-1 {result.best_top1:.2f}%  last {result.last.get('test_top1', float('nan')):.2f}%  -> {result.out}")
+
+
+@main.command("inspect")
+@click.argument("store")
+@click.option("--plot", "plot_path", type=click.Path(), help="Write per-view teacher accuracy and confidence as PNG.")
+@_errors
+def inspect_cmd(store: str, plot_path: str | None) -> None:
+    """Show a cache's attributes, completion, size and per-view teacher accuracy."""
+    from kdcache.inspect import inspect_cache
+
+    report = inspect_cache(store)
+    click.echo("\n".join(report.lines()))
+    if plot_path:
+        if not report.top1:
+            raise KdcacheError("no finished view to plot yet: finish the dump first")
+        from kdcache.plots import plot_views
+
+        click.echo(f"plot       {plot_views(report.top1, report.confidence, plot_path)}")
+
+
+@main.command("models")
+@click.option("--torchvision", "with_tv", is_flag=True, help="Also list torchvision.<arch> names.")
+def models_cmd(with_tv: bool) -> None:
+    """List model names for --teacher and --student."""
+    from kdcache.models import list_models
+
+    click.echo("\n".join(list_models(include_torchvision=with_tv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Stage two's side of the cache: which stored view each sample uses per epoch, and its logits in RAM.
+
+The view schedule and the sample order are counter-based functions of
+(seed, epoch, sample), so a cached run and an online run draw the same views in
+the same order, and a resumed run draws what the uninterrupted run would have.
+Teacher logits are never read from Zarr per batch: :class:`LogitFeed` gathers
+the rows an epoch needs with whole-chunk contiguous reads (or keeps the whole
+cache in RAM when it fits) on a background thread and prefetches the next epoch.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from kdcache.store import CHUNK, CacheStore
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+TAG_VIEW, TAG_ORDER, TAG_PERM = 0x5649, 0x4F52, 0x5045
+
+
+def mix64(*parts: int | np.ndarray) -> np.ndarray:
+    """A counter-based 64-bit hash (splitmix64 finalizer chained over the parts), vectorized over arrays."""
+    with np.errstate(over="ignore"):
+        h = np.uint64(0x9E3779B97F4A7C15)
+        for p in parts:
+            x = (h ^ np.asarray(p, dtype=np.uint64)) + np.uint64(0x9E3779B97F4A7C15)
+            x = (x ^ (x >> np.uint64(30))) * _M1
+            x = (x ^ (x >> np.uint64(27))) * _M2
+            h = x ^ (x >> np.uint64(31))
+        return h
+
+
+def epoch_views(seed: int, epoch: int, num_samples: int, num_views: int, uniform: bool) -> np.ndarray:
+    """The stored view index each sample uses in 0-based ``epoch``.
+
+    ``uniform`` (a cache of every view, ``--views all``) draws uniformly at
+    random per epoch, like online augmentation. Otherwise views are drawn
+    without replacement across epochs: each sample walks its own permutation of
+    the views and starts a fresh permutation once all were used.
+    """
+    i = np.arange(num_samples, dtype=np.uint64)
+    if uniform:
+        return (mix64(seed, TAG_VIEW, epoch, i) % np.uint64(num_views)).astype(np.int64)
+    cycle, pos = divmod(epoch, num_views)
+    keys = mix64(seed, TAG_PERM, cycle, i[:, None], np.arange(num_views, dtype=np.uint64)[None, :])
+    return np.argsort(keys, axis=1, kind="stable")[:, pos].astype(np.int64)
+
+
+def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The shuffled sample order of 0-based ``epoch``."""
+    return np.argsort(mix64(seed, TAG_ORDER, epoch, np.arange(num_samples, dtype=np.uint64)), kind="stable")
+
+
+def reuse_warning(epochs: int, num_views: int, uniform: bool) -> str | None:
+    """A warning when a run has more epochs than stored views (views get reused)."""
+    if uniform or epochs <= num_views:
+        return None
+    return (f"the cache holds {num_views} views per sample but the run has {epochs} epochs: "
+            f"{epochs - num_views} epochs reuse views already seen (dump more with a larger --views)")
+
+
+def gather_rows(store: CacheStore, name: str, views: np.ndarray) -> np.ndarray:
+    """``out[i] = store[name][views[i], i]`` using only whole-chunk contiguous reads."""
+    arr = store.group[name]
+    n = len(views)
+    out = np.empty((n, *arr.shape[2:]), dtype=arr.dtype)
+    for v in np.unique(views):
+        rows = np.flatnonzero(views == v)
+        for c in np.unique(rows // CHUNK):
+            lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
+            sel = rows[(rows >= lo) & (rows < hi)]
+            block = np.asarray(arr[int(v), lo:hi])
+            out[sel] = block[sel - lo]
+    return out
+
+
+class LogitFeed:
+    """Per-epoch arrays (logits, parameters, hashes) of the views an epoch uses, prefetched on a thread.
+
+    If every view of the named arrays fits in ``memory_bytes`` they are read
+    once, whole, and each epoch is an in-RAM gather.
+    """
+
+    def __init__(self, store: CacheStore, names: list[str], memory_bytes: int = 4 << 30):
+        self.store, self.names = store, names
+        size = sum(int(np.prod(store.group[n].shape)) * store.group[n].dtype.itemsize for n in names)
+        self.whole = size <= memory_bytes
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-feed")
+        self._lock = threading.Lock()
+        self._pending: dict[int, Future] = {}
+        self._full: dict[str, np.ndarray] | None = None
+
+    def _load(self, views: np.ndarray) -> dict[str, np.ndarray]:
+        if self.whole:
+            if self._full is None:
+                self._full = {n: np.asarray(self.store.group[n][...]) for n in self.names}
+            idx = np.arange(len(views))
+            return {n: a[views, idx] for n, a in self._full.items()}
+        return {n: gather_rows(self.store, n, views) for n in self.names}
+
+    def prefetch(self, epoch: int, views: np.ndarray) -> None:
+        """Start loading ``epoch``'s rows in the background (no-op if already started)."""
+        with self._lock:
+            if epoch not in self._pending:
+                self._pending[epoch] = self._pool.submit(self._load, views)
+
+    def get(self, epoch: int, views: np.ndarray) -> dict[str, np.ndarray]:
+        """``epoch``'s rows by array name, waiting for the background load if needed."""
+        self.prefetch(epoch, views)
+        with self._lock:
+            fut = self._pending.pop(epoch)
+        return fut.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

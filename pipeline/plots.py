@@ -1,0 +1,45 @@
+"""PNG plots: training curves, per-view teacher accuracy. matplotlib with the non-interactive Agg backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_training(runs: dict[str, list[dict[str, float]]], path: str | Path, reference: float | None = None) -> Path:
+    """Test top-1 and train loss per epoch for one or more runs, in one PNG."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, hist in runs.items():
+        ep = [h["epoch"] for h in hist]
+        ax1.plot(ep, [h["test_top1"] for h in hist], label=label)
+        ax2.plot(ep, [h["train_loss"] for h in hist], label=label)
+    if reference is not None:
+        ax1.axhline(reference, color="k", ls="--", lw=1, label="teacher")
+    ax1.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
+    ax2.set(xlabel="epoch", ylabel="train loss", title="training loss", yscale="log")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_views(top1: list[float], confidence: list[float], path: str | Path) -> Path:
+    """Per-view teacher top-1 and mean max-probability of a cache."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    views = range(len(top1))
+    ax.plot(views, [100 * t for t in top1], ".-", label="top-1 (%)")
+    ax.plot(views, [100 * c for c in confidence], ".-", label="mean confidence (%)")
+    ax.set(xlabel="view index", ylabel="%", title="teacher per view")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

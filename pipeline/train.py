@@ -1,0 +1,377 @@
+"""Stage two: train a student from cached teacher logits (or an online teacher, or CE alone).
+
+The loop follows torchvision's ``references/classification`` shape: build data,
+model, optimizer; per epoch set the LR, train one epoch, evaluate, log, save.
+Epoch numbers are 1-based and the step LR counts milestones the epoch is
+strictly past, as mdistiller does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from kdcache.data import ImageDataset, build_dataset, test_split
+from kdcache.dump import parse_views
+from kdcache.errors import KdcacheError
+from kdcache.feed import LogitFeed, epoch_order, epoch_views, reuse_warning
+from kdcache.losses import dkd_loss, kd_loss, mlkd_loss
+from kdcache.models import create_model, load_checkpoint, save_checkpoint
+from kdcache.store import CacheStore, array_names, open_store
+from kdcache.teacher import Teacher, load_teacher, resolve_device
+from kdcache.views import Recipe, make_recipe, normalize, pixel_hash, recipe_from_attrs
+
+LOSSES = ("ce", "kd", "dkd", "mlkd")
+SLOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+HASH_CHECK_EVERY = 16  # verify pixel hashes on every 16th batch (and the first) unless --verify-views
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a student run; ``None`` means the published CIFAR-100 default for the loss."""
+
+    student: str
+    loss: str = "kd"
+    logit_stand: bool = False
+    temperature: float | None = None
+    ce_weight: float | None = None
+    kd_weight: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    warmup: int | None = None
+    mlkd_variant: str = "reference"
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float | None = None
+    lr_milestones: tuple[int, ...] = (150, 180, 210)
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    seed: int = 0
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every ``None`` replaced by the loss's published default (see the README table)."""
+        ls = self.logit_stand
+        d: dict[str, float] = {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20}
+        if self.loss in ("kd", "mlkd"):
+            d.update(ce_weight=0.1, kd_weight=9.0 if ls else 0.9, temperature=2.0 if ls else 4.0)
+        elif self.loss == "dkd":
+            d.update(ce_weight=1.0, kd_weight=9.0 if ls else 1.0, temperature=2.0 if ls else 4.0)
+        slow = self.student in SLOW_LR_STUDENTS
+        d["lr"] = (0.01 if slow else 0.025) if self.loss == "mlkd" else (0.01 if slow else 0.05)
+        values = {k: (getattr(self, k) if getattr(self, k) is not None else d[k]) for k in d}
+        return dataclasses.replace(self, **values)
+
+    def validate(self) -> None:
+        """Refuse nonsense numbers with a one-line message."""
+        if self.loss not in LOSSES:
+            raise KdcacheError(f"unknown --loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        checks = [("epochs", self.epochs >= 1), ("batch-size", self.batch_size >= 1), ("lr", (self.lr or 1) > 0),
+                  ("temperature", (self.temperature or 1) > 0), ("weight-decay", self.weight_decay >= 0),
+                  ("momentum", 0 <= self.momentum < 1), ("warmup", (self.warmup if self.warmup is not None else 1) >= 0),
+                  ("seed", self.seed >= 0)]
+        for name, ok in checks:
+            if not ok:
+                raise KdcacheError(f"--{name} {getattr(self, name.replace('-', '_'))} is out of range: see `kdcache train-student --help`")
+        if self.mlkd_variant not in ("reference", "paper"):
+            raise KdcacheError(f"unknown --mlkd-variant {self.mlkd_variant!r}: choose reference or paper")
+
+
+class StudentViews(Dataset):
+    """Training views for one epoch: rebuilt from stored parameters (cache) or sampled from the recipe (online)."""
+
+    def __init__(self, dataset: ImageDataset, recipe: Recipe, kinds: int):
+        self.dataset, self.recipe, self.kinds = dataset, recipe, kinds
+        self.params: list[np.ndarray] | None = None
+        self.views: np.ndarray | None = None
+        self.view_seed, self.all_views = 0, False
+        self.check = np.zeros(len(dataset), dtype=bool)
+
+    def set_epoch(self, views: np.ndarray, check: np.ndarray, params: list[np.ndarray] | None = None,
+                  view_seed: int = 0, all_views: bool = False) -> None:
+        self.views, self.check, self.params, self.view_seed, self.all_views = views, check, params, view_seed, all_views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        img = self.dataset.image(i)
+        pixels, hashes = [], []
+        for k in range(self.kinds):
+            if self.params is not None:
+                p = self.params[k][i]
+            else:
+                p = self.recipe.params(self.view_seed, int(self.views[i]), i, k, img.shape[:2], self.all_views)
+            x = self.recipe.apply(img, p, k)
+            pixels.append(x)
+            hashes.append(np.uint64(pixel_hash(x)).view(np.int64) if self.check[i] else np.int64(0))
+        return i, int(self.dataset.labels[i]), pixels, hashes
+
+
+class EvalViews(Dataset):
+    """The deterministic evaluation view of every test image."""
+
+    def __init__(self, dataset: ImageDataset, recipe: Recipe):
+        self.dataset, self.recipe = dataset, recipe
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.recipe.eval_view(self.dataset.image(i)), int(self.dataset.labels[i])
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader: DataLoader, norm, device: torch.device, num_classes: int) -> dict[str, float]:
+    """Top-1, top-5, NLL and 15-bin ECE of ``model`` on ``loader``."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        logits.append(model(normalize(x.to(device), norm.mean, norm.std)).float().cpu())
+        labels.append(y)
+    z, y = torch.cat(logits), torch.cat(labels)
+    return classification_metrics(z, y, num_classes)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, bins: int = 15) -> dict[str, float]:
+    """Accuracy (top-1, top-5), mean NLL and expected calibration error of a set of predictions."""
+    prob = logits.softmax(dim=1)
+    conf, pred = prob.max(dim=1)
+    correct = (pred == labels).float()
+    k = min(5, num_classes)
+    top5 = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.float().mean() * (conf[m].mean() - correct[m].mean()).abs()
+    return {"test_top1": float(correct.mean() * 100), "test_top5": float(top5 * 100),
+            "test_nll": float(F.cross_entropy(logits, labels)), "test_ece": float(ece)}
+
+
+@dataclass
+class TrainResult:
+    """Where a run wrote its files and how it ended."""
+
+    out: Path
+    best_top1: float
+    last: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _distill(cfg: TrainConfig, epoch: int, y: torch.Tensor, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    ce = F.cross_entropy(student[0], y)
+    if cfg.loss == "ce":
+        return cfg.ce_weight * ce
+    if cfg.loss == "kd":
+        return cfg.ce_weight * ce + cfg.kd_weight * kd_loss(student[0], teacher[0], cfg.temperature, cfg.logit_stand)
+    if cfg.loss == "dkd":
+        warm = min(epoch / cfg.warmup, 1.0) if cfg.warmup else 1.0
+        return cfg.ce_weight * ce + warm * cfg.kd_weight * dkd_loss(
+            student[0], teacher[0], y, cfg.alpha, cfg.beta, cfg.temperature, cfg.logit_stand)
+    ce = ce + F.cross_entropy(student[1], y)
+    return cfg.ce_weight * ce + cfg.kd_weight * mlkd_loss(
+        student[0], student[1], teacher[0], teacher[1], cfg.temperature, cfg.logit_stand, cfg.mlkd_variant)
+
+
+def _cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None) -> Recipe:
+    """Fail closed: the cache must be complete and made from this dataset, split and recipe."""
+    if not store.complete():
+        missing = int((~store.done()).sum())
+        raise KdcacheError(f"cache {store.location} is incomplete ({missing} chunks missing): re-run its dump-logits command to finish it")
+    fp = ds.fingerprint()
+    stored = store.attrs["dataset"]
+    for key in ("name", "split", "length", "num_classes", "labels_sha256", "images_sha256", "files_sha256"):
+        if stored.get(key) != fp.get(key):
+            raise KdcacheError(f"cache {store.location} was made for other data: dataset {key} is {stored.get(key)!r} there, "
+                               f"{fp.get(key)!r} here; pass the matching --dataset/--data-root or dump a new cache")
+    recipe = recipe_from_attrs(store.attrs["recipe"])
+    if augment is not None and augment != recipe.name:
+        raise KdcacheError(f"cache {store.location} holds --augment {recipe.name} views, not {augment}: drop --augment or use another cache")
+    return recipe
+
+
+def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "kd", cache: str | None = None,
+                  teacher: str | None = None, checkpoint: str | None = None, teacher_weights: str | None = None,
+                  augment: str | None = None, views: str | int | None = None, view_seed: int = 0, forward_block: int = 64,
+                  data_root: str | None = None, download: bool = False, workers: int = 0, device: str = "auto",
+                  resume: bool = False, verify_views: bool = False, plot: bool = False, progress: bool = True,
+                  cache_memory: int = 4 << 30, **hyper) -> TrainResult:
+    """Train ``student`` and write ``metrics.jsonl``, ``last.pt`` and ``best.pt`` into ``out``.
+
+    Teacher signal comes from ``cache`` (a dump-logits store), or from an online
+    ``teacher`` run on the same views (``augment``, ``views``, ``view_seed``);
+    ``loss="ce"`` needs neither. ``hyper`` holds :class:`TrainConfig` fields.
+    """
+    cfg = TrainConfig(student=student, loss=loss, **hyper)
+    cfg.validate()
+    cfg = cfg.resolved()
+    if cfg.loss != "ce" and cache is None and teacher is None:
+        raise KdcacheError(f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH")
+    if cache is not None and teacher is not None:
+        raise KdcacheError("pass either --cache or --teacher, not both")
+    dev = resolve_device(device)
+    train_ds = build_dataset(dataset, data_root, "train", download)
+    test_ds = build_dataset(dataset, data_root, test_split(dataset), download)
+
+    store = open_store(cache) if cache is not None else None
+    if store is not None:
+        recipe = _cache_matches(store, train_ds, augment)
+        num_views = store.num_views
+        uniform = store.attrs["views_mode"] == "all"
+    else:
+        recipe = make_recipe(augment or ("cifar" if train_ds.small else "imagenet"), train_ds.small)
+        num_views, mode = parse_views(views if views is not None else ("all" if recipe.name == "cifar" else cfg.epochs), recipe)
+        uniform = mode == "all"
+    kinds = 2 if cfg.loss == "mlkd" else 1
+    if kinds > len(recipe.kinds):
+        raise KdcacheError("--loss mlkd needs weak and strong views: use a cache dumped with --augment mlkd (or --augment mlkd online)")
+    online: Teacher | None = None
+    if teacher is not None and cfg.loss != "ce":
+        online = load_teacher(teacher, train_ds.num_classes, train_ds.norm, checkpoint, teacher_weights, device, forward_block)
+    if store is not None and store.num_classes != train_ds.num_classes:
+        raise KdcacheError(f"cache has {store.num_classes} classes but {dataset} has {train_ds.num_classes}: use a cache of this dataset")
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_record = {**dataclasses.asdict(cfg), "dataset": dataset, "cache": str(cache) if cache else None, "teacher": teacher,
+                     "augment": recipe.name, "num_views": num_views, "view_seed": view_seed}
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.student, train_ds.num_classes).to(dev)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start_epoch, best, history = 1, -1.0, []
+    last_path, metrics_path = out / "last.pt", out / "metrics.jsonl"
+    if last_path.exists() and not resume:
+        raise KdcacheError(f"{out} already holds a run (last.pt): pass --resume to continue it or choose another --out")
+    if resume and last_path.exists():
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        if state.get("config", {}) | {"epochs": cfg.epochs} != config_record:
+            raise KdcacheError(f"--resume with different settings than the run in {out}: use the original command")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best = int(state["epoch"]) + 1, float(state["best_top1"])
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.exists() else []
+        history = [h for h in history if h["epoch"] < start_epoch]
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    note = reuse_warning(cfg.epochs, num_views, uniform) if (store is not None or online is not None) else None
+    if note:
+        warnings.warn(note, stacklevel=2)
+    names = array_names(len(recipe.kinds))
+    feed_arrays = []
+    if store is not None:
+        feed_arrays = [a for k in range(kinds) for a in (names["params"][k], names["view_hash"][k]) if a in store.group]
+        if cfg.loss != "ce":
+            feed_arrays += names["logits"][:kinds]
+    feed = LogitFeed(store, feed_arrays, cache_memory) if store is not None else None
+    train_views = StudentViews(train_ds, recipe, kinds)
+    test_loader = DataLoader(EvalViews(test_ds, recipe), batch_size=256, num_workers=workers)
+    n = len(train_ds)
+    epoch_views_of = lambda e: epoch_views(cfg.seed, e - 1, n, num_views, uniform)  # noqa: E731
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        lr = cfg.lr * 0.1 ** sum(epoch > m for m in cfg.lr_milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        views_e = epoch_views_of(epoch)
+        order = epoch_order(cfg.seed, epoch - 1, n)
+        batches = [order[s : s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
+        check = np.zeros(n, dtype=bool)
+        for b, idx in enumerate(batches):
+            if verify_views or b % HASH_CHECK_EVERY == 0:
+                check[idx] = True
+        rows = None
+        if feed is not None:
+            rows = feed.get(epoch, views_e)
+            if epoch < cfg.epochs:
+                feed.prefetch(epoch + 1, epoch_views_of(epoch + 1))
+            params = [rows[names["params"][k]] if names["params"][k] in rows else np.zeros((n, 0), np.float32) for k in range(kinds)]
+            train_views.set_epoch(views_e, check, params)
+        else:
+            train_views.set_epoch(views_e, check, None, view_seed, uniform)
+        loader = DataLoader(train_views, batch_sampler=batches, num_workers=workers)
+        model.train()
+        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(loader, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
+                   dynamic_ncols=True, leave=False)
+        for idx, y, pixels, hashes in bar:
+            if rows is not None:
+                _verify_hashes(rows, names, idx, hashes, views_e, kinds)
+            x = [normalize(p.to(dev, non_blocking=True), train_ds.norm.mean, train_ds.norm.std) for p in pixels]
+            y = y.to(dev)
+            s_logits = [model(xk) for xk in x]
+            if cfg.loss == "ce":
+                t_logits = []
+            elif online is not None:
+                t_logits = [online(p).to(dev) for p in pixels]
+            else:
+                t_logits = [torch.from_numpy(rows[names["logits"][k]][idx.numpy()]).to(dev) for k in range(kinds)]
+            total = _distill(cfg, epoch, y, s_logits, t_logits)
+            if not torch.isfinite(total):
+                raise KdcacheError(f"training diverged at epoch {epoch} (loss {float(total)}): lower --lr or --kd-weight")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            loss_sum += total.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        bar.close()
+        metrics = evaluate(model, test_loader, test_ds.norm, dev, test_ds.num_classes)
+        record = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1), **metrics,
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if metrics["test_top1"] > best:
+            best = metrics["test_top1"]
+            save_checkpoint(out / "best.pt", model, epoch=epoch, test_top1=best)
+        save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), epoch=epoch, best_top1=best, config=config_record)
+        if progress:
+            tqdm.write(f"epoch {epoch:>3}  lr {lr:.4g}  loss {record['train_loss']:.4f}  top-1 {metrics['test_top1']:.2f}  "
+                       f"nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  {record['seconds']:.1f}s")
+    if feed is not None:
+        feed.close()
+    if plot and history:
+        from kdcache.plots import plot_training
+
+        plot_training({out.name: history}, out / "curves.png")
+    return TrainResult(out, best, history[-1] if history else {}, history)
+
+
+def _verify_hashes(rows: dict[str, np.ndarray], names: dict[str, list[str]], idx: torch.Tensor, hashes: list[torch.Tensor],
+                   views: np.ndarray, kinds: int) -> None:
+    """Compare the pixel hashes the workers computed with the ones the teacher's views had."""
+    ids = idx.numpy()
+    for k in range(kinds):
+        got = hashes[k].numpy().view(np.uint64)
+        checked = got != 0
+        if not checked.any():
+            continue
+        want = rows[names["view_hash"][k]][ids]
+        bad = checked & (got != want)
+        if bad.any():
+            i = int(ids[np.flatnonzero(bad)[0]])
+            raise KdcacheError(
+                f"view {int(views[i])} of sample {i} does not rebuild the teacher's pixels (hash mismatch): "
+                "torch/torchvision changed augmentation behaviour since the dump; run `kdcache verify` or re-dump"
+            )
+
+
+def load_student(path: str | Path, name: str, num_classes: int) -> torch.nn.Module:
+    """A trained student (``best.pt`` / ``last.pt``), usable as a teacher later."""
+    return load_checkpoint(create_model(name, num_classes), path)
+
+
+__all__ = ["TrainConfig", "TrainResult", "train_student", "evaluate", "classification_metrics", "load_student"]
