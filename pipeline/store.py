@@ -152,7 +152,7 @@ def check_writable_location(location: str | os.PathLike) -> None:
         return
     if lp.is_file():
         raise KdcacheError(f"--out {lp} is a file: give a directory path for the Zarr store")
-    if lp.is_dir() and any(lp.iterdir()) and not (lp / "zarr.json").is_file():
+    if lp.is_dir() and any(p.name != LOCK_NAME for p in lp.iterdir()) and not (lp / "zarr.json").is_file():
         raise KdcacheError(f"--out {lp} is a non-empty directory that is not a kdcache store: choose a new path")
     parent = lp if lp.is_dir() else lp.parent
     while not parent.exists():
@@ -167,7 +167,9 @@ def remove_store(location: str | os.PathLike) -> None:
     if lp is not None:
         if lp.exists():
             open_store(lp)  # raises unless it is a kdcache store
-            shutil.rmtree(lp)
+            for child in lp.iterdir():  # the writer's own lock file stays
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         return
     open_store(location)  # raises unless it is a kdcache store
     zarr.open_group(store=str(location), mode="w")
@@ -184,7 +186,7 @@ def create_store(location: str | os.PathLike, *, num_views: int, labels: np.ndar
     n = len(labels)
     loc = str(location)
     lp = local_path(loc)
-    group = zarr.open_group(store=str(lp) if lp is not None else loc, mode="w")
+    group = zarr.open_group(store=str(lp) if lp is not None else loc, mode="a" if lp is not None else "w")
     names = array_names(kinds)
     for k in range(kinds):
         _logit_array(group, names["logits"][k], (num_views, n, num_classes), dtype)

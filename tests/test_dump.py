@@ -1,0 +1,180 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import run_cli
+from kdcache.data import build_dataset
+from kdcache.dump import dump_logits
+from kdcache.errors import KdcacheError
+from kdcache.store import open_store
+from kdcache.views import make_recipe, pixel_hash
+
+
+def _dump_args(root: Path, ckpt: Path, out: Path, *extra: str, views: str = "2") -> list[str]:
+    return ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(ckpt), "--dataset", "cifar100", "--data-root", str(root),
+            "--augment", "cifar", "--views", views, "--out", str(out), *extra]
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(g[name][...]) for name in g.array_keys()}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    x, y = _arrays(a), _arrays(b)
+    assert x.keys() == y.keys()
+    for k in x:
+        assert np.array_equal(x[k], y[k], equal_nan=True), k
+    ax, ay = dict(zarr.open_group(str(a)).attrs), dict(zarr.open_group(str(b)).attrs)
+    ax.pop("created"), ay.pop("created")
+    assert ax == ay
+
+
+def test_same_logits_for_any_batch_size_and_workers(cifar_root, teacher_ckpt, tmp_path):
+    outs = []
+    for bs, workers in ((1, 0), (7, 2), (64, 0)):
+        out = tmp_path / f"b{bs}.zarr"
+        dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+                    augment="mlkd", views=2, out=str(out), batch_size=bs, workers=workers, dtype="float32", progress=False)
+        outs.append(out)
+    assert_same_store(outs[0], outs[1])
+    assert_same_store(outs[0], outs[2])
+
+
+def test_views_all_covers_every_crop_flip_once_and_replays(teacher_ckpt, tmp_path):
+    ds = build_dataset("digits")
+    small = type(ds)("digits", "train", ds.images[:40], ds.labels[:40], 10, ds.norm)
+    out = tmp_path / "all.zarr"
+    summary = dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views="all",
+                          out=str(out), progress=False, data=small)
+    assert summary.num_views == 162 and len(summary.teacher_top1) == 162
+    store = open_store(out)
+    params = np.asarray(store.group["params"][...])  # (162, 40, 3)
+    for i in (0, 17, 39):
+        assert {tuple(p) for p in params[:, i]} == {(t, l, f) for t in range(9) for l in range(9) for f in range(2)}
+    recipe = make_recipe("cifar", True)
+    hashes = np.asarray(store.group["view_hash"][...])
+    for v, i in ((0, 0), (77, 13), (161, 39)):
+        assert pixel_hash(recipe.apply(small.image(i), params[v, i])) == int(hashes[v, i])
+    assert np.isfinite(np.asarray(store.group["logits"][...], dtype=np.float32)).all()
+
+
+def test_documented_layout_reads_with_plain_zarr(cifar_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "m.zarr"
+    run_cli(*_dump_args(cifar_root, teacher_ckpt[100], out, "--augment", "mlkd"), check=True)
+    g = zarr.open_group(str(out), mode="r")
+    assert g["logits"].shape == (2, 96, 100) and g["logits"].dtype == np.float16
+    assert g["logits"].chunks == (1, 4096, 100)
+    assert g["logits_strong"].shape == (2, 96, 100)
+    assert g["view_hash"].dtype == np.uint64 and g["view_hash"].shape == (2, 96)
+    assert list(g["params_strong"].attrs["fields"])[:3] == ["top", "left", "flip"]
+    assert np.array_equal(g["labels"][...], np.arange(96) % 100)
+    assert g["done"][...].all()
+    a = g.attrs
+    for key in ("kdcache_format", "recipe", "seed", "num_samples", "num_classes", "dataset", "split", "teacher", "teacher_top1",
+                "dtype", "versions", "created"):
+        assert key in a, key
+    assert a["teacher"]["name"] == "resnet8" and len(a["teacher"]["checkpoint_sha256"]) == 64
+    assert set(a["versions"]) >= {"kdcache", "torch", "torchvision", "zarr"}
+    top1 = (np.argmax(g["logits"][1], axis=1) == g["labels"][...]).mean()
+    assert a["teacher_top1"][1] == pytest.approx(top1)
+
+
+def test_mismatch_is_refused_and_nothing_changes(cifar_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "c.zarr"
+    run_cli(*_dump_args(cifar_root, teacher_ckpt[100], out), check=True)
+    before = _arrays(out)
+    proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], out, "--seed", "1"))
+    assert proc.returncode == 2 and "seed" in proc.stderr and "--overwrite" in proc.stderr
+    proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], out, "--dtype", "float32"))
+    assert proc.returncode == 2 and "dtype" in proc.stderr
+    after = _arrays(out)
+    assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
+    proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], out, "--seed", "1", "--overwrite"))
+    assert proc.returncode == 0 and zarr.open_group(str(out)).attrs["seed"] == 1
+
+
+def test_larger_views_extends_the_cache(cifar_root, teacher_ckpt, tmp_path):
+    out, ref = tmp_path / "grow.zarr", tmp_path / "ref.zarr"
+    run_cli(*_dump_args(cifar_root, teacher_ckpt[100], out, views="2"), check=True)
+    proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], out, views="4"), check=True)
+    assert "views     4" in proc.stdout
+    run_cli(*_dump_args(cifar_root, teacher_ckpt[100], ref, views="4"), check=True)
+    assert np.array_equal(_arrays(out)["logits"], _arrays(ref)["logits"])
+
+
+def test_sigkill_midway_then_rerun_is_bit_identical(cifar_root, teacher_ckpt, tmp_path):
+    args = _dump_args(cifar_root, teacher_ckpt[100], tmp_path / "k.zarr", views="40")
+    full = tmp_path / "full.zarr"
+    run_cli(*_dump_args(cifar_root, teacher_ckpt[100], full, views="40"), check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = tmp_path / "k.zarr" / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if done_dir.exists() and sum(1 for _ in done_dir.rglob("*") if _.is_file()) >= 4:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the dump finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = open_store(tmp_path / "k.zarr").done()
+    assert 0 < partial.sum() < partial.size
+    assert (tmp_path / "k.zarr" / "kdcache.lock").exists()  # left behind by the killed writer, taken over below
+    run_cli(*args, check=True)
+    assert_same_store(tmp_path / "k.zarr", full)
+
+
+def test_second_writer_is_refused(cifar_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "l.zarr"
+    out.mkdir()
+    (out / "kdcache.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid()}))
+    proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], out))
+    assert proc.returncode == 2 and "is being written by pid" in proc.stderr
+
+
+def test_float16_overflow_suggests_float32(cifar_root, tmp_path):
+    import torch
+
+    from kdcache.models import create_model, save_checkpoint
+
+    model = create_model("resnet8", 100)
+    with torch.no_grad():
+        model.fc.bias.fill_(1e5)
+    save_checkpoint(tmp_path / "big.pth", model)
+    proc = run_cli(*_dump_args(cifar_root, tmp_path / "big.pth", tmp_path / "o.zarr"))
+    assert proc.returncode == 2 and "--dtype float32" in proc.stderr and "sample 0, view 0" in proc.stderr
+    assert not (tmp_path / "o.zarr").exists()
+    run_cli(*_dump_args(cifar_root, tmp_path / "big.pth", tmp_path / "o.zarr", "--dtype", "float32"), check=True)
+
+
+@pytest.mark.parametrize("bad,needle", [(["--views", "0"], "--views must be at least 1"),
+                                        (["--batch-size", "0"], "--batch-size must be at least 1"),
+                                        (["--teacher", "resnet9"], "did you mean")])
+def test_nonsense_numbers_and_names(cifar_root, teacher_ckpt, tmp_path, bad, needle):
+    proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], tmp_path / "n.zarr"), *bad)
+    assert proc.returncode == 2 and needle in proc.stderr
+    assert not (tmp_path / "n.zarr").exists()
+
+
+def test_store_path_that_is_a_file(cifar_root, teacher_ckpt, tmp_path):
+    (tmp_path / "f.zarr").write_text("x")
+    proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], tmp_path / "f.zarr"))
+    assert proc.returncode == 2 and "is a file" in proc.stderr
+
+
+def test_inspect_prints_and_plots(cifar_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "i.zarr"
+    run_cli(*_dump_args(cifar_root, teacher_ckpt[100], out), check=True)
+    proc = run_cli("inspect", str(out), "--plot", str(tmp_path / "v.png"), check=True)
+    assert "complete   2/2 chunks" in proc.stdout and "top-1 per view" in proc.stdout
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(KdcacheError, match="not found"):
+        open_store(tmp_path / "missing.zarr")
