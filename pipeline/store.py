@@ -248,6 +248,7 @@ def writer_lock(location: str | os.PathLike) -> Iterator[None]:
     if lp is None:
         yield
         return
+    made_dir = not lp.exists()
     lp.mkdir(parents=True, exist_ok=True)
     lock = lp / LOCK_NAME
     me = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -273,6 +274,8 @@ def writer_lock(location: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         lock.unlink(missing_ok=True)
+        if made_dir and not any(lp.iterdir()):
+            lp.rmdir()  # a refused first dump leaves nothing behind
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,0 +1,127 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import run_cli
+from kdcache.dump import dump_logits
+from kdcache.errors import KdcacheError
+from kdcache.train import train_student
+
+COMMON = dict(student="resnet8", dataset="cifar100", epochs=2, batch_size=32, progress=False)
+
+
+@pytest.fixture
+def cache32(cifar_root, teacher_ckpt, tmp_path) -> Path:
+    out = tmp_path / "c32.zarr"
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+                augment="cifar", views=2, out=str(out), dtype="float32", progress=False)
+    return out
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("loss,ls", [("kd", True), ("dkd", False)])
+def test_cached_float32_equals_online_teacher(cifar_root, teacher_ckpt, cache32, tmp_path, loss, ls):
+    a = train_student(out=tmp_path / "cached", cache=str(cache32), data_root=str(cifar_root), loss=loss, logit_stand=ls, **COMMON)
+    b = train_student(out=tmp_path / "online", teacher="resnet8", checkpoint=str(teacher_ckpt[100]), augment="cifar", views=2,
+                      data_root=str(cifar_root), loss=loss, logit_stand=ls, **COMMON)
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    wa, wb = _weights(tmp_path / "cached" / "last.pt"), _weights(tmp_path / "online" / "last.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = train_student(out=tmp_path / "ce", data_root=str(cifar_root), loss="ce", **COMMON)
+    assert c.history[-1]["train_loss"] != a.history[-1]["train_loss"]
+
+
+def test_float16_cache_is_within_rounding(cifar_root, teacher_ckpt, cache32, tmp_path):
+    out16 = tmp_path / "c16.zarr"
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+                augment="cifar", views=2, out=str(out16), progress=False)
+    z16 = zarr.open_group(str(out16))["logits"][...].astype(np.float32)
+    z32 = zarr.open_group(str(cache32))["logits"][...]
+    assert np.abs(z16 - z32).max() <= np.abs(z32).max() * 2**-10
+    a = train_student(out=tmp_path / "a", cache=str(cache32), data_root=str(cifar_root), loss="kd", **COMMON)
+    b = train_student(out=tmp_path / "b", cache=str(out16), data_root=str(cifar_root), loss="kd", **COMMON)
+    assert a.history[0]["train_loss"] == pytest.approx(b.history[0]["train_loss"], rel=1e-3)
+
+
+def test_metrics_checkpoints_and_plot(cifar_root, cache32, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train-student", "--cache", str(cache32), "--student", "resnet8", "--dataset", "cifar100", "--data-root",
+                   str(cifar_root), "--loss", "kd", "--logit-stand", "--epochs", "2", "--batch-size", "32", "--out", str(out), "--plot",
+                   check=True)
+    assert "best test top-1" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("epoch", "lr", "train_loss", "test_top1", "test_top5", "test_nll", "test_ece", "seconds"):
+        assert key in rows[0]
+    assert 0 <= rows[0]["test_ece"] <= 1 and rows[0]["test_top5"] >= rows[0]["test_top1"]
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert "model" in ckpt and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    again = run_cli("train-student", "--cache", str(cache32), "--student", "resnet8", "--dataset", "cifar100", "--data-root",
+                    str(cifar_root), "--epochs", "2", "--out", str(out))
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_resume_after_kill_matches_uninterrupted(cifar_root, cache32, tmp_path):
+    args = ["train-student", "--cache", str(cache32), "--student", "resnet8", "--dataset", "cifar100", "--data-root", str(cifar_root),
+            "--loss", "kd", "--epochs", "4", "--batch-size", "16", "--lr-milestones", "2,3"]
+    run_cli(*args, "--out", str(tmp_path / "full"), check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args, "--out", str(tmp_path / "cut")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_cli(*args, "--out", str(tmp_path / "cut"), "--resume", check=True)
+    full, cut = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_cache_of_other_data_is_refused(cache32, tmp_path):
+    with pytest.raises(KdcacheError, match="made for other data: dataset name is 'cifar100' there, 'digits' here"):
+        train_student(out=tmp_path / "x", cache=str(cache32), student="resnet8", dataset="digits", loss="kd", progress=False)
+
+
+def test_recipe_mismatch_and_missing_teacher(cifar_root, cache32, tmp_path):
+    with pytest.raises(KdcacheError, match="holds --augment cifar views, not mlkd"):
+        train_student(out=tmp_path / "x", cache=str(cache32), augment="mlkd", data_root=str(cifar_root), **COMMON)
+    with pytest.raises(KdcacheError, match="needs a teacher signal"):
+        train_student(out=tmp_path / "y", data_root=str(cifar_root), loss="kd", **COMMON)
+    with pytest.raises(KdcacheError, match="--epochs -1 is out of range"):
+        train_student(out=tmp_path / "z", data_root=str(cifar_root), loss="ce", **{**COMMON, "epochs": -1})
+
+
+def test_pixel_hash_mismatch_stops_training(cifar_root, cache32, tmp_path):
+    g = zarr.open_group(str(cache32), mode="r+")
+    h = g["view_hash"][...]
+    h[:, :] ^= np.uint64(1)
+    g["view_hash"][...] = h
+    with pytest.raises(KdcacheError, match="does not rebuild the teacher's pixels"):
+        train_student(out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), loss="kd", **COMMON)
+
+
+def test_mlkd_trains_from_an_mlkd_cache(cifar_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "m.zarr"
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+                augment="mlkd", views=2, out=str(out), progress=False)
+    r = train_student(out=tmp_path / "r", cache=str(out), data_root=str(cifar_root), loss="mlkd", logit_stand=True,
+                      verify_views=True, **COMMON)
+    assert len(r.history) == 2 and np.isfinite(r.history[-1]["train_loss"])
