@@ -130,6 +130,19 @@ def inspect_cmd(store: str, plot_path: str | None) -> None:
         click.echo(f"plot       {plot_views(report.top1, report.confidence, plot_path)}")
 
 
+@main.command("quickstart")
+@click.option("--out", default="data/quickstart", show_default=True, type=click.Path(), help="Where runs, caches and results go.")
+@click.option("--epochs", default=5, show_default=True, type=int, help="Student epochs (the teacher trains 2.4x as long).")
+@_errors
+def quickstart_cmd(out: str, epochs: int) -> None:
+    """Run the whole pipeline offline on the built-in digits data and compare KD methods."""
+    from kdcache.quickstart import quickstart
+
+    if epochs < 1:
+        raise KdcacheError(f"--epochs must be at least 1, got {epochs}")
+    quickstart(out, epochs, teacher_epochs=max(2, round(epochs * 2.4)))
+
+
 @main.command("models")
 @click.option("--torchvision", "with_tv", is_flag=True, help="Also list torchvision.<arch> names.")
 def models_cmd(with_tv: bool) -> None:

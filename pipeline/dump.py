@@ -269,7 +269,7 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
         bar.update(take)
 
     start = time.perf_counter()
-    bar = tqdm(total=len(items), unit="view", disable=not progress, desc="dump-logits", dynamic_ncols=True)
+    bar = tqdm(total=len(items), unit="view", disable=None if progress else True, desc="dump-logits", dynamic_ncols=True)
     try:
         for batch in loader:
             pending.append(batch)

@@ -304,7 +304,7 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         loader = DataLoader(train_views, batch_sampler=batches, num_workers=workers)
         model.train()
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress,
+        bar = tqdm(loader, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=None if progress else True,
                    dynamic_ncols=True, leave=False)
         for idx, y, pixels, hashes in bar:
             if rows is not None:
