@@ -46,9 +46,18 @@ def pixel_hash(pixels: torch.Tensor) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def _pad_crop(img: torch.Tensor, top: int, left: int, size: int, pad: int) -> torch.Tensor:
-    padded = torch.nn.functional.pad(img, (pad, pad, pad, pad))
-    return padded[:, top : top + size, left : left + size]
+def _pad_crop(img: np.ndarray, top: int, left: int, size: int, pad: int, flip: bool) -> np.ndarray:
+    """Zero-padded crop (+ horizontal flip) of an HWC uint8 image, as CHW, without materialising the padding."""
+    h, w = img.shape[:2]
+    out = np.zeros((size, size, img.shape[2]), dtype=np.uint8)
+    y0, x0 = top - pad, left - pad
+    sy, sx = max(y0, 0), max(x0, 0)
+    ey, ex = min(y0 + size, h), min(x0 + size, w)
+    if sy < ey and sx < ex:
+        out[sy - y0 : ey - y0, sx - x0 : ex - x0] = img[sy:ey, sx:ex]
+    if flip:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
 def _sample_rrc(rng: np.random.Generator, h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
@@ -183,21 +192,21 @@ class Recipe:
 
     def apply(self, image: np.ndarray, params: np.ndarray, kind: int = 0) -> torch.Tensor:
         """Rebuild the uint8 CHW view of ``image`` (HWC uint8) from its stored parameter vector."""
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         p = [float(x) for x in params]
-        if self.name == "none":
-            if self.small:
-                return img.contiguous()
-            img = TF.resize(img, [self.eval_resize], antialias=True)
-            return TF.center_crop(img, [self.size, self.size]).contiguous()
         if self.small:
-            img = _pad_crop(img, int(p[0]), int(p[1]), self.size, self.padding)
-            flip, rest = p[2], p[3:]
+            if self.name == "none":
+                return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            img = torch.from_numpy(_pad_crop(image, int(p[0]), int(p[1]), self.size, self.padding, p[2] >= 0.5))
+            rest = p[3:]
         else:
+            img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+            if self.name == "none":
+                img = TF.resize(img, [self.eval_resize], antialias=True)
+                return TF.center_crop(img, [self.size, self.size]).contiguous()
             img = TF.resized_crop(img, int(p[0]), int(p[1]), int(p[2]), int(p[3]), [self.size, self.size], antialias=True)
-            flip, rest = p[4], p[5:]
-        if flip >= 0.5:
-            img = img.flip(-1)
+            if p[4] >= 0.5:
+                img = img.flip(-1)
+            rest = p[5:]
         if kind == 1:
             img = _randaugment_op(img, int(rest[0]), rest[1])
             img = _randaugment_op(img, int(rest[2]), rest[3])
