@@ -33,6 +33,8 @@ def test_reference_key_names():
     assert {"layer1.0.conv1.weight", "layer3.3.bn3.weight", "linear.weight"} <= keys["ShuffleV1"]
     assert {"layer1.0.conv5.weight", "layer2.7.bn3.bias", "conv2.weight", "linear.weight"} <= keys["ShuffleV2"]
     assert {"layer4.2.conv3.weight", "layer1.0.shortcut.0.weight", "linear.weight"} <= keys["ResNet50"]
+    for name in ("ShuffleV1", "ShuffleV2"):  # both zoo ShuffleNets have a 1x1 stem
+        assert create_model(name, 100).state_dict()["conv1.weight"].shape == (24, 3, 1, 1)
 
 
 @pytest.mark.parametrize("layout", ["model", "state_dict", "bare", "module"])
