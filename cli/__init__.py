@@ -81,7 +81,7 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--dataset", required=True, help="cifar100, imagenet, folder or digits.")
 @click.option("--data-root", type=click.Path())
 @click.option("--download", is_flag=True)
-@click.option("--loss", default="kd", show_default=True, type=click.Choice(["ce", "kd", "dkd", "mlkd"]))
+@click.option("--loss", default="kd", show_default=True, type=click.Choice(["ce", "kd", "dkd", "mlkd", "nkd", "normkd"]))
 @click.option("--logit-stand", is_flag=True, help="Z-score standardize teacher and student logits (LS, CVPR 2024).")
 @click.option("--temperature", type=float, help="Default 4 (2 with --logit-stand).")
 @click.option("--ce-weight", type=float, help="Default 0.1 for kd/mlkd, 1 for dkd and ce.")
@@ -90,6 +90,11 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--beta", type=float, help="DKD non-target weight (default 8).")
 @click.option("--warmup", type=int, help="DKD warm-up epochs (default 20).")
 @click.option("--mlkd-variant", default="reference", show_default=True, type=click.Choice(["reference", "paper"]))
+@click.option("--gamma", type=float, help="NKD non-target weight (default 1.5).")
+@click.option("--t-norm", type=float, help="NormKD temperature factor (default 2).")
+@click.option("--teacher-fix", default="none", show_default=True, type=click.Choice(["none", "sort"]),
+              help="sort: give the target class the teacher's largest logit (Sort), with any loss.")
+@click.option("--ctkd", is_flag=True, help="Learn a global temperature adversarially (CTKD), with --loss kd.")
 @click.option("--epochs", default=240, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", type=float, help="Default 0.05 (0.01 for MobileNetV2/ShuffleNet students; MLKD 0.025).")
@@ -128,6 +133,28 @@ def inspect_cmd(store: str, plot_path: str | None) -> None:
         from kdcache.plots import plot_views
 
         click.echo(f"plot       {plot_views(report.top1, report.confidence, plot_path)}")
+
+
+@main.command("verify")
+@click.argument("store")
+@click.option("--teacher", help="Re-run this teacher on --sample random views and compare.")
+@click.option("--checkpoint", type=click.Path())
+@click.option("--weights")
+@click.option("--sample", default=0, show_default=True, type=int, help="Views to rebuild and re-run (needs --teacher).")
+@click.option("--data-root", type=click.Path(), help="Where the cache's dataset lives (for --sample).")
+@click.option("--device", default="auto", show_default=True)
+@_errors
+def verify_cmd(store: str, teacher, checkpoint, weights, sample: int, data_root, device: str) -> None:
+    """Check completeness, checksums, attributes and finiteness; exit 0 clean, 1 with problems listed."""
+    from kdcache.verify import verify_cache
+
+    report = verify_cache(store, teacher, checkpoint, weights, sample, data_root, device)
+    for line in report.checked:
+        click.echo(f"checked   {line}")
+    for line in report.problems:
+        click.echo(f"PROBLEM   {line}")
+    click.echo("clean" if report.ok else f"{len(report.problems)} problem(s) found")
+    sys.exit(0 if report.ok else 1)
 
 
 @main.command("quickstart")

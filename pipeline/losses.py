@@ -9,6 +9,8 @@ squared temperature.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +34,7 @@ def _kl_rows(log_p_t: torch.Tensor, log_p_s: torch.Tensor) -> torch.Tensor:
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, logit_stand: bool = False) -> torch.Tensor:
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float | torch.Tensor, logit_stand: bool = False) -> torch.Tensor:
     """Hinton KD: ``τ² · mean_b KL(softmax(t/τ) ‖ softmax(s/τ))``.
 
     With ``logit_stand`` both logits are Z-scored first, each with its own
@@ -141,3 +143,85 @@ def mlkd_loss(student_weak: torch.Tensor, student_strong: torch.Tensor, teacher_
         bc = ((pt @ pt.T - ps @ ps.T) ** 2).sum(dim=1) * m
         total = total + cc.sum() / sw.shape[1] + bc.sum() / sw.shape[0]
     return total
+
+
+def nkd_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, temperature: float,
+             gamma: float) -> torch.Tensor:
+    """Normalized KD (NKD, ICCV 2023): ``-q_y·log p_y`` at T=1 (q_y detached) plus ``γ·τ²`` times the
+    cross-entropy between teacher and student distributions over the non-target classes at ``τ``.
+
+    The second term is a cross-entropy, not a KL: it never reaches 0 (it carries
+    the teacher's non-target entropy), so do not monitor it as a distance.
+    """
+    s, t = student.float(), teacher.float()
+    idx = target[:, None]
+    log_p_y = F.log_softmax(s, dim=1).gather(1, idx).squeeze(1)
+    q_y = F.softmax(t, dim=1).gather(1, idx).squeeze(1).detach()
+    target_term = -(q_y * log_p_y).mean()
+    log_ps = _non_target_log_softmax(s / temperature, target)
+    qt = _non_target_log_softmax(t / temperature, target).exp()
+    non_target = -(qt * log_ps).sum(dim=1).mean()
+    return target_term + gamma * temperature**2 * non_target
+
+
+def normkd_loss(student: torch.Tensor, teacher: torch.Tensor, t_norm: float) -> torch.Tensor:
+    """NormKD: per-sample temperatures ``t_norm·(std + 1e-7)`` (unbiased std), one for the teacher
+    and one for the student, and a KL weighted per sample by the squared teacher temperature, batch mean.
+
+    The published code has no eps and gives NaN for a constant row; 1e-7 keeps it finite.
+    """
+    s, t = student.float(), teacher.float()
+    ts = t_norm * (s.std(dim=1, keepdim=True) + 1e-7)
+    tt = t_norm * (t.std(dim=1, keepdim=True) + 1e-7)
+    kl = _kl_rows(F.log_softmax(t / tt, dim=1), F.log_softmax(s / ts, dim=1))
+    return (kl * tt.squeeze(1) ** 2).mean()
+
+
+def sort_teacher(teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The parameter-free Sort fix of teacher logits (Limantoro, IEEE SPL 2025).
+
+    The target class receives the largest logit value, classes that ranked above
+    it move down one place, the rest stay; the multiset of values (so the mean
+    and std) is unchanged, which is why it composes with Z-score and NormKD.
+    ``[5, 1, 3, 4, 2]`` with target 2 becomes ``[4, 1, 5, 3, 2]``.
+    """
+    t = teacher.float()
+    boosted = t.scatter(1, target[:, None], float("inf"))
+    order = torch.sort(boosted, dim=1, descending=True, stable=True).indices
+    values = torch.sort(t, dim=1, descending=True).values
+    return torch.empty_like(t).scatter_(1, order, values)
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.lam * grad, None
+
+
+class CTKDTemperature(torch.nn.Module):
+    """CTKD's learnable global temperature ``T = t_start + t_end·sigmoid(θ)``, θ initialised to 1.
+
+    θ is trained adversarially: its gradient passes a reversal layer scaled by
+    λ, which follows the cosine curriculum :meth:`lam` from 0 to −1 over
+    ``curriculum`` epochs, so θ ascends the KD loss. Put its parameters in the
+    student's optimizer.
+    """
+
+    def __init__(self, t_start: float = 1.0, t_end: float = 20.0, curriculum: int = 10):
+        super().__init__()
+        self.t_start, self.t_end, self.curriculum = t_start, t_end, curriculum
+        self.theta = torch.nn.Parameter(torch.ones(1))
+
+    def lam(self, epoch: int) -> float:
+        """λ for 0-based ``epoch``: ``−(1 − cos(π·min(epoch, n)/n))/2``."""
+        e = min(epoch, self.curriculum)
+        return -(1 - math.cos(math.pi * e / self.curriculum)) / 2
+
+    def forward(self, epoch: int) -> torch.Tensor:
+        theta = _GradReverse.apply(self.theta, self.lam(epoch))
+        return self.t_start + self.t_end * torch.sigmoid(theta).squeeze()

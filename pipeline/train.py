@@ -25,13 +25,14 @@ from kdcache.data import ImageDataset, build_dataset, test_split
 from kdcache.dump import parse_views
 from kdcache.errors import KdcacheError
 from kdcache.feed import LogitFeed, epoch_order, epoch_views, reuse_warning
-from kdcache.losses import dkd_loss, kd_loss, mlkd_loss
+from kdcache.losses import CTKDTemperature, dkd_loss, kd_loss, mlkd_loss, nkd_loss, normkd_loss, sort_teacher, zscore
 from kdcache.models import create_model, load_checkpoint, save_checkpoint
 from kdcache.store import CacheStore, array_names, open_store
 from kdcache.teacher import Teacher, load_teacher, resolve_device
 from kdcache.views import Recipe, make_recipe, normalize, pixel_hash, recipe_from_attrs
 
-LOSSES = ("ce", "kd", "dkd", "mlkd")
+LOSSES = ("ce", "kd", "dkd", "mlkd", "nkd", "normkd")
+TEACHER_FIXES = ("none", "sort")
 SLOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 HASH_CHECK_EVERY = 16  # verify pixel hashes on every 16th batch (and the first) unless --verify-views
 
@@ -50,6 +51,12 @@ class TrainConfig:
     beta: float | None = None
     warmup: int | None = None
     mlkd_variant: str = "reference"
+    gamma: float | None = None
+    t_norm: float | None = None
+    teacher_fix: str = "none"
+    ctkd: bool = False
+    ctkd_t_start: float = 1.0
+    ctkd_t_end: float = 20.0
     epochs: int = 240
     batch_size: int = 64
     lr: float | None = None
@@ -61,11 +68,14 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` replaced by the loss's published default (see the README table)."""
         ls = self.logit_stand
-        d: dict[str, float] = {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20}
-        if self.loss in ("kd", "mlkd"):
+        d: dict[str, float] = {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20,
+                               "gamma": 1.5, "t_norm": 2.0}
+        if self.loss in ("kd", "mlkd", "normkd"):
             d.update(ce_weight=0.1, kd_weight=9.0 if ls else 0.9, temperature=2.0 if ls else 4.0)
         elif self.loss == "dkd":
             d.update(ce_weight=1.0, kd_weight=9.0 if ls else 1.0, temperature=2.0 if ls else 4.0)
+        elif self.loss == "nkd":
+            d.update(ce_weight=1.0, kd_weight=1.0, temperature=1.0)
         slow = self.student in SLOW_LR_STUDENTS
         d["lr"] = (0.01 if slow else 0.025) if self.loss == "mlkd" else (0.01 if slow else 0.05)
         values = {k: (getattr(self, k) if getattr(self, k) is not None else d[k]) for k in d}
@@ -84,6 +94,10 @@ class TrainConfig:
                 raise KdcacheError(f"--{name} {getattr(self, name.replace('-', '_'))} is out of range: see `kdcache train-student --help`")
         if self.mlkd_variant not in ("reference", "paper"):
             raise KdcacheError(f"unknown --mlkd-variant {self.mlkd_variant!r}: choose reference or paper")
+        if self.teacher_fix not in TEACHER_FIXES:
+            raise KdcacheError(f"unknown --teacher-fix {self.teacher_fix!r}: choose one of {', '.join(TEACHER_FIXES)}")
+        if self.ctkd and self.loss != "kd":
+            raise KdcacheError(f"--ctkd works with --loss kd (with or without --logit-stand), not {self.loss}")
 
 
 class StudentViews(Dataset):
@@ -169,19 +183,27 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _distill(cfg: TrainConfig, epoch: int, y: torch.Tensor, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+def _distill(cfg: TrainConfig, epoch: int, y: torch.Tensor, student: list[torch.Tensor], teacher: list[torch.Tensor],
+             temperature: float | torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(student[0], y)
     if cfg.loss == "ce":
         return cfg.ce_weight * ce
+    if cfg.teacher_fix == "sort":
+        teacher = [sort_teacher(t, y) for t in teacher]
+    s, t = student[0], teacher[0]
     if cfg.loss == "kd":
-        return cfg.ce_weight * ce + cfg.kd_weight * kd_loss(student[0], teacher[0], cfg.temperature, cfg.logit_stand)
+        return cfg.ce_weight * ce + cfg.kd_weight * kd_loss(s, t, temperature, cfg.logit_stand)
     if cfg.loss == "dkd":
         warm = min(epoch / cfg.warmup, 1.0) if cfg.warmup else 1.0
-        return cfg.ce_weight * ce + warm * cfg.kd_weight * dkd_loss(
-            student[0], teacher[0], y, cfg.alpha, cfg.beta, cfg.temperature, cfg.logit_stand)
+        return cfg.ce_weight * ce + warm * cfg.kd_weight * dkd_loss(s, t, y, cfg.alpha, cfg.beta, temperature, cfg.logit_stand)
+    if cfg.loss in ("nkd", "normkd"):
+        if cfg.logit_stand:
+            s, t = zscore(s), zscore(t)
+        term = nkd_loss(s, t, y, temperature, cfg.gamma) if cfg.loss == "nkd" else normkd_loss(s, t, cfg.t_norm)
+        return cfg.ce_weight * ce + cfg.kd_weight * term
     ce = ce + F.cross_entropy(student[1], y)
     return cfg.ce_weight * ce + cfg.kd_weight * mlkd_loss(
-        student[0], student[1], teacher[0], teacher[1], cfg.temperature, cfg.logit_stand, cfg.mlkd_variant)
+        student[0], student[1], teacher[0], teacher[1], temperature, cfg.logit_stand, cfg.mlkd_variant)
 
 
 def _cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None) -> Recipe:
@@ -248,7 +270,9 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
                      "augment": recipe.name, "num_views": num_views, "view_seed": view_seed}
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.student, train_ds.num_classes).to(dev)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    ctkd = CTKDTemperature(cfg.ctkd_t_start, cfg.ctkd_t_end).to(dev) if cfg.ctkd else None
+    params = list(model.parameters()) + (list(ctkd.parameters()) if ctkd is not None else [])
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start_epoch, best, history = 1, -1.0, []
     last_path, metrics_path = out / "last.pt", out / "metrics.jsonl"
     if last_path.exists() and not resume:
@@ -258,6 +282,8 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         if state.get("config", {}) | {"epochs": cfg.epochs} != config_record:
             raise KdcacheError(f"--resume with different settings than the run in {out}: use the original command")
         model.load_state_dict(state["model"])
+        if ctkd is not None:
+            ctkd.load_state_dict(state["ctkd"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best_top1"])
         history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.exists() else []
@@ -318,7 +344,8 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
                 t_logits = [online(p).to(dev) for p in pixels]
             else:
                 t_logits = [torch.from_numpy(rows[names["logits"][k]][idx.numpy()]).to(dev) for k in range(kinds)]
-            total = _distill(cfg, epoch, y, s_logits, t_logits)
+            temperature = ctkd(epoch - 1) if ctkd is not None else cfg.temperature
+            total = _distill(cfg, epoch, y, s_logits, t_logits, temperature)
             if not torch.isfinite(total):
                 raise KdcacheError(f"training diverged at epoch {epoch} (loss {float(total)}): lower --lr or --kd-weight")
             optimizer.zero_grad(set_to_none=True)
@@ -331,13 +358,16 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         metrics = evaluate(model, test_loader, test_ds.norm, dev, test_ds.num_classes)
         record = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1), **metrics,
                   "seconds": time.perf_counter() - t0}
+        if ctkd is not None:
+            record["temperature"] = ctkd(epoch - 1).item()
         history.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if metrics["test_top1"] > best:
             best = metrics["test_top1"]
             save_checkpoint(out / "best.pt", model, epoch=epoch, test_top1=best)
-        save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), epoch=epoch, best_top1=best, config=config_record)
+        extra = {"ctkd": ctkd.state_dict()} if ctkd is not None else {}
+        save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), epoch=epoch, best_top1=best, config=config_record, **extra)
         if progress:
             tqdm.write(f"epoch {epoch:>3}  lr {lr:.4g}  loss {record['train_loss']:.4f}  top-1 {metrics['test_top1']:.2f}  "
                        f"nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  {record['seconds']:.1f}s")

@@ -125,3 +125,16 @@ def test_mlkd_trains_from_an_mlkd_cache(cifar_root, teacher_ckpt, tmp_path):
     r = train_student(out=tmp_path / "r", cache=str(out), data_root=str(cifar_root), loss="mlkd", logit_stand=True,
                       verify_views=True, **COMMON)
     assert len(r.history) == 2 and np.isfinite(r.history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize("extra", [dict(loss="nkd"), dict(loss="normkd"), dict(loss="normkd", logit_stand=True),
+                                   dict(loss="kd", teacher_fix="sort", logit_stand=True), dict(loss="dkd", teacher_fix="sort"),
+                                   dict(loss="kd", ctkd=True, logit_stand=True)])
+def test_sibling_methods_train_from_one_cache(cifar_root, cache32, tmp_path, extra):
+    r = train_student(out=tmp_path / "r", cache=str(cache32), data_root=str(cifar_root), **{**COMMON, **extra})
+    assert len(r.history) == 2 and all(np.isfinite(h["train_loss"]) for h in r.history)
+    if extra.get("ctkd"):
+        temps = [h["temperature"] for h in r.history]
+        assert all(1.0 < t < 21.0 for t in temps)
+    with pytest.raises(KdcacheError, match="--ctkd works with --loss kd"):
+        train_student(out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), **{**COMMON, "loss": "dkd", "ctkd": True})
