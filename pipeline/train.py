@@ -351,7 +351,7 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            loss_sum += total.item() * len(idx)
+            loss_sum += total.detach().item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         bar.close()
@@ -359,7 +359,7 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         record = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1), **metrics,
                   "seconds": time.perf_counter() - t0}
         if ctkd is not None:
-            record["temperature"] = ctkd(epoch - 1).item()
+            record["temperature"] = ctkd(epoch - 1).detach().item()
         history.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")

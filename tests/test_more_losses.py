@@ -54,7 +54,7 @@ def test_nkd_and_normkd_compose_with_zscore():
 def test_ctkd_temperature_and_gradient_reversal():
     ctkd = CTKDTemperature(1.0, 20.0)
     assert ctkd.lam(0) == 0.0 and ctkd.lam(10) == pytest.approx(-1.0) and ctkd.lam(5) == pytest.approx(-0.5)
-    assert ctkd(0).item() == pytest.approx(1 + 20 * torch.sigmoid(torch.tensor(1.0)).item())
+    assert ctkd(0).detach().item() == pytest.approx(1 + 20 * torch.sigmoid(torch.tensor(1.0)).item())
     s, t = torch.randn(4, 10), torch.randn(4, 10) * 3
     temp = ctkd(10)
     kd_loss(s, t, temp).backward()
