@@ -248,21 +248,23 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
         outs = [teacher(pix[k][:take]) for k in range(kinds)]
         for k, logits in enumerate(outs):
             _check_logits(logits, v_b[:take], i_b[:take], dtype, "strong " if k else "")
-        for row in range(take):
-            v, i = int(v_b[row]), int(i_b[row])
-            c = i // CHUNK
+        views_np, samples_np = v_b[:take].numpy(), i_b[:take].numpy()
+        chunk_np = samples_np // CHUNK
+        logits_np = [o.numpy() for o in outs]
+        for v, c in sorted({(int(a), int(b)) for a, b in zip(views_np, chunk_np)}):
+            sel = np.flatnonzero((views_np == v) & (chunk_np == c))
             if (v, c) not in buf:
                 rows = min(n, (c + 1) * CHUNK) - c * CHUNK
                 buf[v, c] = [0, [np.empty((rows, store.num_classes), np_dtype) for _ in range(kinds)],
                              [np.empty((rows, par[k].shape[1]), np.float32) for k in range(kinds)],
                              [np.empty(rows, np.uint64) for _ in range(kinds)]]
             entry = buf[v, c]
-            r = i - c * CHUNK
+            r = samples_np[sel] - c * CHUNK
             for k in range(kinds):
-                entry[1][k][r] = outs[k][row].numpy()
-                entry[2][k][r] = par[k][row].numpy()
-                entry[3][k][r] = np.int64(hsh[k][row]).view(np.uint64)
-            entry[0] += 1
+                entry[1][k][r] = logits_np[k][sel]
+                entry[2][k][r] = par[k].numpy()[sel]
+                entry[3][k][r] = hsh[k].numpy()[sel].view(np.uint64)
+            entry[0] += len(sel)
             if entry[0] == len(entry[1][0]):
                 writer.put((v, c, entry[1], entry[2], entry[3]))
                 del buf[v, c]
