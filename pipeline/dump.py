@@ -157,7 +157,7 @@ class _ChunkWriter:
 
 def _teacher_top1(store: CacheStore) -> list[float]:
     labels = store.labels()
-    return [float((np.argmax(store.read("logits", v), axis=1) == labels).mean()) for v in range(store.num_views)]
+    return [store.top1(v, labels) for v in range(store.num_views)]
 
 
 def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, out: str, checkpoint: str | None = None,

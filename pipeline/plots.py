@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_training(runs: dict[str, list[dict[str, float]]], path: str | Path, reference: float | None = None) -> Path:
@@ -22,6 +23,8 @@ def plot_training(runs: dict[str, list[dict[str, float]]], path: str | Path, ref
     ax1.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
     ax2.set(xlabel="epoch", ylabel="train loss", title="training loss", yscale="log")
     ax1.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.grid(alpha=0.3)
     ax2.grid(alpha=0.3)
     fig.tight_layout()

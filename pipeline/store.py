@@ -109,6 +109,11 @@ class CacheStore:
     def labels(self) -> np.ndarray:
         return np.asarray(self.group["labels"][...])
 
+    def top1(self, view: int, labels: np.ndarray | None = None) -> float:
+        """Teacher top-1 accuracy of one stored view."""
+        labels = self.labels() if labels is None else labels
+        return float((np.argmax(self.read("logits", view), axis=1) == labels).mean())
+
     def read(self, name: str, view: int, rows: slice | None = None) -> np.ndarray:
         """One contiguous read of array ``name`` at ``view`` (optionally a row range)."""
         arr = self.group[name]

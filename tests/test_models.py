@@ -93,3 +93,19 @@ def test_torchvision_models_by_name():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
     with pytest.raises(KdcacheError, match="IMAGENET1K_V1"):
         create_model("torchvision.resnet18", 1000, weights="NOPE")
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_checkpoint_of_every_architecture_reproduces_outputs(tmp_path: Path, name: str):
+    torch.manual_seed(0)
+    src = create_model(name, 100)
+    for m in src.modules():  # trained-looking BN statistics so eval-mode outputs depend on them
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    src.eval()
+    torch.save({"model": src.state_dict(), "epoch": 240, "best_acc": 0.0}, tmp_path / "ckpt_epoch_240.pth")
+    dst = load_checkpoint(create_model(name, 100), tmp_path / "ckpt_epoch_240.pth").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
