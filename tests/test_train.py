@@ -138,3 +138,13 @@ def test_sibling_methods_train_from_one_cache(cifar_root, cache32, tmp_path, ext
         assert all(1.0 < t < 21.0 for t in temps)
     with pytest.raises(KdcacheError, match="--ctkd works with --loss kd"):
         train_student(out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), **{**COMMON, "loss": "dkd", "ctkd": True})
+
+
+def test_fsspec_url_stores_work_like_local_ones(cifar_root, teacher_ckpt, cache32, tmp_path):
+    url = f"memory://kdcache-test/{tmp_path.name}/c.zarr"
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+                augment="cifar", views=2, out=url, dtype="float32", progress=False)
+    assert np.array_equal(zarr.open_group(url, mode="r")["logits"][...], zarr.open_group(str(cache32), mode="r")["logits"][...])
+    a = train_student(out=tmp_path / "url", cache=url, data_root=str(cifar_root), loss="kd", **COMMON)
+    b = train_student(out=tmp_path / "local", cache=str(cache32), data_root=str(cifar_root), loss="kd", **COMMON)
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
