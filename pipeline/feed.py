@@ -94,6 +94,17 @@ class LogitFeed:
         self._full: dict[str, np.ndarray] | None = None
 
     def _load(self, views: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            return self._read(views)
+        except Exception:
+            for name in self.names:
+                try:
+                    self.store.group[name][...]
+                except Exception:
+                    raise self.store.locate_corruption(name) from None
+            raise
+
+    def _read(self, views: np.ndarray) -> dict[str, np.ndarray]:
         if self.whole:
             if self._full is None:
                 self._full = {n: np.asarray(self.store.group[n][...]) for n in self.names}

@@ -119,6 +119,21 @@ class CacheStore:
         arr = self.group[name]
         return np.asarray(arr[view] if rows is None else arr[view, rows])
 
+    def locate_corruption(self, name: str) -> KdcacheError:
+        """After a failed read of ``name``, find the first chunk that does not decode and describe it."""
+        arr = self.group[name]
+        n = self.num_samples
+        for v in range(arr.shape[0]):
+            for c in range(num_chunks(n)):
+                try:
+                    arr[v, c * CHUNK : min(n, (c + 1) * CHUNK)]
+                except Exception as exc:
+                    return KdcacheError(
+                        f"cache {self.location}: array {name}, view {v}, chunk {c} is corrupt ({exc.__class__.__name__}): "
+                        "run `kdcache verify` and re-dump the cache"
+                    )
+        return KdcacheError(f"cache {self.location}: array {name} cannot be read: run `kdcache verify`")
+
     def refresh(self) -> None:
         self.attrs = dict(self.group.attrs)
 

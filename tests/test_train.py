@@ -148,3 +148,12 @@ def test_fsspec_url_stores_work_like_local_ones(cifar_root, teacher_ckpt, cache3
     a = train_student(out=tmp_path / "url", cache=url, data_root=str(cifar_root), loss="kd", **COMMON)
     b = train_student(out=tmp_path / "local", cache=str(cache32), data_root=str(cifar_root), loss="kd", **COMMON)
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+
+
+def test_corrupt_chunk_stops_training_naming_it(cifar_root, cache32, tmp_path):
+    chunk = cache32 / "logits" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(KdcacheError, match="array logits, view 1, chunk 0 is corrupt"):
+        train_student(out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), loss="kd", **COMMON)

@@ -44,3 +44,10 @@ def test_replay_drift_and_incomplete_are_reported(cifar_root, teacher_ckpt, tmp_
     text = "\n".join(report.problems)
     assert "incomplete: 1 chunks" in text and "rebuilt views have different pixels" in text
     assert np.isfinite(g["logits"][0].astype(np.float32)).all()
+
+
+def test_store_of_a_newer_format_is_refused(cifar_root, teacher_ckpt, tmp_path):
+    out = _dump(cifar_root, teacher_ckpt[100], tmp_path / "c.zarr")
+    zarr.open_group(str(out), mode="r+").attrs["kdcache_format"] = 99
+    proc = run_cli("inspect", str(out))
+    assert proc.returncode == 2 and "newer than this kdcache reads" in proc.stderr and "upgrade kdcache" in proc.stderr
