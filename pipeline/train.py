@@ -278,7 +278,7 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     if last_path.exists() and not resume:
         raise KdcacheError(f"{out} already holds a run (last.pt): pass --resume to continue it or choose another --out")
     if resume and last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
         if state.get("config", {}) | {"epochs": cfg.epochs} != config_record:
             raise KdcacheError(f"--resume with different settings than the run in {out}: use the original command")
         model.load_state_dict(state["model"])
@@ -305,7 +305,9 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     train_views = StudentViews(train_ds, recipe, kinds)
     test_loader = DataLoader(EvalViews(test_ds, recipe), batch_size=256, num_workers=workers)
     n = len(train_ds)
-    epoch_views_of = lambda e: epoch_views(cfg.seed, e - 1, n, num_views, uniform)  # noqa: E731
+
+    def epoch_views_of(epoch: int) -> np.ndarray:
+        return epoch_views(cfg.seed, epoch - 1, n, num_views, uniform)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = cfg.lr * 0.1 ** sum(epoch > m for m in cfg.lr_milestones)
