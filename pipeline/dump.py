@@ -140,6 +140,9 @@ class _ChunkWriter:
                     g[self.names["view_hash"][k]][v, rows] = hashes[k]
                 g["done"][v, c] = 1
                 self.written += 1
+            except OSError as exc:  # a full disk or a vanished mount: the store stays resumable
+                self.error = KdcacheError(f"writing view {v}, chunk {c} failed ({exc.strerror or exc}): free space or fix the "
+                                          "store location, then re-run the same command to resume")
             except BaseException as exc:  # surfaced to the producer on its next put/close
                 self.error = exc
 

@@ -178,3 +178,48 @@ def test_inspect_prints_and_plots(cifar_root, teacher_ckpt, tmp_path):
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(KdcacheError, match="not found"):
         open_store(tmp_path / "missing.zarr")
+
+
+def test_non_finite_teacher_outputs_name_sample_and_view(cifar_root, tmp_path):
+    from kdcache.models import create_model, save_checkpoint
+
+    model = create_model("resnet8", 100)
+    model.bn1.running_var[0] = -1.0  # finite weights, NaN activations
+    save_checkpoint(tmp_path / "nan.pth", model)
+    proc = run_cli(*_dump_args(cifar_root, tmp_path / "nan.pth", tmp_path / "o.zarr"))
+    assert proc.returncode == 2 and "non-finite logits for sample 0, view 0" in proc.stderr
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_checkpoint_with_other_class_count(cifar_root, teacher_ckpt, tmp_path):
+    proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[10], tmp_path / "o.zarr"))
+    assert proc.returncode == 2 and "shape mismatch (fc.weight (10, 64) vs (100, 64)" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "o.zarr").exists()
+
+
+def test_full_disk_leaves_a_resumable_store(cifar_root, teacher_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    import zarr.storage._local as local
+
+    ref, out = tmp_path / "ref.zarr", tmp_path / "full.zarr"
+    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+              augment="cifar", views=6, progress=False)
+    dump_logits(out=str(ref), **kw)
+    real_put, writes = local._put, {"n": 0}
+
+    def put(path, value, exclusive=False):
+        if "logits" in str(path) and "/c/" in str(path):
+            writes["n"] += 1
+            if writes["n"] > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", put)
+    with pytest.raises(KdcacheError, match="No space left on device.*re-run the same command to resume"):
+        dump_logits(out=str(out), **kw)
+    monkeypatch.setattr(local, "_put", real_put)
+    done = open_store(out).done()
+    assert 0 < done.sum() < done.size
+    dump_logits(out=str(out), **kw)
+    assert_same_store(out, ref)
