@@ -133,12 +133,17 @@ class _ChunkWriter:
             v, c, logits, params, hashes = job
             rows = slice(c * CHUNK, c * CHUNK + logits[0].shape[0])
             try:
+                written = []
                 for k in range(len(logits)):
                     g[self.names["logits"][k]][v, rows] = logits[k]
                     if self.names["params"][k] in g:
                         g[self.names["params"][k]][v, rows] = params[k]
+                        written.append(self.names["params"][k])
                     g[self.names["view_hash"][k]][v, rows] = hashes[k]
+                    written += [self.names["logits"][k], self.names["view_hash"][k]]
+                self.store.sync_chunk(written, v, c)
                 g["done"][v, c] = 1
+                self.store.sync_chunk(["done"], v, None)
                 self.written += 1
             except OSError as exc:  # a full disk or a vanished mount: the store stays resumable
                 self.error = KdcacheError(f"writing view {v}, chunk {c} failed ({exc.strerror or exc}): free space or fix the "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -627,5 +628,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra: object) -> None
     """Write ``{"model": state_dict, **extra}`` atomically, the layout ``load_checkpoint`` and the zoo use."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    torch.save({"model": model.state_dict(), **extra}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({"model": model.state_dict(), **extra}, f)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)

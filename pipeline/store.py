@@ -134,6 +134,27 @@ class CacheStore:
                     )
         return KdcacheError(f"cache {self.location}: array {name} cannot be read: run `kdcache verify`")
 
+    def sync_chunk(self, names: list[str], view: int, chunk: int | None) -> None:
+        """fsync the files of chunk ``(view, chunk)`` of ``names`` (and their folders) on a local store.
+
+        zarr writes each file to a temporary name and renames it, which survives a
+        killed process; fsync makes the data survive a power loss too, before the
+        completion record that vouches for it is written.
+        """
+        root = local_path(self.location)
+        if root is None:
+            return
+        for name in names:
+            ndim = len(self.group[name].shape)
+            key = [str(view)] + ([str(chunk)] if chunk is not None else ["0"]) + ["0"] * (ndim - 2)
+            path = root / name / "c" / Path(*key)
+            for target in (path, path.parent):
+                fd = os.open(target, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
     def refresh(self) -> None:
         self.attrs = dict(self.group.attrs)
 
@@ -269,12 +290,17 @@ def writer_lock(location: str | os.PathLike) -> Iterator[None]:
         yield
         return
     made_dir = not lp.exists()
-    lp.mkdir(parents=True, exist_ok=True)
+    try:
+        lp.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KdcacheError(f"cannot create store {lp} ({exc.strerror}): choose a writable --out path") from None
     lock = lp / LOCK_NAME
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except PermissionError as exc:
+            raise KdcacheError(f"store {lp} is read-only ({exc.strerror}): choose a writable --out path") from None
         except FileExistsError:
             try:
                 holder = json.loads(lock.read_text() or "{}")

@@ -223,3 +223,11 @@ def test_full_disk_leaves_a_resumable_store(cifar_root, teacher_ckpt, tmp_path, 
     assert 0 < done.sum() < done.size
     dump_logits(out=str(out), **kw)
     assert_same_store(out, ref)
+
+
+def test_unwritable_store_location_is_one_line(cifar_root, teacher_ckpt, tmp_path):
+    target = Path("/sys/kdcache-test.zarr")  # sysfs refuses new directories, even to root
+    if not Path("/sys").is_dir():
+        pytest.skip("needs Linux sysfs")
+    proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], target))
+    assert proc.returncode == 2 and "choose a writable --out path" in proc.stderr and proc.stderr.count("\n") == 1
