@@ -157,3 +157,16 @@ def test_corrupt_chunk_stops_training_naming_it(cifar_root, cache32, tmp_path):
     chunk.write_bytes(bytes(data))
     with pytest.raises(KdcacheError, match="array logits, view 1, chunk 0 is corrupt"):
         train_student(out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), loss="kd", **COMMON)
+
+
+def test_cache_of_another_split_and_nonsense_numbers_via_cli(cifar_root, teacher_ckpt, tmp_path):
+    test_cache = tmp_path / "test-split.zarr"
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root), split="test",
+                augment="cifar", views=1, out=str(test_cache), progress=False)
+    base = ["train-student", "--student", "resnet8", "--dataset", "cifar100", "--data-root", str(cifar_root), "--out", str(tmp_path / "r")]
+    proc = run_cli(*base, "--cache", str(test_cache))
+    assert proc.returncode == 2 and "dataset split is 'test' there, 'train' here" in proc.stderr
+    for flag, value in (("--epochs", "-3"), ("--batch-size", "0")):
+        proc = run_cli(*base, "--loss", "ce", flag, value)
+        assert proc.returncode == 2 and f"{flag} {value} is out of range" in proc.stderr
+    assert not (tmp_path / "r" / "last.pt").exists()
