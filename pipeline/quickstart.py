@@ -66,7 +66,7 @@ def _train(out: Path, name: str, extra: list[str], epochs: int, log: list[str], 
     return _finished(run_dir, epochs) or [], seconds
 
 
-def quickstart(out: str | Path = "data/quickstart", epochs: int = 5, teacher_epochs: int = 12) -> list[Row]:
+def quickstart(out: str | Path = "data/quickstart", epochs: int = 5, teacher_epochs: int = 10) -> list[Row]:
     """Run the pipeline end to end and return the comparison table's rows (also written to ``out``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
