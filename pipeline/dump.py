@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 from tqdm import tqdm
 
 from kdcache import __version__
@@ -29,7 +29,7 @@ from kdcache.store import (
     identity_mismatch, num_chunks, open_store, remove_store, store_exists, writer_lock,
 )
 from kdcache.teacher import Teacher, load_teacher
-from kdcache.views import Recipe, make_recipe, pixel_hash
+from kdcache.views import Recipe, make_recipe, pixel_hashes
 
 DTYPES = ("float16", "float32")
 FLOAT16_MAX = 65504.0
@@ -54,7 +54,12 @@ def parse_views(views: str | int, recipe: Recipe) -> tuple[int, str]:
 
 
 class ViewSet(Dataset):
-    """The views of (view, sample) pairs: uint8 pixels, float32 parameters and pixel hashes per kind."""
+    """Batches of (view, sample) pairs: uint8 pixels, float32 parameters and pixel hashes per kind.
+
+    Indexed by a list of item positions (the loader's batch sampler), so the
+    parameters come from one vectorized generator call and 32x32 crops from
+    one batched copy instead of per-view Python work.
+    """
 
     def __init__(self, dataset: ImageDataset, recipe: Recipe, seed: int, items: np.ndarray, all_views: bool):
         self.dataset, self.recipe, self.seed, self.items, self.all_views = dataset, recipe, seed, items, all_views
@@ -62,17 +67,18 @@ class ViewSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, k: int) -> tuple:
-        v, i = (int(x) for x in self.items[k])
-        img = self.dataset.image(i)
+    def __getitem__(self, ks: list[int]) -> tuple:
+        v, i = self.items[ks, 0], self.items[ks, 1]
+        images = [self.dataset.image(int(s)) for s in i]
+        hw = np.asarray([im.shape[:2] for im in images], dtype=np.int64)
         pixels, params, hashes = [], [], []
         for kind in range(len(self.recipe.kinds)):
-            p = self.recipe.params(self.seed, v, i, kind, img.shape[:2], self.all_views)
-            x = self.recipe.apply(img, p, kind)
+            p = self.recipe.params_batch(self.seed, v, i, kind, hw, self.all_views)
+            x = self.recipe.apply_batch(images, p, kind)
             pixels.append(x)
             params.append(torch.from_numpy(p))
-            hashes.append(np.uint64(pixel_hash(x)).view(np.int64))
-        return v, i, pixels, params, hashes
+            hashes.append(torch.from_numpy(pixel_hashes(x).view(np.int64)))
+        return torch.from_numpy(v), torch.from_numpy(i), pixels, params, hashes
 
 
 @dataclass
@@ -163,6 +169,39 @@ class _ChunkWriter:
             raise self.error
 
 
+def _prefetched(iterable, depth: int):
+    """Iterate ``iterable`` on a background thread, ``depth`` items ahead, so in-process view building overlaps inference."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def run() -> None:
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=run, name="kdcache-views", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _teacher_top1(store: CacheStore) -> list[float]:
     labels = store.labels()
     return [store.top1(v, labels) for v in range(store.num_views)]
@@ -232,8 +271,9 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     items = np.concatenate([np.stack(np.broadcast_arrays(v, np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))), 1) for v, c in todo]) \
         if todo else np.zeros((0, 2), dtype=np.int64)
     kinds = len(recipe.kinds)
-    loader = DataLoader(ViewSet(ds, recipe, seed, items, all_views), batch_size=batch_size, num_workers=workers,
-                        shuffle=False, persistent_workers=False, pin_memory=teacher.device.type == "cuda")
+    view_set = ViewSet(ds, recipe, seed, items, all_views)
+    loader = DataLoader(view_set, batch_size=None, sampler=BatchSampler(SequentialSampler(view_set), batch_size, drop_last=False),
+                        num_workers=workers, persistent_workers=False, pin_memory=teacher.device.type == "cuda")
     writer = _ChunkWriter(store, kinds)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     buf: dict[tuple[int, int], list] = {}
@@ -281,7 +321,7 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     start = time.perf_counter()
     bar = tqdm(total=len(items), unit="view", disable=None if progress else True, desc="dump-logits", dynamic_ncols=True)
     try:
-        for batch in loader:
+        for batch in (_prefetched(loader, depth=2) if workers == 0 else loader):
             pending.append(batch)
             flush(final=False)
         flush(final=True)

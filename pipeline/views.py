@@ -1,10 +1,12 @@
 """Replayable augmented views.
 
 A view of sample ``i`` is a pure function of (cache seed, view index ``v``,
-sample ``i``, view kind): its random parameters come from a Philox
-counter-based generator keyed by ``(seed, kind)`` with counter ``(v, i)``, never
-from global RNG state, worker ids, batch size or iteration order. The sampled
-parameters are a float32 vector that the store keeps next to the logits;
+sample ``i``, view kind): its random parameters come from Philox4x32-10, a
+counter-based generator, with key ``seed`` and counter ``(block, kind, v, i)``,
+never from global RNG state, worker ids, batch size or iteration order.
+Because the generator is a pure function of its counter it is evaluated for a
+whole batch of views at once in numpy. The sampled parameters are a float32
+vector that the store keeps next to the logits;
 :meth:`Recipe.apply` rebuilds the view's uint8 pixels from that vector alone,
 and :func:`pixel_hash` fingerprints them so stage two can prove it sees the
 teacher's pixels.
@@ -32,18 +34,67 @@ RANDAUGMENT_OPS = (
 )
 
 
-def view_rng(seed: int, view: int, sample: int, kind: int = 0) -> np.random.Generator:
-    """The counter-based generator of one (seed, view, sample, kind): Philox, key (seed, kind), counter (view, sample)."""
-    bits = np.random.Philox(counter=[0, 0, view, sample], key=[seed, kind])
-    return np.random.Generator(bits)
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = np.uint64(0xFFFFFFFF)
+# Counter blocks (4 words each) of a view's random stream, fixed per purpose so
+# adding a draw to one stage never shifts another stage's numbers.
+_BLOCK_CROP, _BLOCK_RRC, _BLOCK_STRONG = 0, 1, 7
+RRC_TRIALS = 10
+GENERATOR = "philox4x32-10 key=seed counter=(block,kind,view,sample)"
+
+
+def philox4x32_10(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Philox4x32-10 (Salmon et al., SC 2011) over arrays: counter ``(..., 4)`` and key ``(..., 2)`` uint32 -> ``(..., 4)`` uint32."""
+    c = [np.asarray(counter)[..., j].astype(np.uint64) for j in range(4)]
+    k = [np.asarray(key)[..., j].astype(np.uint64) for j in range(2)]
+    m0, m1, w0, w1 = (np.uint64(x) for x in (*PHILOX_M, *PHILOX_W))
+    for rnd in range(10):
+        if rnd:
+            k = [(k[0] + w0) & _MASK32, (k[1] + w1) & _MASK32]
+        p0, p1 = m0 * c[0], m1 * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k[0], p1 & _MASK32, (p0 >> np.uint64(32)) ^ c[3] ^ k[1], p0 & _MASK32]
+    return np.stack(c, axis=-1).astype(np.uint32)
+
+
+def view_words(seed: int, kind: int, views: np.ndarray, samples: np.ndarray, blocks: int) -> np.ndarray:
+    """``(n, 4 * blocks)`` uint32 random words of views ``(views[j], samples[j])``: counter (block, kind, view, sample), key seed."""
+    views, samples = np.asarray(views, np.uint64).ravel(), np.asarray(samples, np.uint64).ravel()
+    n = len(views)
+    counter = np.empty((n, blocks, 4), np.uint64)
+    counter[..., 0] = np.arange(blocks, dtype=np.uint64)
+    counter[..., 1] = kind
+    counter[..., 2] = views[:, None]
+    counter[..., 3] = samples[:, None]
+    key = np.asarray([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF], np.uint64)
+    return philox4x32_10(counter, key).reshape(n, 4 * blocks)
+
+
+def _below(words: np.ndarray, bound: np.ndarray | int) -> np.ndarray:
+    """Integers in ``[0, bound)`` from uint32 words by multiply-shift (bias below bound / 2**32)."""
+    return ((words.astype(np.uint64) * np.asarray(bound, np.uint64)) >> np.uint64(32)).astype(np.int64)
+
+
+def _unit(words: np.ndarray) -> np.ndarray:
+    """float64 uniforms in [0, 1) from uint32 words."""
+    return words.astype(np.float64) / 2.0**32
 
 
 def pixel_hash(pixels: torch.Tensor) -> int:
     """64-bit blake2b of a uint8 CHW view (shape included), as a Python int that fits uint64."""
-    arr = np.ascontiguousarray(pixels.numpy())
-    h = hashlib.blake2b(np.asarray(arr.shape, dtype=np.int64).tobytes(), digest_size=8)
-    h.update(arr.tobytes())
-    return int.from_bytes(h.digest(), "little")
+    return int(pixel_hashes(pixels[None])[0])
+
+
+def pixel_hashes(batch: torch.Tensor | np.ndarray) -> np.ndarray:
+    """:func:`pixel_hash` of every view of a uint8 NCHW batch, as a uint64 array."""
+    arr = np.ascontiguousarray(batch.numpy() if isinstance(batch, torch.Tensor) else batch)
+    head = hashlib.blake2b(np.asarray(arr.shape[1:], dtype=np.int64).tobytes(), digest_size=8)
+    out = np.empty(len(arr), np.uint64)
+    for j, row in enumerate(arr):
+        h = head.copy()
+        h.update(row.data)
+        out[j] = int.from_bytes(h.digest(), "little")
+    return out
 
 
 def _pad_crop(img: np.ndarray, top: int, left: int, size: int, pad: int, flip: bool) -> np.ndarray:
@@ -60,25 +111,31 @@ def _pad_crop(img: np.ndarray, top: int, left: int, size: int, pad: int, flip: b
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
-def _sample_rrc(rng: np.random.Generator, h: int, w: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box sampler, drawing from ``rng``."""
-    area = h * w
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
-    else:
-        cw, ch = w, h
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
+def _sample_rrc(words: np.ndarray, hw: np.ndarray, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """torchvision's RandomResizedCrop box sampler (10 trials, then a centre fallback), vectorized over views.
+
+    ``words`` holds :data:`RRC_TRIALS` pairs of uniforms (area, log aspect) and
+    then the words for top and left; returns ``(n, 4)`` boxes (top, left, height, width).
+    """
+    h, w = hw[:, 0:1].astype(np.float64), hw[:, 1:2].astype(np.float64)
+    u = _unit(words[:, : 2 * RRC_TRIALS]).reshape(-1, RRC_TRIALS, 2)
+    target = h * w * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    cw, ch = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = ok.argmax(axis=1)
+    rows = np.arange(len(hw))
+    ch, cw = ch[rows, first].astype(np.int64), cw[rows, first].astype(np.int64)
+    hh, ww = hw[:, 0].astype(np.int64), hw[:, 1].astype(np.int64)
+    in_ratio = ww / hh
+    fb_w = np.where(in_ratio < ratio[0], ww, np.where(in_ratio > ratio[1], np.round(hh * ratio[1]).astype(np.int64), ww))
+    fb_h = np.where(in_ratio < ratio[0], np.round(ww / ratio[0]).astype(np.int64), hh)
+    found = ok.any(axis=1)
+    ch, cw = np.where(found, ch, fb_h), np.where(found, cw, fb_w)
+    top = np.where(found, _below(words[:, 2 * RRC_TRIALS], hh - ch + 1), (hh - ch) // 2)
+    left = np.where(found, _below(words[:, 2 * RRC_TRIALS + 1], ww - cw + 1), (ww - cw) // 2)
+    return np.stack([top, left, ch, cw], axis=1)
 
 
 def _randaugment_op(img: torch.Tensor, op: int, m: float) -> torch.Tensor:
@@ -154,7 +211,7 @@ class Recipe:
     def to_attrs(self) -> dict[str, object]:
         """JSON description stored in the cache; :func:`recipe_from_attrs` inverts it."""
         return {
-            "name": self.name, "small": self.small, "size": self.size, "padding": self.padding,
+            "name": self.name, "generator": GENERATOR, "small": self.small, "size": self.size, "padding": self.padding,
             "eval_resize": self.eval_resize, "fields": {"weak": list(self.fields_weak), "strong": list(self.fields_strong)},
             "randaugment_ops": list(RANDAUGMENT_OPS) if self.name == "mlkd" else [],
             "cutout_fill": list(CUTOUT_FILL) if self.name == "mlkd" else [],
@@ -162,31 +219,35 @@ class Recipe:
 
     # ---------------------------------------------------------------- sampling
 
-    def _crop_params(self, rng: np.random.Generator, h: int, w: int) -> list[float]:
-        if self.small:
-            span = 2 * self.padding + 1
-            return [float(rng.integers(0, span)), float(rng.integers(0, span)), float(rng.integers(0, 2))]
-        top, left, ch, cw = _sample_rrc(rng, h, w)
-        return [float(top), float(left), float(ch), float(cw), float(rng.integers(0, 2))]
-
     def params(self, seed: int, view: int, sample: int, kind: int, image_hw: tuple[int, int], all_views: bool = False) -> np.ndarray:
         """The float32 parameter vector of view ``(view, sample, kind)``; ``all_views`` enumerates the 162 CIFAR views."""
+        return self.params_batch(seed, np.asarray([view]), np.asarray([sample]), kind, np.asarray([image_hw]), all_views)[0]
+
+    def params_batch(self, seed: int, views: np.ndarray, samples: np.ndarray, kind: int, image_hw: np.ndarray,
+                     all_views: bool = False) -> np.ndarray:
+        """``(n, fields)`` float32 parameters of views ``(views[j], samples[j])`` of kind ``kind``; ``image_hw`` is ``(n, 2)``."""
+        views, samples = np.asarray(views, np.int64), np.asarray(samples, np.int64)
+        n = len(views)
         if self.name == "none":
-            return np.zeros(0, dtype=np.float32)
+            return np.zeros((n, 0), dtype=np.float32)
         if all_views:
-            offset, flip = divmod(view, 2)
-            top, left = divmod(offset, 2 * self.padding + 1)
-            return np.asarray([top, left, flip], dtype=np.float32)
-        rng = view_rng(seed, view, sample, kind)
-        vec = self._crop_params(rng, *image_hw)
+            offset, flip = np.divmod(views, 2)
+            top, left = np.divmod(offset, 2 * self.padding + 1)
+            return np.stack([top, left, flip], axis=1).astype(np.float32)
+        words = view_words(seed, kind, views, samples, _BLOCK_STRONG + 2)
+        if self.small:
+            crop = words[:, 4 * _BLOCK_CROP : 4 * _BLOCK_CROP + 3]
+            cols = [_below(crop[:, 0], 2 * self.padding + 1), _below(crop[:, 1], 2 * self.padding + 1), crop[:, 2] >> 31]
+        else:
+            box = _sample_rrc(words[:, 4 * _BLOCK_RRC :], np.asarray(image_hw, np.int64).reshape(n, 2))
+            cols = [box[:, 0], box[:, 1], box[:, 2], box[:, 3], words[:, 4 * _BLOCK_CROP] >> 31]
         if kind == 1:
+            s = words[:, 4 * _BLOCK_STRONG :]
             side = self.size
-            ops = rng.integers(0, len(RANDAUGMENT_OPS), size=2)
-            mags = rng.uniform(-1.0, 1.0, size=2)
-            cut = int(rng.integers(1, side // 2 + 1))
-            vec += [float(ops[0]), float(mags[0]), float(ops[1]), float(mags[1])]
-            vec += [float(rng.integers(0, side)), float(rng.integers(0, side)), float(cut)]
-        return np.asarray(vec, dtype=np.float32)
+            cols += [_below(s[:, 0], len(RANDAUGMENT_OPS)), 2.0 * _unit(s[:, 1]) - 1.0,
+                     _below(s[:, 2], len(RANDAUGMENT_OPS)), 2.0 * _unit(s[:, 3]) - 1.0,
+                     _below(s[:, 4], side), _below(s[:, 5], side), 1 + _below(s[:, 6], side // 2)]
+        return np.stack([np.asarray(c, np.float64) for c in cols], axis=1).astype(np.float32)
 
     # ---------------------------------------------------------------- replay
 
@@ -212,6 +273,22 @@ class Recipe:
             img = _randaugment_op(img, int(rest[2]), rest[3])
             img = self._cutout(img, int(rest[4]), int(rest[5]), int(rest[6]))
         return img.contiguous()
+
+    def apply_batch(self, images: list[np.ndarray], params: np.ndarray, kind: int = 0) -> torch.Tensor:
+        """uint8 NCHW views of ``images`` (HWC uint8) from their ``(n, fields)`` parameters; same pixels as :meth:`apply`.
+
+        Weak views of 32x32 recipes take a fast path (one slice copy per view, flipped by
+        writing through a mirrored view, and one transpose per batch); everything else loops :meth:`apply`.
+        """
+        if not (self.small and kind == 0 and self.name != "none" and all(im.shape[:2] == (self.size, self.size) for im in images)):
+            return torch.stack([self.apply(im, p, kind) for im, p in zip(images, params)])
+        n, s, pad = len(images), self.size, self.padding
+        out = np.zeros((n, s, s, images[0].shape[2] if n else 3), dtype=np.uint8)
+        offs = params[:, :2].astype(np.int64) - pad
+        for j, (im, (y0, x0), flip) in enumerate(zip(images, offs.tolist(), (params[:, 2] >= 0.5).tolist())):
+            dst = out[j, :, ::-1] if flip else out[j]
+            dst[max(-y0, 0) : s - max(y0, 0), max(-x0, 0) : s - max(x0, 0)] = im[max(y0, 0) : s + min(y0, 0), max(x0, 0) : s + min(x0, 0)]
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
 
     @staticmethod
     def _cutout(img: torch.Tensor, cy: int, cx: int, side: int) -> torch.Tensor:

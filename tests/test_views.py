@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
+import torch
 
 from kdcache.data import build_dataset
 from kdcache.errors import KdcacheError
-from kdcache.views import CIFAR_ALL_VIEWS, make_recipe, pixel_hash
+from kdcache.views import CIFAR_ALL_VIEWS, make_recipe, philox4x32_10, pixel_hash, pixel_hashes
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,37 @@ def test_recipe_size_mismatch_is_refused():
         make_recipe("cifar", False)
     with pytest.raises(KdcacheError, match="choose one of"):
         make_recipe("autoaugment", True)
+
+
+@pytest.mark.parametrize("counter, key, expected", [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_matches_random123_known_answers(counter, key, expected):
+    out = philox4x32_10(np.asarray(counter, np.uint32), np.asarray(key, np.uint32))
+    assert out.tolist() == list(expected)
+
+
+@pytest.mark.parametrize("name, small", [("cifar", True), ("mlkd", True), ("imagenet", False)])
+def test_batched_params_equal_one_at_a_time(name, small):
+    r = make_recipe(name, small)
+    views, samples = np.arange(40) % 5, np.arange(40) * 7
+    hw = np.asarray([(32, 32)] * 40) if small else np.asarray([(300 + j, 400 - 3 * j) for j in range(40)])
+    for kind in range(len(r.kinds)):
+        batch = r.params_batch(9, views, samples, kind, hw)
+        single = [r.params(9, int(v), int(i), kind, tuple(s)) for v, i, s in zip(views, samples, hw)]
+        assert np.array_equal(batch, np.stack(single))
+        assert len(np.unique(batch, axis=0)) > 30
+
+
+def test_batched_views_and_hashes_equal_one_at_a_time(digits):
+    r = make_recipe("mlkd", True)
+    samples = np.arange(CIFAR_ALL_VIEWS) % len(digits)
+    images = [digits.image(int(i)) for i in samples]
+    for kind, params in [(0, make_recipe("cifar", True).params_batch(0, np.arange(CIFAR_ALL_VIEWS), samples, 0, None, all_views=True)),
+                         (1, r.params_batch(0, np.zeros(20, np.int64), samples[:20], 1, np.full((20, 2), 32)))]:
+        batch = r.apply_batch(images[: len(params)], params, kind)
+        single = [r.apply(im, p, kind) for im, p in zip(images, params)]
+        assert torch.equal(batch, torch.stack(single))
+        assert pixel_hashes(batch).tolist() == [pixel_hash(x) for x in single]
