@@ -59,6 +59,8 @@ def main() -> None:
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--download", is_flag=True, help="Download CIFAR-100 if it is missing (needs internet).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with different settings.")
+@click.option("--scheduler", help="Run the chunks on an existing dask.distributed cluster (tcp://HOST:PORT).")
+@click.option("--local-cluster", type=int, help="Run the chunks on a new dask LocalCluster of N worker processes (one per GPU).")
 @_errors
 def dump_logits_cmd(**kw) -> None:
     """Stage one: run a teacher over replayable views and store its logits in a Zarr cache."""

@@ -120,11 +120,39 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def write_chunk(store: CacheStore, v: int, c: int, logits: list[np.ndarray], params: list[np.ndarray],
+                hashes: list[np.ndarray]) -> None:
+    """Write chunk ``c`` of view ``v`` (per kind: logits, parameters, pixel hashes) and fsync it; not yet marked done."""
+    g, names = store.group, array_names(len(logits))
+    rows = slice(c * CHUNK, c * CHUNK + logits[0].shape[0])
+    written = []
+    for k in range(len(logits)):
+        g[names["logits"][k]][v, rows] = logits[k]
+        if names["params"][k] in g:
+            g[names["params"][k]][v, rows] = params[k]
+            written.append(names["params"][k])
+        g[names["view_hash"][k]][v, rows] = hashes[k]
+        written += [names["logits"][k], names["view_hash"][k]]
+    store.sync_chunk(written, v, c)
+
+
+def mark_done(store: CacheStore, v: int, c: int) -> None:
+    """Record chunk ``c`` of view ``v`` as complete, after its data is durable."""
+    store.group["done"][v, c] = 1
+    store.sync_chunk(["done"], v, None)
+
+
+def disk_error(v: int, c: int, exc: OSError) -> KdcacheError:
+    """The one-line error for a failed chunk write; the store stays resumable."""
+    return KdcacheError(f"writing view {v}, chunk {c} failed ({exc.strerror or exc}): free space or fix the "
+                        "store location, then re-run the same command to resume")
+
+
 class _ChunkWriter:
     """Background thread that writes whole chunks and then marks them done."""
 
-    def __init__(self, store: CacheStore, kinds: int, max_pending: int = 4):
-        self.store, self.names = store, array_names(kinds)
+    def __init__(self, store: CacheStore, max_pending: int = 4):
+        self.store = store
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
         self.written = 0
@@ -132,28 +160,16 @@ class _ChunkWriter:
         self.thread.start()
 
     def _run(self) -> None:
-        g = self.store.group
         while (job := self.queue.get()) is not None:
             if self.error is not None:
                 continue
             v, c, logits, params, hashes = job
-            rows = slice(c * CHUNK, c * CHUNK + logits[0].shape[0])
             try:
-                written = []
-                for k in range(len(logits)):
-                    g[self.names["logits"][k]][v, rows] = logits[k]
-                    if self.names["params"][k] in g:
-                        g[self.names["params"][k]][v, rows] = params[k]
-                        written.append(self.names["params"][k])
-                    g[self.names["view_hash"][k]][v, rows] = hashes[k]
-                    written += [self.names["logits"][k], self.names["view_hash"][k]]
-                self.store.sync_chunk(written, v, c)
-                g["done"][v, c] = 1
-                self.store.sync_chunk(["done"], v, None)
+                write_chunk(self.store, v, c, logits, params, hashes)
+                mark_done(self.store, v, c)
                 self.written += 1
             except OSError as exc:  # a full disk or a vanished mount: the store stays resumable
-                self.error = KdcacheError(f"writing view {v}, chunk {c} failed ({exc.strerror or exc}): free space or fix the "
-                                          "store location, then re-run the same command to resume")
+                self.error = disk_error(v, c, exc)
             except BaseException as exc:  # surfaced to the producer on its next put/close
                 self.error = exc
 
@@ -211,13 +227,22 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
                 weights: str | None = None, data_root: str | None = None, split: str = "train", seed: int = 0,
                 batch_size: int = 256, workers: int = 0, device: str = "auto", amp: str = "none", dtype: str = "float16",
                 forward_block: int = 64, download: bool = False, overwrite: bool = False, progress: bool = True,
-                data: ImageDataset | None = None) -> DumpSummary:
+                data: ImageDataset | None = None, scheduler: str | None = None, local_cluster: int | None = None) -> DumpSummary:
     """Write (or resume, or extend) the teacher-logit cache ``out``; see the module docstring.
 
     Everything is validated (dataset, teacher, checkpoint, store identity)
     before the first byte is written; a mismatch with an existing store is
-    refused naming the field unless ``overwrite``.
+    refused naming the field unless ``overwrite``. ``scheduler`` (a dask
+    address) or ``local_cluster`` (N worker processes) runs the chunks on
+    dask.distributed (:mod:`kdcache.cluster`) with the same result.
     """
+    distributed = scheduler is not None or local_cluster is not None
+    if scheduler is not None and local_cluster is not None:
+        raise KdcacheError("pass either --scheduler or --local-cluster, not both")
+    if distributed and data is not None:
+        raise KdcacheError("a distributed dump needs a --dataset name the workers can load, not an in-memory dataset")
+    if local_cluster is not None and local_cluster < 1:
+        raise KdcacheError(f"--local-cluster must be at least 1 worker, got {local_cluster}")
     if batch_size < 1:
         raise KdcacheError(f"--batch-size must be at least 1, got {batch_size}")
     if workers < 0:
@@ -230,51 +255,67 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
     recipe = make_recipe(augment, ds.small)
     num_views, views_mode = parse_views(views, recipe)
     check_writable_location(out)
-    model = load_teacher(teacher, ds.num_classes, ds.norm, checkpoint, weights, device, forward_block, amp)
+    # A distributed dump's client only needs the teacher's identity; the workers run it on their own devices.
+    model = load_teacher(teacher, ds.num_classes, ds.norm, checkpoint, weights, "cpu" if distributed else device, forward_block, amp)
     identity = {
         "teacher": model.identity(), "dataset": ds.fingerprint(), "split": ds.split, "recipe": recipe.to_attrs(),
         "seed": seed, "dtype": dtype, "num_classes": ds.num_classes, "views_mode": views_mode,
     }
-    labels = ds.labels
-    with writer_lock(out):
-        exists = store_exists(out)
-        if exists and overwrite:
-            remove_store(out)
-            exists = False
-        if exists:
-            store = open_store(out, "r+")
-            diff = identity_mismatch(store.attrs, identity)
-            if diff:
-                raise KdcacheError(f"{out} was made differently: {diff}; use the same settings to resume, or --overwrite / a new --out")
-            if num_views > store.num_views:
-                extend_views(store, num_views)
-        else:
-            attrs = {**identity, "versions": library_versions(), "views_requested": str(views)}
-            store = create_store(out, num_views=num_views, labels=labels, num_classes=ds.num_classes, dtype=dtype,
-                                 kinds=len(recipe.kinds), param_fields=[list(recipe.fields(k)) for k in range(len(recipe.kinds))],
-                                 attrs=attrs)
-        created = not exists
-        try:
-            summary = _run_dump(store, ds, recipe, model, seed, views_mode == "all", batch_size, workers, dtype, progress)
-        except BaseException:
-            if created and not store.done().any():
-                remove_store(out)
-            raise
-    return summary
+    client = None
+    if distributed:
+        from kdcache.cluster import ChunkJob, close_client, connect
+
+        client = connect(scheduler, local_cluster)
+    try:
+        with writer_lock(out):
+            store, created = _prepare_store(out, overwrite, identity, num_views, str(views), ds, recipe, dtype)
+            try:
+                if client is not None:
+                    job = ChunkJob(store.location, teacher, checkpoint, model.checkpoint_sha256, weights, dataset, data_root, split,
+                                   augment, seed, views_mode == "all", forward_block, amp, dtype, device, batch_size)
+                    return _run_cluster(store, job, client, progress)
+                return _run_dump(store, ds, recipe, model, seed, views_mode == "all", batch_size, workers, dtype, progress)
+            except BaseException:
+                if created and not store.done().any():
+                    remove_store(out)
+                raise
+    finally:
+        if client is not None:
+            close_client(client)
+
+
+def _prepare_store(out: str, overwrite: bool, identity: dict, num_views: int, views_requested: str, ds: ImageDataset,
+                   recipe: Recipe, dtype: str) -> tuple[CacheStore, bool]:
+    """Open the store for resuming or extending (refusing any identity mismatch), or create it; returns (store, created)."""
+    exists = store_exists(out)
+    if exists and overwrite:
+        remove_store(out)
+        exists = False
+    if exists:
+        store = open_store(out, "r+")
+        diff = identity_mismatch(store.attrs, identity)
+        if diff:
+            raise KdcacheError(f"{out} was made differently: {diff}; use the same settings to resume, or --overwrite / a new --out")
+        if num_views > store.num_views:
+            extend_views(store, num_views)
+        return store, False
+    attrs = {**identity, "versions": library_versions(), "views_requested": views_requested}
+    store = create_store(out, num_views=num_views, labels=ds.labels, num_classes=ds.num_classes, dtype=dtype,
+                         kinds=len(recipe.kinds), param_fields=[list(recipe.fields(k)) for k in range(len(recipe.kinds))], attrs=attrs)
+    return store, True
 
 
 def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teacher, seed: int, all_views: bool,
               batch_size: int, workers: int, dtype: str, progress: bool) -> DumpSummary:
     n = store.num_samples
-    done = store.done()
-    todo = [(v, c) for v in range(store.num_views) for c in range(num_chunks(n)) if not done[v, c]]
+    todo = _todo(store)
     items = np.concatenate([np.stack(np.broadcast_arrays(v, np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))), 1) for v, c in todo]) \
         if todo else np.zeros((0, 2), dtype=np.int64)
     kinds = len(recipe.kinds)
     view_set = ViewSet(ds, recipe, seed, items, all_views)
     loader = DataLoader(view_set, batch_size=None, sampler=BatchSampler(SequentialSampler(view_set), batch_size, drop_last=False),
                         num_workers=workers, persistent_workers=False, pin_memory=teacher.device.type == "cuda")
-    writer = _ChunkWriter(store, kinds)
+    writer = _ChunkWriter(store)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     buf: dict[tuple[int, int], list] = {}
     pending: list[tuple] = []
@@ -295,7 +336,7 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
             pending.append((v_b[take:], i_b[take:], [x[take:] for x in pix], [x[take:] for x in par], [x[take:] for x in hsh]))
         outs = [teacher(pix[k][:take]) for k in range(kinds)]
         for k, logits in enumerate(outs):
-            _check_logits(logits, v_b[:take], i_b[:take], dtype, "strong " if k else "")
+            check_logits(logits, v_b[:take], i_b[:take], dtype, "strong " if k else "")
         views_np, samples_np = v_b[:take].numpy(), i_b[:take].numpy()
         chunk_np = samples_np // CHUNK
         logits_np = [o.numpy() for o in outs]
@@ -328,18 +369,37 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     finally:
         bar.close()
         writer.close()
-    seconds = time.perf_counter() - start
+    return _finish(store, writer.written, time.perf_counter() - start, len(items), bool(todo))
+
+
+def _todo(store: CacheStore) -> list[tuple[int, int]]:
+    """The (view, chunk) pairs not yet marked done, in view-major order."""
+    done = store.done()
+    return [(v, c) for v in range(store.num_views) for c in range(num_chunks(store.num_samples)) if not done[v, c]]
+
+
+def _run_cluster(store: CacheStore, job, client, progress: bool) -> DumpSummary:
+    from kdcache.cluster import run_on_cluster
+
+    todo = _todo(store)
+    n = store.num_samples
+    written, seconds = run_on_cluster(client, store, job, todo, progress)
+    return _finish(store, written, seconds, sum(min(n, (c + 1) * CHUNK) - c * CHUNK for _, c in todo), bool(todo))
+
+
+def _finish(store: CacheStore, written: int, seconds: float, items: int, had_work: bool) -> DumpSummary:
+    """Record per-view teacher accuracy once the store is complete and summarise the run."""
     store.refresh()
     top1 = _teacher_top1(store) if store.complete() else []
     if top1:
         store.group.attrs["teacher_top1"] = top1
         store.group.attrs["complete"] = True
-    notes = [] if todo else ["nothing to do: every chunk of every view was already written"]
-    return DumpSummary(store.location, store.num_views, n, store.num_classes, writer.written, top1, disk_bytes(store.location),
-                       seconds, len(items) / max(seconds, 1e-9), notes)
+    notes = [] if had_work else ["nothing to do: every chunk of every view was already written"]
+    return DumpSummary(store.location, store.num_views, store.num_samples, store.num_classes, written, top1,
+                       disk_bytes(store.location), seconds, items / max(seconds, 1e-9), notes)
 
 
-def _check_logits(logits: torch.Tensor, views: torch.Tensor, samples: torch.Tensor, dtype: str, kind: str) -> None:
+def check_logits(logits: torch.Tensor, views: torch.Tensor, samples: torch.Tensor, dtype: str, kind: str) -> None:
     finite = torch.isfinite(logits).all(dim=1)
     if not finite.all():
         r = int((~finite).nonzero()[0])

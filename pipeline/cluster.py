@@ -1,0 +1,178 @@
+"""Stage one on a dask.distributed cluster: one task per chunk, workers write straight to the shared store.
+
+The coordinating client (inside :func:`kdcache.dump.dump_logits`) creates the
+arrays, writes the attributes and holds the writer lock; each task computes
+one chunk (a view x :data:`~kdcache.store.CHUNK` samples) with a teacher the
+worker loaded once, writes and fsyncs its rows, and returns. Only the client
+marks a chunk done, after its task returned, so a worker killed mid-task
+leaves nothing marked and dask re-runs the task elsewhere. A chunk's values
+depend only on (seed, view, sample) and the teacher's fixed forward blocks, so
+the store is bit-identical to a single-process dump of the same command.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdcache.data import ImageDataset, build_dataset
+from kdcache.errors import KdcacheError
+from kdcache.store import CHUNK, CacheStore, open_store
+from kdcache.teacher import Teacher, load_teacher
+from kdcache.views import Recipe, make_recipe
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything a worker needs to rebuild the dump's teacher, data and views: small and picklable."""
+
+    location: str
+    teacher: str
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+    weights: str | None
+    dataset: str
+    data_root: str | None
+    split: str
+    augment: str
+    seed: int
+    all_views: bool
+    forward_block: int
+    amp: str
+    dtype: str
+    device: str
+    batch_size: int
+
+
+@dataclass
+class _WorkerState:
+    teacher: Teacher
+    dataset: ImageDataset
+    recipe: Recipe
+    store: CacheStore
+
+
+_STATE: dict[ChunkJob, _WorkerState] = {}
+_STATE_LOCK = threading.Lock()
+
+
+def _worker_device(requested: str) -> str:
+    """``auto`` on a GPU worker pins it to one device by its worker number, so N local workers use N GPUs."""
+    if requested != "auto" or not torch.cuda.is_available():
+        return requested
+    try:
+        from distributed import get_worker
+
+        index = int(get_worker().name)
+    except (ImportError, ValueError, TypeError):
+        index = 0
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def _state(job: ChunkJob) -> _WorkerState:
+    """The worker's teacher, dataset and store for ``job``, loaded on its first task and reused after."""
+    with _STATE_LOCK:
+        if job not in _STATE:
+            ds = build_dataset(job.dataset, job.data_root, job.split)
+            teacher = load_teacher(job.teacher, ds.num_classes, ds.norm, job.checkpoint, job.weights,
+                                   _worker_device(job.device), job.forward_block, job.amp)
+            if teacher.checkpoint_sha256 != job.checkpoint_sha256:
+                raise KdcacheError(f"worker on {os.uname().nodename} sees a different {job.checkpoint} than the client "
+                                   "(sha256 differs): put the checkpoint on storage every worker shares")
+            _STATE[job] = _WorkerState(teacher, ds, make_recipe(job.augment, ds.small), open_store(job.location, "r+"))
+        return _STATE[job]
+
+
+def dump_chunk(job: ChunkJob, v: int, c: int) -> tuple[int, int, int]:
+    """Compute and write chunk ``c`` of view ``v`` on a worker; returns (view, chunk, rows)."""
+    from kdcache.dump import ViewSet, check_logits, disk_error, write_chunk
+
+    st = _state(job)
+    n = st.store.num_samples
+    rows = np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))
+    items = np.stack(np.broadcast_arrays(np.int64(v), rows), 1)
+    view_set = ViewSet(st.dataset, st.recipe, job.seed, items, job.all_views)
+    np_dtype = np.float16 if job.dtype == "float16" else np.float32
+    kinds = len(st.recipe.kinds)
+    logits = [np.empty((len(rows), st.dataset.num_classes), np_dtype) for _ in range(kinds)]
+    params: list[list[np.ndarray]] = [[] for _ in range(kinds)]
+    hashes: list[list[np.ndarray]] = [[] for _ in range(kinds)]
+    # Blocks start at the chunk's first row and the teacher pads the last one,
+    # exactly as a single-process dump of this chunk does.
+    step = max(job.batch_size - job.batch_size % job.forward_block, job.forward_block)
+    for s in range(0, len(rows), step):
+        views, samples, pix, par, hsh = view_set[list(range(s, min(len(rows), s + step)))]
+        for k in range(kinds):
+            out = st.teacher(pix[k])
+            check_logits(out, views, samples, job.dtype, "strong " if k else "")
+            logits[k][s : s + len(out)] = out.numpy()
+            params[k].append(par[k].numpy())
+            hashes[k].append(hsh[k].numpy().view(np.uint64))
+    try:
+        write_chunk(st.store, v, c, logits, [np.concatenate(p) for p in params], [np.concatenate(h) for h in hashes])
+    except OSError as exc:
+        raise disk_error(v, c, exc) from None
+    return v, c, len(rows)
+
+
+def connect(scheduler: str | None, local_cluster: int | None):
+    """A dask ``Client`` for ``--scheduler ADDRESS`` or a new ``LocalCluster`` of ``--local-cluster N`` processes."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise KdcacheError("--scheduler / --local-cluster need dask.distributed: pip install 'kdcache[distributed]'") from None
+    if local_cluster is not None:
+        cluster = LocalCluster(n_workers=local_cluster, threads_per_worker=1, processes=True, dashboard_address=":0")
+        return Client(cluster)
+    try:
+        return Client(scheduler, timeout="5s")
+    except OSError as exc:
+        raise KdcacheError(f"cannot reach the dask scheduler at {scheduler} ({exc}): start it with `dask scheduler` "
+                           "or pass --local-cluster N") from None
+
+
+def close_client(client) -> None:
+    """Disconnect; a cluster this run started (``--local-cluster``) is shut down too."""
+    from distributed import LocalCluster
+
+    cluster = client.cluster
+    client.close()
+    if isinstance(cluster, LocalCluster):
+        cluster.close()
+
+
+def run_on_cluster(client, store: CacheStore, job: ChunkJob, todo: list[tuple[int, int]], progress: bool) -> tuple[int, float]:
+    """Submit one task per chunk in ``todo``, mark each done as it returns; returns (chunks written, seconds)."""
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    from kdcache.dump import mark_done
+
+    if progress and client.dashboard_link:
+        tqdm.write(f"dask dashboard: {client.dashboard_link}")
+    n = store.num_samples
+    total = sum(min(n, (c + 1) * CHUNK) - c * CHUNK for _, c in todo)
+    start = time.perf_counter()
+    futures = [client.submit(dump_chunk, job, v, c, key=f"kdcache-chunk-{v}-{c}-{os.getpid()}", pure=False) for v, c in todo]
+    written = 0
+    bar = tqdm(total=total, unit="view", disable=None if progress else True, desc="dump-logits (cluster)", dynamic_ncols=True)
+    try:
+        for fut in as_completed(futures):
+            try:
+                v, c, rows = fut.result()
+            except KilledWorker as exc:
+                raise KdcacheError(f"dask workers kept dying on {exc.task}: check worker memory and logs, then re-run the "
+                                   "same command to resume") from None
+            mark_done(store, v, c)
+            written += 1
+            bar.update(rows)
+    finally:
+        bar.close()
+        client.cancel(futures)
+    return written, time.perf_counter() - start

@@ -1,0 +1,67 @@
+"""Scale-out: dask.distributed dumps, an S3-compatible store served on localhost, and torchrun students."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from kdcache.dump import dump_logits
+from conftest import run_cli
+
+
+def _same_store(a: str, b: str) -> None:
+    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    assert sorted(ga.array_keys()) == sorted(gb.array_keys())
+    for name in ga.array_keys():
+        x, y = np.asarray(ga[name][...]), np.asarray(gb[name][...])
+        assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+
+
+def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, teacher_ckpt):
+    distributed = pytest.importorskip("distributed")
+    common = ["--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--dataset", "digits", "--augment", "mlkd",
+              "--views", "4", "--batch-size", "100", "--forward-block", "64"]
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="mlkd", views=4, batch_size=100,
+                forward_block=64, out=str(tmp_path / "single.zarr"), progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as client:
+        proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "dump-logits", *common, "--out", str(tmp_path / "cluster.zarr"),
+                                 "--scheduler", cluster.scheduler_address],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        killed, busy_since = None, {}
+        while proc.poll() is None and killed is None:
+            for worker, keys in client.processing().items():
+                if any(str(k).startswith("kdcache-chunk") for k in keys):
+                    busy_since.setdefault(worker, time.monotonic())
+                    if time.monotonic() - busy_since[worker] > 0.5:
+                        pid = client.run(os.getpid, workers=[worker])[worker]
+                        os.kill(pid, signal.SIGKILL)
+                        killed = worker
+                        break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=300)
+    assert killed is not None, "the dump finished before a worker could be killed mid-task"
+    assert proc.returncode == 0, err[-2000:]
+    assert "dask dashboard: http" in out + err
+    _same_store(str(tmp_path / "single.zarr"), str(tmp_path / "cluster.zarr"))
+    assert zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r").attrs["complete"] is True
+
+
+def test_cluster_bad_input_is_one_line(tmp_path, teacher_ckpt):
+    pytest.importorskip("distributed")
+    common = ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--dataset", "digits",
+              "--augment", "cifar", "--views", "1", "--out", str(tmp_path / "c.zarr")]
+    for extra, message in [(["--scheduler", "tcp://127.0.0.1:1", "--local-cluster", "2"], "either --scheduler or --local-cluster"),
+                           (["--local-cluster", "0"], "--local-cluster must be at least 1"),
+                           (["--scheduler", "tcp://127.0.0.1:9"], "cannot reach the dask scheduler")]:
+        proc = run_cli(*common, *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "c.zarr").exists()
