@@ -65,3 +65,43 @@ def test_cluster_bad_input_is_one_line(tmp_path, teacher_ckpt):
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / "c.zarr").exists()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3-compatible server (moto) on localhost, with one bucket."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="kdcache-test")
+    yield env
+    server.stop()
+
+
+def test_s3_store_end_to_end(tmp_path, teacher_ckpt, s3_server, monkeypatch):
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    url = "s3://kdcache-test/digits-cifar.zarr"
+    common = ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--dataset", "digits",
+              "--augment", "cifar", "--views", "2"]
+    run_cli(*common, "--out", url, check=True)
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=2,
+                out=str(tmp_path / "local.zarr"), progress=False)
+    _same_store(url, str(tmp_path / "local.zarr"))
+    again = run_cli(*common, "--out", url, check=True)
+    assert "nothing to do" in again.stdout
+    refused = run_cli(*common, "--out", url, "--seed", "1")
+    assert refused.returncode == 2 and "seed" in refused.stderr
+    _same_store(url, str(tmp_path / "local.zarr"))
+    assert "complete   2/2 chunks" in run_cli("inspect", url, check=True).stdout
+    run_cli("verify", url, "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--sample", "8", check=True)
+    run_cli("train-student", "--cache", url, "--student", "resnet8", "--dataset", "digits", "--loss", "kd", "--epochs", "1",
+            "--out", str(tmp_path / "student"), check=True)
+    assert (tmp_path / "student" / "metrics.jsonl").read_text().count("\n") == 1
