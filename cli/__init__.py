@@ -116,7 +116,9 @@ def train_student_cmd(**kw) -> None:
     from kdcache.train import train_student
 
     result = train_student(**kw)
-    click.echo(f"best test top-1 {result.best_top1:.2f}%  last {result.last.get('test_top1', float('nan')):.2f}%  -> {result.out}")
+    if result.main:
+        click.echo(f"best test top-1 {result.best_top1:.2f}%  last {result.last.get('test_top1', float('nan')):.2f}%  "
+                   f"-> {result.out}")
 
 
 @main.command("inspect")

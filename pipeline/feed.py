@@ -62,31 +62,36 @@ def reuse_warning(epochs: int, num_views: int, uniform: bool) -> str | None:
             f"{epochs - num_views} epochs reuse views already seen (dump more with a larger --views)")
 
 
-def gather_rows(store: CacheStore, name: str, views: np.ndarray) -> np.ndarray:
-    """``out[i] = store[name][views[i], i]`` using only whole-chunk contiguous reads."""
+def gather_rows(store: CacheStore, name: str, views: np.ndarray, start: int = 0) -> np.ndarray:
+    """``out[j] = store[name][views[j], start + j]`` using only whole-chunk contiguous reads of rows ``start .. start + len(views)``."""
     arr = store.group[name]
-    n = len(views)
-    out = np.empty((n, *arr.shape[2:]), dtype=arr.dtype)
+    end = start + len(views)
+    out = np.empty((len(views), *arr.shape[2:]), dtype=arr.dtype)
     for v in np.unique(views):
-        rows = np.flatnonzero(views == v)
+        js = np.flatnonzero(views == v)
+        rows = js + start
         for c in np.unique(rows // CHUNK):
-            lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
-            sel = rows[(rows >= lo) & (rows < hi)]
+            lo, hi = max(int(c) * CHUNK, start), min(end, (int(c) + 1) * CHUNK)
+            sel = js[(rows >= lo) & (rows < hi)]
             block = np.asarray(arr[int(v), lo:hi])
-            out[sel] = block[sel - lo]
+            out[sel] = block[sel + start - lo]
     return out
 
 
 class LogitFeed:
     """Per-epoch arrays (logits, parameters, hashes) of the views an epoch uses, prefetched on a thread.
 
-    If every view of the named arrays fits in ``memory_bytes`` they are read
-    once, whole, and each epoch is an in-RAM gather.
+    Only the sample rows ``rows = (lo, hi)`` are ever read (a torchrun rank's
+    shard; all rows by default), and arrays come back indexed by ``sample - lo``.
+    If every view of those rows fits in ``memory_bytes`` they are read once,
+    whole, and each epoch is an in-RAM gather.
     """
 
-    def __init__(self, store: CacheStore, names: list[str], memory_bytes: int = 4 << 30):
+    def __init__(self, store: CacheStore, names: list[str], memory_bytes: int = 4 << 30, rows: tuple[int, int] | None = None):
         self.store, self.names = store, names
-        size = sum(int(np.prod(store.group[n].shape)) * store.group[n].dtype.itemsize for n in names)
+        self.lo, self.hi = rows if rows is not None else (0, store.num_samples)
+        share = (self.hi - self.lo) / max(store.num_samples, 1)
+        size = sum(int(np.prod(store.group[n].shape)) * store.group[n].dtype.itemsize for n in names) * share
         self.whole = size <= memory_bytes
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-feed")
         self._lock = threading.Lock()
@@ -107,13 +112,13 @@ class LogitFeed:
     def _read(self, views: np.ndarray) -> dict[str, np.ndarray]:
         if self.whole:
             if self._full is None:
-                self._full = {n: np.asarray(self.store.group[n][...]) for n in self.names}
+                self._full = {n: np.asarray(self.store.group[n][:, self.lo : self.hi]) for n in self.names}
             idx = np.arange(len(views))
             return {n: a[views, idx] for n, a in self._full.items()}
-        return {n: gather_rows(self.store, n, views) for n in self.names}
+        return {n: gather_rows(self.store, n, views, self.lo) for n in self.names}
 
     def prefetch(self, epoch: int, views: np.ndarray) -> None:
-        """Start loading ``epoch``'s rows in the background (no-op if already started)."""
+        """Start loading ``epoch``'s rows in the background (no-op if already started); ``views`` covers rows lo..hi."""
         with self._lock:
             if epoch not in self._pending:
                 self._pending[epoch] = self._pool.submit(self._load, views)

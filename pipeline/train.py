@@ -27,8 +27,9 @@ from kdcache.errors import KdcacheError
 from kdcache.feed import LogitFeed, epoch_order, epoch_views, reuse_warning
 from kdcache.losses import CTKDTemperature, dkd_loss, kd_loss, mlkd_loss, nkd_loss, normkd_loss, sort_teacher, zscore
 from kdcache.models import create_model, load_checkpoint, save_checkpoint
+from kdcache.ranks import init_ranks
 from kdcache.store import CacheStore, array_names, open_store
-from kdcache.teacher import Teacher, load_teacher, resolve_device
+from kdcache.teacher import Teacher, load_teacher
 from kdcache.views import Recipe, make_recipe, normalize, pixel_hash, recipe_from_attrs
 
 LOSSES = ("ce", "kd", "dkd", "mlkd", "nkd", "normkd")
@@ -107,12 +108,14 @@ class StudentViews(Dataset):
         self.dataset, self.recipe, self.kinds = dataset, recipe, kinds
         self.params: list[np.ndarray] | None = None
         self.views: np.ndarray | None = None
-        self.view_seed, self.all_views = 0, False
+        self.view_seed, self.all_views, self.offset = 0, False, 0
         self.check = np.zeros(len(dataset), dtype=bool)
 
     def set_epoch(self, views: np.ndarray, check: np.ndarray, params: list[np.ndarray] | None = None,
-                  view_seed: int = 0, all_views: bool = False) -> None:
+                  view_seed: int = 0, all_views: bool = False, offset: int = 0) -> None:
+        """The epoch's view per sample; stored ``params`` (row ``i - offset`` for sample ``i``) or online sampling."""
         self.views, self.check, self.params, self.view_seed, self.all_views = views, check, params, view_seed, all_views
+        self.offset = offset
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -122,7 +125,7 @@ class StudentViews(Dataset):
         pixels, hashes = [], []
         for k in range(self.kinds):
             if self.params is not None:
-                p = self.params[k][i]
+                p = self.params[k][i - self.offset]
             else:
                 p = self.recipe.params(self.view_seed, int(self.views[i]), i, k, img.shape[:2], self.all_views)
             x = self.recipe.apply(img, p, k)
@@ -181,6 +184,7 @@ class TrainResult:
     best_top1: float
     last: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    main: bool = True  # False on torchrun ranks other than 0, which report nothing
 
 
 def _distill(cfg: TrainConfig, epoch: int, y: torch.Tensor, student: list[torch.Tensor], teacher: list[torch.Tensor],
@@ -234,6 +238,9 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     Teacher signal comes from ``cache`` (a dump-logits store), or from an online
     ``teacher`` run on the same views (``augment``, ``views``, ``view_seed``);
     ``loss="ce"`` needs neither. ``hyper`` holds :class:`TrainConfig` fields.
+    Under ``torchrun`` each rank trains on its shard of the samples with
+    DistributedDataParallel; ``batch_size`` stays the global batch and rank 0
+    alone writes checkpoints and metrics.
     """
     cfg = TrainConfig(student=student, loss=loss, **hyper)
     cfg.validate()
@@ -242,7 +249,11 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         raise KdcacheError(f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH")
     if cache is not None and teacher is not None:
         raise KdcacheError("pass either --cache or --teacher, not both")
-    dev = resolve_device(device)
+    ranks, dev = init_ranks(device)
+    if cfg.batch_size % ranks.world:
+        raise KdcacheError(f"--batch-size {cfg.batch_size} is the global batch and must divide among {ranks.world} processes: "
+                           f"use a multiple of {ranks.world}")
+    progress = progress and ranks.main
     train_ds = build_dataset(dataset, data_root, "train", download)
     test_ds = build_dataset(dataset, data_root, test_split(dataset), download)
 
@@ -260,21 +271,28 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         raise KdcacheError("--loss mlkd needs weak and strong views: use a cache dumped with --augment mlkd (or --augment mlkd online)")
     online: Teacher | None = None
     if teacher is not None and cfg.loss != "ce":
-        online = load_teacher(teacher, train_ds.num_classes, train_ds.norm, checkpoint, teacher_weights, device, forward_block)
+        online = load_teacher(teacher, train_ds.num_classes, train_ds.norm, checkpoint, teacher_weights, str(dev), forward_block)
     if store is not None and store.num_classes != train_ds.num_classes:
         raise KdcacheError(f"cache has {store.num_classes} classes but {dataset} has {train_ds.num_classes}: use a cache of this dataset")
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
     config_record = {**dataclasses.asdict(cfg), "dataset": dataset, "cache": str(cache) if cache else None, "teacher": teacher,
                      "augment": recipe.name, "num_views": num_views, "view_seed": view_seed}
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.student, train_ds.num_classes).to(dev)
+    net = model
+    if ranks.world > 1:
+        # static_graph: MLKD runs the student twice (weak, strong) before one backward.
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                        static_graph=True)
     ctkd = CTKDTemperature(cfg.ctkd_t_start, cfg.ctkd_t_end).to(dev) if cfg.ctkd else None
     params = list(model.parameters()) + (list(ctkd.parameters()) if ctkd is not None else [])
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start_epoch, best, history = 1, -1.0, []
     last_path, metrics_path = out / "last.pt", out / "metrics.jsonl"
+    ranks.barrier()  # every rank checks the output folder before rank 0 writes to it
     if last_path.exists() and not resume:
         raise KdcacheError(f"{out} already holds a run (last.pt): pass --resume to continue it or choose another --out")
     if resume and last_path.exists():
@@ -288,12 +306,13 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         start_epoch, best = int(state["epoch"]) + 1, float(state["best_top1"])
         history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.exists() else []
         history = [h for h in history if h["epoch"] < start_epoch]
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-    elif metrics_path.exists():
+        if ranks.main:
+            metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    elif metrics_path.exists() and ranks.main:
         metrics_path.unlink()
 
     note = reuse_warning(cfg.epochs, num_views, uniform) if (store is not None or online is not None) else None
-    if note:
+    if note and ranks.main:
         warnings.warn(note, stacklevel=2)
     names = array_names(len(recipe.kinds))
     feed_arrays = []
@@ -301,97 +320,114 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         feed_arrays = [a for k in range(kinds) for a in (names["params"][k], names["view_hash"][k]) if a in store.group]
         if cfg.loss != "ce":
             feed_arrays += names["logits"][:kinds]
-    feed = LogitFeed(store, feed_arrays, cache_memory) if store is not None else None
+    n = len(train_ds)
+    lo, hi = ranks.shard(n)
+    feed = LogitFeed(store, feed_arrays, cache_memory, rows=(lo, hi)) if store is not None else None
     train_views = StudentViews(train_ds, recipe, kinds)
     test_loader = DataLoader(EvalViews(test_ds, recipe), batch_size=256, num_workers=workers)
-    n = len(train_ds)
+    batch = cfg.batch_size // ranks.world
 
     def epoch_views_of(epoch: int) -> np.ndarray:
         return epoch_views(cfg.seed, epoch - 1, n, num_views, uniform)
+
+    def epoch_batches(epoch: int) -> list[np.ndarray]:
+        # This rank's shard in the epoch's order, padded with its own first samples to the common length.
+        order = lo + epoch_order(cfg.seed, epoch - 1, hi - lo)
+        order = np.concatenate([order, order[: ranks.steps_size(n) - len(order)]])
+        return [order[s : s + batch] for s in range(0, len(order), batch)]
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = cfg.lr * 0.1 ** sum(epoch > m for m in cfg.lr_milestones)
         for group in optimizer.param_groups:
             group["lr"] = lr
         views_e = epoch_views_of(epoch)
-        order = epoch_order(cfg.seed, epoch - 1, n)
-        batches = [order[s : s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
+        batches = epoch_batches(epoch)
         check = np.zeros(n, dtype=bool)
         for b, idx in enumerate(batches):
             if verify_views or b % HASH_CHECK_EVERY == 0:
                 check[idx] = True
         rows = None
         if feed is not None:
-            rows = feed.get(epoch, views_e)
+            rows = feed.get(epoch, views_e[lo:hi])
             if epoch < cfg.epochs:
-                feed.prefetch(epoch + 1, epoch_views_of(epoch + 1))
-            params = [rows[names["params"][k]] if names["params"][k] in rows else np.zeros((n, 0), np.float32) for k in range(kinds)]
-            train_views.set_epoch(views_e, check, params)
+                feed.prefetch(epoch + 1, epoch_views_of(epoch + 1)[lo:hi])
+            params = [rows[names["params"][k]] if names["params"][k] in rows else np.zeros((hi - lo, 0), np.float32)
+                      for k in range(kinds)]
+            train_views.set_epoch(views_e, check, params, offset=lo)
         else:
             train_views.set_epoch(views_e, check, None, view_seed, uniform)
         loader = DataLoader(train_views, batch_sampler=batches, num_workers=workers)
-        model.train()
+        net.train()
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=None if progress else True,
                    dynamic_ncols=True, leave=False)
         for idx, y, pixels, hashes in bar:
             if rows is not None:
-                _verify_hashes(rows, names, idx, hashes, views_e, kinds)
+                _verify_hashes(rows, names, idx, hashes, views_e, kinds, lo)
             x = [normalize(p.to(dev, non_blocking=True), train_ds.norm.mean, train_ds.norm.std) for p in pixels]
             y = y.to(dev)
-            s_logits = [model(xk) for xk in x]
+            s_logits = [net(xk) for xk in x]
             if cfg.loss == "ce":
                 t_logits = []
             elif online is not None:
                 t_logits = [online(p).to(dev) for p in pixels]
             else:
-                t_logits = [torch.from_numpy(rows[names["logits"][k]][idx.numpy()]).to(dev) for k in range(kinds)]
+                t_logits = [torch.from_numpy(rows[names["logits"][k]][idx.numpy() - lo]).to(dev) for k in range(kinds)]
             temperature = ctkd(epoch - 1) if ctkd is not None else cfg.temperature
             total = _distill(cfg, epoch, y, s_logits, t_logits, temperature)
             if not torch.isfinite(total):
                 raise KdcacheError(f"training diverged at epoch {epoch} (loss {float(total)}): lower --lr or --kd-weight")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            if ctkd is not None:
+                ranks.average_grads(list(ctkd.parameters()))  # outside DDP's student
             optimizer.step()
             loss_sum += total.detach().item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         bar.close()
-        metrics = evaluate(model, test_loader, test_ds.norm, dev, test_ds.num_classes)
+        loss_sum, seen = ranks.sum([loss_sum, seen])
+        # Rank 0's weights and BatchNorm statistics are the run's; it evaluates and tells the others.
+        metrics = ranks.broadcast(evaluate(model, test_loader, test_ds.norm, dev, test_ds.num_classes) if ranks.main else None)
         record = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1), **metrics,
                   "seconds": time.perf_counter() - t0}
         if ctkd is not None:
             record["temperature"] = ctkd(epoch - 1).detach().item()
         history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if metrics["test_top1"] > best:
-            best = metrics["test_top1"]
-            save_checkpoint(out / "best.pt", model, epoch=epoch, test_top1=best)
-        extra = {"ctkd": ctkd.state_dict()} if ctkd is not None else {}
-        save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), epoch=epoch, best_top1=best, config=config_record, **extra)
+        improved = metrics["test_top1"] > best
+        best = max(best, metrics["test_top1"])
+        if ranks.main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if improved:
+                save_checkpoint(out / "best.pt", model, epoch=epoch, test_top1=best)
+            extra = {"ctkd": ctkd.state_dict()} if ctkd is not None else {}
+            save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), epoch=epoch, best_top1=best, config=config_record,
+                            **extra)
+        ranks.barrier()
         if progress:
             tqdm.write(f"epoch {epoch:>3}  lr {lr:.4g}  loss {record['train_loss']:.4f}  top-1 {metrics['test_top1']:.2f}  "
                        f"nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  {record['seconds']:.1f}s")
     if feed is not None:
         feed.close()
-    if plot and history:
+    ranks.close()
+    if plot and history and ranks.main:
         from kdcache.plots import plot_training
 
         plot_training({out.name: history}, out / "curves.png")
-    return TrainResult(out, best, history[-1] if history else {}, history)
+    return TrainResult(out, best, history[-1] if history else {}, history, ranks.main)
 
 
 def _verify_hashes(rows: dict[str, np.ndarray], names: dict[str, list[str]], idx: torch.Tensor, hashes: list[torch.Tensor],
-                   views: np.ndarray, kinds: int) -> None:
-    """Compare the pixel hashes the workers computed with the ones the teacher's views had."""
+                   views: np.ndarray, kinds: int, offset: int) -> None:
+    """Compare the pixel hashes the workers computed with the ones the teacher's views had (``rows`` start at sample ``offset``)."""
     ids = idx.numpy()
     for k in range(kinds):
         got = hashes[k].numpy().view(np.uint64)
         checked = got != 0
         if not checked.any():
             continue
-        want = rows[names["view_hash"][k]][ids]
+        want = rows[names["view_hash"][k]][ids - offset]
         bad = checked & (got != want)
         if bad.any():
             i = int(ids[np.flatnonzero(bad)[0]])

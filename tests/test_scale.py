@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -105,3 +106,54 @@ def test_s3_store_end_to_end(tmp_path, teacher_ckpt, s3_server, monkeypatch):
     run_cli("train-student", "--cache", url, "--student", "resnet8", "--dataset", "digits", "--loss", "kd", "--epochs", "1",
             "--out", str(tmp_path / "student"), check=True)
     assert (tmp_path / "student" / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_feed_reads_only_its_shard_of_chunks(tmp_path):
+    from kdcache.errors import KdcacheError
+    from kdcache.feed import LogitFeed
+    from kdcache.store import CHUNK, create_store
+
+    n = CHUNK + 300
+    store = create_store(tmp_path / "c.zarr", num_views=2, labels=np.zeros(n, np.int64), num_classes=5, dtype="float16",
+                         kinds=1, param_fields=[[]], attrs={})
+    values = np.random.default_rng(0).normal(size=(2, n, 5)).astype(np.float16)
+    store.group["logits"][...] = values
+    chunk1 = tmp_path / "c.zarr" / "logits" / "c" / "1" / "1" / "0"
+    chunk1.write_bytes(b"\0" * chunk1.stat().st_size)  # view 1, rows CHUNK.. unreadable
+    views = np.arange(n) % 2
+    for memory in (1 << 30, 0):  # whole shard in RAM, and per-epoch chunk reads
+        rows = LogitFeed(store, ["logits"], memory, rows=(0, CHUNK)).get(1, views[:CHUNK])["logits"]
+        assert np.array_equal(rows, values[views[:CHUNK], np.arange(CHUNK)])
+        with pytest.raises(KdcacheError, match="view 1, chunk 1 is corrupt"):
+            LogitFeed(store, ["logits"], memory, rows=(CHUNK - 10, n)).get(1, views[CHUNK - 10 :])
+
+
+def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, teacher_ckpt):
+    cache = tmp_path / "c.zarr"
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=2, out=str(cache),
+                progress=False)
+
+    def torchrun(out: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache.cli",
+               "train-student", "--cache", str(cache), "--student", "resnet8", "--dataset", "digits", "--loss", "kd",
+               "--lr-milestones", "1", "--out", str(tmp_path / out), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    whole = torchrun("whole", "--epochs", "2")
+    assert whole.stdout.count("best test top-1") == 1  # rank 0 reports; rank 1 stays quiet
+    torchrun("cut", "--epochs", "1")
+    torchrun("cut", "--epochs", "2", "--resume")
+    import torch
+
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    odd = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache.cli",
+                          "train-student", "--cache", str(cache), "--student", "resnet8", "--dataset", "digits", "--epochs", "1",
+                          "--batch-size", "63", "--out", str(tmp_path / "odd")], capture_output=True, text=True, timeout=600)
+    assert odd.returncode != 0 and "must divide among 2 processes" in odd.stderr
