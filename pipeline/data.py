@@ -111,7 +111,7 @@ class FolderDataset(ImageDataset):
         path = self.paths[index]
         try:
             with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
+                return np.array(im.convert("RGB"))
         except OSError as exc:
             raise KdcacheError(f"cannot decode image {path}: {exc}; remove or replace the file") from None
 
