@@ -57,6 +57,8 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16", "fp16"]))
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--format", "format", default="full", show_default=True,
+              help="full logits, or topk:K (the K largest with their classes plus exact row statistics; kd/dkd only).")
 @click.option("--download", is_flag=True, help="Download CIFAR-100 if it is missing (needs internet).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with different settings.")
 @click.option("--scheduler", help="Run the chunks on an existing dask.distributed cluster (tcp://HOST:PORT).")

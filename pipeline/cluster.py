@@ -92,6 +92,7 @@ def _state(job: ChunkJob) -> _WorkerState:
 def dump_chunk(job: ChunkJob, v: int, c: int) -> tuple[int, int, int]:
     """Compute and write chunk ``c`` of view ``v`` on a worker; returns (view, chunk, rows)."""
     from kdcache.dump import ViewSet, check_logits, disk_error, write_chunk
+    from kdcache.topk import encode
 
     st = _state(job)
     n = st.store.num_samples
@@ -100,7 +101,8 @@ def dump_chunk(job: ChunkJob, v: int, c: int) -> tuple[int, int, int]:
     view_set = ViewSet(st.dataset, st.recipe, job.seed, items, job.all_views)
     np_dtype = np.float16 if job.dtype == "float16" else np.float32
     kinds = len(st.recipe.kinds)
-    logits = [np.empty((len(rows), st.dataset.num_classes), np_dtype) for _ in range(kinds)]
+    labels = torch.from_numpy(np.asarray(st.dataset.labels, dtype=np.int64))
+    teacher: list[list[dict[str, np.ndarray]]] = [[] for _ in range(kinds)]
     params: list[list[np.ndarray]] = [[] for _ in range(kinds)]
     hashes: list[list[np.ndarray]] = [[] for _ in range(kinds)]
     # Blocks start at the chunk's first row and the teacher pads the last one,
@@ -111,11 +113,12 @@ def dump_chunk(job: ChunkJob, v: int, c: int) -> tuple[int, int, int]:
         for k in range(kinds):
             out = st.teacher(pix[k])
             check_logits(out, views, samples, job.dtype, "strong " if k else "")
-            logits[k][s : s + len(out)] = out.numpy()
+            teacher[k].append(encode(out, labels[samples], st.store.format, np_dtype))
             params[k].append(par[k].numpy())
             hashes[k].append(hsh[k].numpy().view(np.uint64))
     try:
-        write_chunk(st.store, v, c, logits, [np.concatenate(p) for p in params], [np.concatenate(h) for h in hashes])
+        rows_by_kind = [{name: np.concatenate([part[name] for part in parts]) for name in parts[0]} for parts in teacher]
+        write_chunk(st.store, v, c, rows_by_kind, [np.concatenate(p) for p in params], [np.concatenate(h) for h in hashes])
     except OSError as exc:
         raise disk_error(v, c, exc) from None
     return v, c, len(rows)

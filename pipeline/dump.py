@@ -29,6 +29,7 @@ from kdcache.store import (
     identity_mismatch, num_chunks, open_store, remove_store, store_exists, writer_lock,
 )
 from kdcache.teacher import Teacher, load_teacher
+from kdcache.topk import LogitFormat, encode, parse_format
 from kdcache.views import Recipe, make_recipe, pixel_hashes
 
 DTYPES = ("float16", "float32")
@@ -120,19 +121,21 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def write_chunk(store: CacheStore, v: int, c: int, logits: list[np.ndarray], params: list[np.ndarray],
+def write_chunk(store: CacheStore, v: int, c: int, teacher: list[dict[str, np.ndarray]], params: list[np.ndarray],
                 hashes: list[np.ndarray]) -> None:
-    """Write chunk ``c`` of view ``v`` (per kind: logits, parameters, pixel hashes) and fsync it; not yet marked done."""
-    g, names = store.group, array_names(len(logits))
-    rows = slice(c * CHUNK, c * CHUNK + logits[0].shape[0])
+    """Write chunk ``c`` of view ``v`` (per kind: teacher arrays by base name, parameters, pixel hashes) and fsync it; not yet marked done."""
+    g, names = store.group, array_names(len(teacher), store.format)
+    rows = slice(c * CHUNK, c * CHUNK + len(hashes[0]))
     written = []
-    for k in range(len(logits)):
-        g[names["logits"][k]][v, rows] = logits[k]
+    for k in range(len(teacher)):
+        for name in names["teacher"][k]:
+            g[name][v, rows] = teacher[k][name.removesuffix("_strong")]
+            written.append(name)
         if names["params"][k] in g:
             g[names["params"][k]][v, rows] = params[k]
             written.append(names["params"][k])
         g[names["view_hash"][k]][v, rows] = hashes[k]
-        written += [names["logits"][k], names["view_hash"][k]]
+        written.append(names["view_hash"][k])
     store.sync_chunk(written, v, c)
 
 
@@ -227,12 +230,14 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
                 weights: str | None = None, data_root: str | None = None, split: str = "train", seed: int = 0,
                 batch_size: int = 256, workers: int = 0, device: str = "auto", amp: str = "none", dtype: str = "float16",
                 forward_block: int = 64, download: bool = False, overwrite: bool = False, progress: bool = True,
-                data: ImageDataset | None = None, scheduler: str | None = None, local_cluster: int | None = None) -> DumpSummary:
+                data: ImageDataset | None = None, scheduler: str | None = None, local_cluster: int | None = None,
+                format: str = "full") -> DumpSummary:
     """Write (or resume, or extend) the teacher-logit cache ``out``; see the module docstring.
 
     Everything is validated (dataset, teacher, checkpoint, store identity)
     before the first byte is written; a mismatch with an existing store is
-    refused naming the field unless ``overwrite``. ``scheduler`` (a dask
+    refused naming the field unless ``overwrite``. ``format`` is ``full`` or
+    ``topk:K`` (:mod:`kdcache.topk`). ``scheduler`` (a dask
     address) or ``local_cluster`` (N worker processes) runs the chunks on
     dask.distributed (:mod:`kdcache.cluster`) with the same result.
     """
@@ -254,12 +259,14 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
     ds = data if data is not None else build_dataset(dataset, data_root, split, download)
     recipe = make_recipe(augment, ds.small)
     num_views, views_mode = parse_views(views, recipe)
+    fmt = parse_format(format, ds.num_classes)
     check_writable_location(out)
     # A distributed dump's client only needs the teacher's identity; the workers run it on their own devices.
     model = load_teacher(teacher, ds.num_classes, ds.norm, checkpoint, weights, "cpu" if distributed else device, forward_block, amp)
     identity = {
         "teacher": model.identity(), "dataset": ds.fingerprint(), "split": ds.split, "recipe": recipe.to_attrs(),
         "seed": seed, "dtype": dtype, "num_classes": ds.num_classes, "views_mode": views_mode,
+        "format": fmt.to_attrs(),
     }
     client = None
     if distributed:
@@ -268,7 +275,7 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
         client = connect(scheduler, local_cluster)
     try:
         with writer_lock(out):
-            store, created = _prepare_store(out, overwrite, identity, num_views, str(views), ds, recipe, dtype)
+            store, created = _prepare_store(out, overwrite, identity, num_views, str(views), ds, recipe, dtype, fmt)
             try:
                 if client is not None:
                     job = ChunkJob(store.location, teacher, checkpoint, model.checkpoint_sha256, weights, dataset, data_root, split,
@@ -285,7 +292,7 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
 
 
 def _prepare_store(out: str, overwrite: bool, identity: dict, num_views: int, views_requested: str, ds: ImageDataset,
-                   recipe: Recipe, dtype: str) -> tuple[CacheStore, bool]:
+                   recipe: Recipe, dtype: str, fmt: LogitFormat) -> tuple[CacheStore, bool]:
     """Open the store for resuming or extending (refusing any identity mismatch), or create it; returns (store, created)."""
     exists = store_exists(out)
     if exists and overwrite:
@@ -301,7 +308,7 @@ def _prepare_store(out: str, overwrite: bool, identity: dict, num_views: int, vi
         return store, False
     attrs = {**identity, "versions": library_versions(), "views_requested": views_requested}
     store = create_store(out, num_views=num_views, labels=ds.labels, num_classes=ds.num_classes, dtype=dtype,
-                         kinds=len(recipe.kinds), param_fields=[list(recipe.fields(k)) for k in range(len(recipe.kinds))], attrs=attrs)
+                         kinds=len(recipe.kinds), param_fields=[list(recipe.fields(k)) for k in range(len(recipe.kinds))], attrs=attrs, fmt=fmt)
     return store, True
 
 
@@ -317,6 +324,7 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
                         num_workers=workers, persistent_workers=False, pin_memory=teacher.device.type == "cuda")
     writer = _ChunkWriter(store)
     np_dtype = np.float16 if dtype == "float16" else np.float32
+    labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
     buf: dict[tuple[int, int], list] = {}
     pending: list[tuple] = []
 
@@ -339,22 +347,23 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
             check_logits(logits, v_b[:take], i_b[:take], dtype, "strong " if k else "")
         views_np, samples_np = v_b[:take].numpy(), i_b[:take].numpy()
         chunk_np = samples_np // CHUNK
-        logits_np = [o.numpy() for o in outs]
+        rows_np = [encode(o, labels[i_b[:take]], store.format, np_dtype) for o in outs]
         for v, c in sorted({(int(a), int(b)) for a, b in zip(views_np, chunk_np)}):
             sel = np.flatnonzero((views_np == v) & (chunk_np == c))
             if (v, c) not in buf:
-                rows = min(n, (c + 1) * CHUNK) - c * CHUNK
-                buf[v, c] = [0, [np.empty((rows, store.num_classes), np_dtype) for _ in range(kinds)],
-                             [np.empty((rows, par[k].shape[1]), np.float32) for k in range(kinds)],
-                             [np.empty(rows, np.uint64) for _ in range(kinds)]]
+                size = min(n, (c + 1) * CHUNK) - c * CHUNK
+                buf[v, c] = [0, [{name: np.empty((size, *a.shape[1:]), a.dtype) for name, a in rows_np[k].items()} for k in range(kinds)],
+                             [np.empty((size, par[k].shape[1]), np.float32) for k in range(kinds)],
+                             [np.empty(size, np.uint64) for _ in range(kinds)]]
             entry = buf[v, c]
             r = samples_np[sel] - c * CHUNK
             for k in range(kinds):
-                entry[1][k][r] = logits_np[k][sel]
+                for name, a in rows_np[k].items():
+                    entry[1][k][name][r] = a[sel]
                 entry[2][k][r] = par[k].numpy()[sel]
                 entry[3][k][r] = hsh[k].numpy()[sel].view(np.uint64)
             entry[0] += len(sel)
-            if entry[0] == len(entry[1][0]):
+            if entry[0] == len(entry[3][0]):
                 writer.put((v, c, entry[1], entry[2], entry[3]))
                 del buf[v, c]
         bar.update(take)

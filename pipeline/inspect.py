@@ -27,7 +27,8 @@ class CacheReport:
         out = [
             f"cache      {self.store.location}  (format {a['kdcache_format']}, created {a.get('created')})",
             f"dataset    {ds['name']} / {a['split']}: {ds['length']} samples, {a['num_classes']} classes",
-            f"recipe     {a['recipe']['name']}  views {self.store.num_views} ({a['views_mode']})  seed {a['seed']}  dtype {a['dtype']}",
+            f"recipe     {a['recipe']['name']}  views {self.store.num_views} ({a['views_mode']})  seed {a['seed']}  dtype {a['dtype']}  "
+            f"format {self.store.format}",
             f"teacher    {t['name']}  checkpoint sha256 {str(t['checkpoint_sha256'])[:16]}  block {t['forward_block']}  amp {t['amp']}",
             f"complete   {self.done_chunks}/{self.total_chunks} chunks",
         ]
@@ -50,9 +51,7 @@ def inspect_cache(location: str) -> CacheReport:
     for v in range(store.num_views):
         if not done[v].all():
             continue
-        z = store.read("logits", v).astype(np.float32)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        top1.append(float((z.argmax(axis=1) == labels).mean()))
-        conf.append(float(p.max(axis=1).mean()))
+        pred, confidence = store.predictions(v)
+        top1.append(float((pred == labels).mean()))
+        conf.append(float(confidence.mean()))
     return CacheReport(store, int(done.sum()), int(done.size), disk_bytes(location), top1, conf)

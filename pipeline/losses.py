@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kdcache.topk import TopKTeacher, buckets
+
 MLKD_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)  # added to the base temperature T0
 
 
@@ -77,6 +79,21 @@ def dkd_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
     else:
         nckd = s.new_zeros(())
     return (alpha * tckd + beta * nckd) * temperature**2
+
+
+def topk_kd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, temperature: float | torch.Tensor,
+                 logit_stand: bool = False) -> torch.Tensor:
+    """:func:`kd_loss` against a top-K cache: ``τ²`` times the batch-mean KL over the kept, target and tail buckets."""
+    s_b, t_b, _ = buckets(student, teacher, target, temperature, logit_stand)
+    return kd_loss(s_b, t_b, 1.0) * temperature**2
+
+
+def topk_dkd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, alpha: float, beta: float,
+                  temperature: float, logit_stand: bool = False) -> torch.Tensor:
+    """:func:`dkd_loss` against a top-K cache: TCKD is exact up to the tail estimate (the target logit is stored);
+    NCKD compares the non-target buckets (kept classes and the tail)."""
+    s_b, t_b, slot = buckets(student, teacher, target, temperature, logit_stand)
+    return dkd_loss(s_b, t_b, slot, alpha, beta, 1.0) * temperature**2
 
 
 def _class_correlation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -7,6 +7,9 @@ array               shape                   dtype      meaning
 ==================  ======================  =========  ==========================================
 logits              (views, samples, C)     f16/f32    teacher logits of the weak (or only) view
 logits_strong       (views, samples, C)     f16/f32    MLKD only: logits of the strong view
+topk_values         (views, samples, K)     f16/f32    ``--format topk:K`` instead of logits: the K largest
+topk_indices        (views, samples, K)     int16      their classes, largest first
+row_stats           (views, samples, 6)     float32    full-row statistics (attr ``fields``; :mod:`kdcache.topk`)
 labels              (samples,)              int64      dataset labels, dataset index order
 params              (views, samples, P)     float32    the view's random parameters (attr ``fields``)
 params_strong       (views, samples, P')    float32    MLKD only
@@ -15,7 +18,7 @@ view_hash_strong    (views, samples)        uint64     MLKD only
 done                (views, chunks)         uint8      1 once chunk ``c`` of view ``v`` is written
 ==================  ======================  =========  ==========================================
 
-The sample axis is in dataset index order and chunked by :data:`CHUNK` rows; a
+Top-k arrays of the strong view carry the ``_strong`` suffix too. The sample axis is in dataset index order and chunked by :data:`CHUNK` rows; a
 chunk counts only once ``done`` says so (unwritten rows read back as NaN).
 """
 
@@ -35,12 +38,14 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache.errors import KdcacheError
+from kdcache.topk import STAT_FIELDS, LogitFormat, parse_format, top1_and_confidence
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: full logits; 2: adds --format topk:K (full-logit stores are still written as 1)
 CHUNK = 4096
 LOCK_NAME = "kdcache.lock"
 # Fields a resumed or extended dump must match exactly.
-IDENTITY_FIELDS = ("teacher", "dataset", "split", "recipe", "seed", "dtype", "num_classes", "views_mode")
+IDENTITY_FIELDS = ("teacher", "dataset", "split", "recipe", "seed", "dtype", "num_classes", "views_mode", "format")
+IDENTITY_DEFAULTS = {"format": "full"}  # stores written before a field existed
 
 
 def _is_url(path: str) -> bool:
@@ -60,10 +65,10 @@ def num_chunks(num_samples: int) -> int:
     return -(-num_samples // CHUNK)
 
 
-def array_names(kinds: int) -> dict[str, list[str]]:
-    """Per view kind, the names of its logits, params and hash arrays."""
+def array_names(kinds: int, fmt: LogitFormat = LogitFormat()) -> dict[str, list]:
+    """Per view kind, the names of its teacher arrays (a list per kind), params and hash arrays."""
     suffix = ["", "_strong"][:kinds]
-    return {"logits": [f"logits{s}" for s in suffix], "params": [f"params{s}" for s in suffix],
+    return {"teacher": [[f"{a}{s}" for a in fmt.arrays()] for s in suffix], "params": [f"params{s}" for s in suffix],
             "view_hash": [f"view_hash{s}" for s in suffix]}
 
 
@@ -84,7 +89,16 @@ class CacheStore:
 
     @property
     def num_views(self) -> int:
-        return int(self.group["logits"].shape[0])
+        return int(self.group["done"].shape[0])
+
+    @property
+    def format(self) -> LogitFormat:
+        """How teacher rows are stored (``full`` for stores written before ``--format`` existed)."""
+        return parse_format(self.attrs.get("format", "full"))
+
+    def teacher_arrays(self, kind: int = 0) -> list[str]:
+        """Names of the arrays holding one view kind's teacher outputs."""
+        return array_names(self.num_kinds, self.format)["teacher"][kind]
 
     @property
     def num_samples(self) -> int:
@@ -96,7 +110,7 @@ class CacheStore:
 
     @property
     def num_kinds(self) -> int:
-        return 2 if "logits_strong" in self.group else 1
+        return 2 if "view_hash_strong" in self.group else 1
 
     def done(self) -> np.ndarray:
         """Boolean (views, chunks) completion record."""
@@ -109,10 +123,14 @@ class CacheStore:
     def labels(self) -> np.ndarray:
         return np.asarray(self.group["labels"][...])
 
+    def predictions(self, view: int) -> tuple[np.ndarray, np.ndarray]:
+        """The teacher's predicted class and confidence (max probability at T = 1) per sample of one view."""
+        return top1_and_confidence({name: self.read(name, view) for name in self.teacher_arrays()})
+
     def top1(self, view: int, labels: np.ndarray | None = None) -> float:
         """Teacher top-1 accuracy of one stored view."""
         labels = self.labels() if labels is None else labels
-        return float((np.argmax(self.read("logits", view), axis=1) == labels).mean())
+        return float((self.predictions(view)[0] == labels).mean())
 
     def read(self, name: str, view: int, rows: slice | None = None) -> np.ndarray:
         """One contiguous read of array ``name`` at ``view`` (optionally a row range)."""
@@ -216,21 +234,31 @@ def remove_store(location: str | os.PathLike) -> None:
     zarr.open_group(store=str(location), mode="w")
 
 
-def _logit_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str) -> None:
+def _row_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, last_axis: str, **attrs: object) -> None:
+    fill = 0 if np.dtype(dtype).kind == "i" else float("nan")
     group.create_array(name, shape=shape, dtype=dtype, chunks=(1, CHUNK, shape[2]), compressors=[ZstdCodec(level=1), Crc32cCodec()],
-                       fill_value=float("nan"), dimension_names=("view", "sample", "class"))
+                       fill_value=fill, dimension_names=("view", "sample", last_axis), attributes=attrs)
+
+
+def _teacher_arrays(group: zarr.Group, names: list[str], fmt: LogitFormat, views: int, n: int, num_classes: int, dtype: str) -> None:
+    if not fmt.is_topk:
+        _row_array(group, names[0], (views, n, num_classes), dtype, "class")
+        return
+    _row_array(group, names[0], (views, n, fmt.k), dtype, "rank")
+    _row_array(group, names[1], (views, n, fmt.k), "int16", "rank")
+    _row_array(group, names[2], (views, n, len(STAT_FIELDS)), "float32", "field", fields=list(STAT_FIELDS))
 
 
 def create_store(location: str | os.PathLike, *, num_views: int, labels: np.ndarray, num_classes: int, dtype: str,
-                 kinds: int, param_fields: list[list[str]], attrs: dict[str, object]) -> CacheStore:
+                 kinds: int, param_fields: list[list[str]], attrs: dict[str, object], fmt: LogitFormat = LogitFormat()) -> CacheStore:
     """Create an empty cache with every array allocated (NaN-filled) and the identity attributes written."""
     n = len(labels)
     loc = str(location)
     lp = local_path(loc)
     group = zarr.open_group(store=str(lp) if lp is not None else loc, mode="a" if lp is not None else "w")
-    names = array_names(kinds)
+    names = array_names(kinds, fmt)
     for k in range(kinds):
-        _logit_array(group, names["logits"][k], (num_views, n, num_classes), dtype)
+        _teacher_arrays(group, names["teacher"][k], fmt, num_views, n, num_classes, dtype)
         fields = param_fields[k]
         if fields:
             group.create_array(names["params"][k], shape=(num_views, n, len(fields)), dtype="float32",
@@ -243,7 +271,7 @@ def create_store(location: str | os.PathLike, *, num_views: int, labels: np.ndar
     group["labels"][...] = labels
     group.create_array("done", shape=(num_views, num_chunks(n)), dtype="uint8", chunks=(1, num_chunks(n)), fill_value=0,
                        compressors=[Crc32cCodec()], dimension_names=("view", "chunk"))
-    meta = {"kdcache_format": FORMAT_VERSION, "num_samples": n, "num_classes": num_classes, "chunk_samples": CHUNK,
+    meta = {"kdcache_format": 2 if fmt.is_topk else 1, "format": fmt.to_attrs(), "num_samples": n, "num_classes": num_classes, "chunk_samples": CHUNK,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **attrs}
     group.attrs.update(json.loads(json.dumps(meta)))
     return CacheStore(group, loc)
@@ -260,7 +288,7 @@ def extend_views(store: CacheStore, num_views: int) -> None:
 def identity_mismatch(stored: dict[str, object], wanted: dict[str, object]) -> str | None:
     """The first identity field where a store and a requested dump differ, described, or None."""
     for key in IDENTITY_FIELDS:
-        a, b = stored.get(key), wanted.get(key)
+        a, b = stored.get(key, IDENTITY_DEFAULTS.get(key)), wanted.get(key, IDENTITY_DEFAULTS.get(key))
         if json.loads(json.dumps(a)) != json.loads(json.dumps(b)):
             if isinstance(a, dict) and isinstance(b, dict):
                 sub = next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), "?")

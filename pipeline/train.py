@@ -25,11 +25,14 @@ from kdcache.data import ImageDataset, build_dataset, test_split
 from kdcache.dump import parse_views
 from kdcache.errors import KdcacheError
 from kdcache.feed import LogitFeed, epoch_order, epoch_views, reuse_warning
-from kdcache.losses import CTKDTemperature, dkd_loss, kd_loss, mlkd_loss, nkd_loss, normkd_loss, sort_teacher, zscore
+from kdcache.losses import (
+    CTKDTemperature, dkd_loss, kd_loss, mlkd_loss, nkd_loss, normkd_loss, sort_teacher, topk_dkd_loss, topk_kd_loss, zscore,
+)
 from kdcache.models import create_model, load_checkpoint, save_checkpoint
 from kdcache.ranks import init_ranks
 from kdcache.store import CacheStore, array_names, open_store
 from kdcache.teacher import Teacher, load_teacher
+from kdcache.topk import LogitFormat, TopKTeacher
 from kdcache.views import Recipe, make_recipe, normalize, pixel_hash, recipe_from_attrs
 
 LOSSES = ("ce", "kd", "dkd", "mlkd", "nkd", "normkd")
@@ -195,6 +198,11 @@ def _distill(cfg: TrainConfig, epoch: int, y: torch.Tensor, student: list[torch.
     if cfg.teacher_fix == "sort":
         teacher = [sort_teacher(t, y) for t in teacher]
     s, t = student[0], teacher[0]
+    if isinstance(t, TopKTeacher):
+        if cfg.loss == "kd":
+            return cfg.ce_weight * ce + cfg.kd_weight * topk_kd_loss(s, t, y, temperature, cfg.logit_stand)
+        warm = min(epoch / cfg.warmup, 1.0) if cfg.warmup else 1.0
+        return cfg.ce_weight * ce + warm * cfg.kd_weight * topk_dkd_loss(s, t, y, cfg.alpha, cfg.beta, temperature, cfg.logit_stand)
     if cfg.loss == "kd":
         return cfg.ce_weight * ce + cfg.kd_weight * kd_loss(s, t, temperature, cfg.logit_stand)
     if cfg.loss == "dkd":
@@ -272,6 +280,11 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     online: Teacher | None = None
     if teacher is not None and cfg.loss != "ce":
         online = load_teacher(teacher, train_ds.num_classes, train_ds.norm, checkpoint, teacher_weights, str(dev), forward_block)
+    if store is not None and store.format.is_topk and cfg.loss != "ce" and (
+            cfg.loss not in ("kd", "dkd") or cfg.teacher_fix != "none"):
+        what = f"--teacher-fix {cfg.teacher_fix}" if cfg.loss in ("kd", "dkd") else f"--loss {cfg.loss}"
+        raise KdcacheError(f"{what} needs every teacher logit, but {cache} is a {store.format} cache: use --loss kd or dkd with it, "
+                           "or dump with --format full")
     if store is not None and store.num_classes != train_ds.num_classes:
         raise KdcacheError(f"cache has {store.num_classes} classes but {dataset} has {train_ds.num_classes}: use a cache of this dataset")
 
@@ -314,12 +327,12 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     note = reuse_warning(cfg.epochs, num_views, uniform) if (store is not None or online is not None) else None
     if note and ranks.main:
         warnings.warn(note, stacklevel=2)
-    names = array_names(len(recipe.kinds))
+    names = array_names(len(recipe.kinds), store.format if store is not None else LogitFormat())
     feed_arrays = []
     if store is not None:
         feed_arrays = [a for k in range(kinds) for a in (names["params"][k], names["view_hash"][k]) if a in store.group]
         if cfg.loss != "ce":
-            feed_arrays += names["logits"][:kinds]
+            feed_arrays += [a for k in range(kinds) for a in names["teacher"][k]]
     n = len(train_ds)
     lo, hi = ranks.shard(n)
     feed = LogitFeed(store, feed_arrays, cache_memory, rows=(lo, hi)) if store is not None else None
@@ -372,7 +385,7 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             elif online is not None:
                 t_logits = [online(p).to(dev) for p in pixels]
             else:
-                t_logits = [torch.from_numpy(rows[names["logits"][k]][idx.numpy() - lo]).to(dev) for k in range(kinds)]
+                t_logits = [_teacher_rows(rows, names["teacher"][k], idx.numpy() - lo, store.num_classes, dev) for k in range(kinds)]
             temperature = ctkd(epoch - 1) if ctkd is not None else cfg.temperature
             total = _distill(cfg, epoch, y, s_logits, t_logits, temperature)
             if not torch.isfinite(total):
@@ -416,6 +429,13 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
 
         plot_training({out.name: history}, out / "curves.png")
     return TrainResult(out, best, history[-1] if history else {}, history, ranks.main)
+
+
+def _teacher_rows(rows: dict[str, np.ndarray], arrays: list[str], at: np.ndarray, num_classes: int,
+                  dev: torch.device) -> torch.Tensor | TopKTeacher:
+    """One kind's teacher outputs for a batch: a logit tensor, or a :class:`TopKTeacher` from a top-K cache."""
+    parts = [torch.from_numpy(rows[a][at]).to(dev) for a in arrays]
+    return parts[0] if len(parts) == 1 else TopKTeacher(*parts, num_classes)
 
 
 def _verify_hashes(rows: dict[str, np.ndarray], names: dict[str, list[str]], idx: torch.Tensor, hashes: list[torch.Tensor],

@@ -19,6 +19,7 @@ from kdcache.data import build_dataset
 from kdcache.errors import KdcacheError
 from kdcache.store import CHUNK, CacheStore, array_names, num_chunks, open_store
 from kdcache.teacher import load_teacher
+from kdcache.topk import encode
 from kdcache.views import pixel_hash, recipe_from_attrs
 
 
@@ -56,22 +57,24 @@ def _check_chunks(store: CacheStore, report: VerifyReport) -> None:
                     report.problems.append(f"corrupt: array {name}, view {v}, chunk {c} does not decode ({exc.__class__.__name__}: "
                                            f"{str(exc)[:80]}); re-dump that view with --overwrite or restore the file")
                     continue
-                if name.startswith("logits") and not np.isfinite(block.astype(np.float32)).all():
+                if name.startswith(("logits", "topk_values", "row_stats")) and not np.isfinite(block.astype(np.float32)).all():
                     report.problems.append(f"non-finite: array {name}, view {v}, chunk {c} holds NaN or inf")
     report.checked.append(f"{int(done.sum())} chunks x {len(names)} arrays decoded")
 
 
 def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
     a = store.attrs
-    logits = store.group["logits"]
-    if logits.shape[1] != a["num_samples"] or store.group["labels"].shape[0] != a["num_samples"]:
-        report.problems.append(f"attributes: num_samples {a['num_samples']} but logits have {logits.shape[1]} rows")
-    if logits.shape[2] != a["num_classes"]:
-        report.problems.append(f"attributes: num_classes {a['num_classes']} but logits have {logits.shape[2]} columns")
-    if str(logits.dtype) != a["dtype"]:
-        report.problems.append(f"attributes: dtype {a['dtype']} but logits are {logits.dtype}")
+    fmt = store.format
+    main = store.group[fmt.arrays()[0]]
+    width = fmt.k if fmt.is_topk else a["num_classes"]
+    if main.shape[1] != a["num_samples"] or store.group["labels"].shape[0] != a["num_samples"]:
+        report.problems.append(f"attributes: num_samples {a['num_samples']} but {fmt.arrays()[0]} has {main.shape[1]} rows")
+    if main.shape[2] != width:
+        report.problems.append(f"attributes: format {fmt} with {a['num_classes']} classes but {fmt.arrays()[0]} has {main.shape[2]} columns")
+    if str(main.dtype) != a["dtype"]:
+        report.problems.append(f"attributes: dtype {a['dtype']} but {fmt.arrays()[0]} is {main.dtype}")
     recipe = recipe_from_attrs(a["recipe"])
-    if ("logits_strong" in store.group) != (len(recipe.kinds) == 2):
+    if (fmt.arrays()[0] + "_strong" in store.group) != (len(recipe.kinds) == 2):
         report.problems.append(f"attributes: recipe {recipe.name} does not match the arrays present")
     top1 = a.get("teacher_top1")
     readable = not any(p.startswith("corrupt") for p in report.problems)
@@ -100,7 +103,8 @@ def _check_replay(store: CacheStore, report: VerifyReport, teacher: str, checkpo
     if model.checkpoint_sha256 != t["checkpoint_sha256"]:
         report.problems.append("teacher: --checkpoint is not the checkpoint this cache was made with (sha256 differs)")
     recipe = recipe_from_attrs(a["recipe"])
-    names = array_names(len(recipe.kinds))
+    names = array_names(len(recipe.kinds), store.format)
+    labels = store.labels()
     rng = np.random.default_rng(0)
     views = rng.integers(0, store.num_views, sample)
     samples = rng.integers(0, store.num_samples, sample)
@@ -113,8 +117,9 @@ def _check_replay(store: CacheStore, report: VerifyReport, teacher: str, checkpo
             pixels = recipe.apply(img, np.asarray(p), k)
             if pixel_hash(pixels) != int(store.group[names["view_hash"][k]][v, i]):
                 bad_hash += 1
-            stored = np.asarray(store.group[names["logits"][k]][v, i], dtype=np.float32)
-            fresh = model(pixels[None])[0].numpy().astype(store.group["logits"].dtype).astype(np.float32)
+            stored = np.asarray(store.group[names["teacher"][k][0]][v, i], dtype=np.float32)
+            rows = encode(model(pixels[None]), torch.tensor([int(labels[i])]), store.format, store.group[names["teacher"][k][0]].dtype.type)
+            fresh = next(iter(rows.values()))[0].astype(np.float32)
             diff = float(np.abs(stored - fresh).max())
             worst = max(worst, diff)
             if diff > 1e-3 * max(1.0, float(np.abs(stored).max())):
