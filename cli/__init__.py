@@ -73,10 +73,13 @@ def dump_logits_cmd(**kw) -> None:
 
 
 @main.command("train-student")
-@click.option("--cache", help="A cache written by dump-logits.")
+@click.option("--cache", multiple=True, help="A cache written by dump-logits; repeat it to distill from several teachers at once.")
+@click.option("--teacher-weights", help="Several caches: one mixing weight per --cache, e.g. 0.5,0.5 (default equal).")
+@click.option("--teacher-mix", default="logits", show_default=True, type=click.Choice(["logits", "probs"]),
+              help="Several caches: average the logits, or the T=1 probabilities (used as log-probability logits).")
 @click.option("--teacher", help="Online teacher instead of a cache (zoo name or torchvision.<arch>).")
 @click.option("--checkpoint", type=click.Path(), help="Online teacher weights.")
-@click.option("--teacher-weights", help="torchvision weights name for an online torchvision teacher.")
+@click.option("--weights", help="torchvision weights name for an online torchvision teacher (e.g. IMAGENET1K_V1).")
 @click.option("--augment", type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe (online or CE runs).")
 @click.option("--views", help="Views per sample for online runs: N or all.")
 @click.option("--view-seed", default=0, show_default=True, type=int, help="Online runs: the cache seed whose views to replay.")
@@ -117,6 +120,7 @@ def train_student_cmd(**kw) -> None:
     """Stage two: train a student from cached logits (or an online teacher, or CE alone)."""
     from kdcache.train import train_student
 
+    kw["cache"] = list(kw["cache"]) or None
     result = train_student(**kw)
     if result.main:
         click.echo(f"best test top-1 {result.best_top1:.2f}%  last {result.last.get('test_top1', float('nan')):.2f}%  "
@@ -124,15 +128,28 @@ def train_student_cmd(**kw) -> None:
 
 
 @main.command("inspect")
-@click.argument("store")
-@click.option("--plot", "plot_path", type=click.Path(), help="Write per-view teacher accuracy and confidence as PNG.")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--plot", "plot_path", type=click.Path(), help="Write per-view teacher accuracy and confidence (or agreement) as PNG.")
 @_errors
-def inspect_cmd(store: str, plot_path: str | None) -> None:
-    """Show a cache's attributes, completion, size and per-view teacher accuracy."""
-    from kdcache.inspect import inspect_cache
+def inspect_cmd(stores: tuple[str, ...], plot_path: str | None) -> None:
+    """Show a cache's attributes, completion, size and per-view teacher accuracy.
 
-    report = inspect_cache(store)
-    click.echo("\n".join(report.lines()))
+    Given several caches of the same views (one per teacher), also show how the
+    teachers agree per view.
+    """
+    from kdcache.inspect import inspect_cache, teacher_agreement
+
+    for store in stores:
+        report = inspect_cache(store)
+        click.echo("\n".join(report.lines()))
+    if len(stores) > 1:
+        agreement = teacher_agreement(list(stores))
+        click.echo("\n".join(agreement.lines()))
+        if plot_path:
+            from kdcache.plots import plot_agreement
+
+            click.echo(f"plot       {plot_agreement(agreement.top1, agreement.agree, plot_path)}")
+        return
     if plot_path:
         if not report.top1:
             raise KdcacheError("no finished view to plot yet: finish the dump first")

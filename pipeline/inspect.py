@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdcache.store import CacheStore, disk_bytes, open_store
+from kdcache.errors import KdcacheError
+from kdcache.store import CacheStore, disk_bytes, open_store, view_mismatch
 
 
 @dataclass
@@ -55,3 +56,64 @@ def inspect_cache(location: str) -> CacheReport:
         top1.append(float((pred == labels).mean()))
         conf.append(float(confidence.mean()))
     return CacheReport(store, int(done.sum()), int(done.size), disk_bytes(location), top1, conf)
+
+
+@dataclass
+class Agreement:
+    """How several teachers cached on the same views agree, per view."""
+
+    locations: list[str]
+    top1: list[list[float]]  # [teacher][view]
+    agree: list[float]  # share of samples where every teacher predicts the same class
+    js: list[float] | None  # mean pairwise Jensen-Shannon divergence at T = 1 (nats); None for top-K caches
+
+    def lines(self) -> list[str]:
+        names = [f"T{j + 1}" for j in range(len(self.locations))]
+        out = [f"{n}         {loc}" for n, loc in zip(names, self.locations)]
+        out.append("view   " + "  ".join(f"{n + ' top-1':>10}" for n in names) + "  all agree" + ("  mean JS" if self.js else ""))
+        for v in range(len(self.agree)):
+            row = f"{v:>4}   " + "  ".join(f"{100 * t[v]:>9.2f}%" for t in self.top1) + f"  {100 * self.agree[v]:>8.2f}%"
+            out.append(row + (f"  {self.js[v]:.4f}" if self.js else ""))
+        if len(self.agree) > 1:
+            a = np.asarray(self.agree) * 100
+            out.append(f"agreement  mean {a.mean():.2f}%  min {a.min():.2f}% (view {int(a.argmin())})  max {a.max():.2f}%")
+        return out
+
+
+def _js(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per-row Jensen-Shannon divergence (nats) of two probability matrices."""
+    m = (p + q) / 2
+    safe = lambda a: np.where(a > 0, a, 1.0)  # noqa: E731  (0 · log 0 = 0)
+    return ((p * np.log(safe(p) / safe(m))).sum(axis=1) + (q * np.log(safe(q) / safe(m))).sum(axis=1)) / 2
+
+
+def teacher_agreement(locations: list[str]) -> Agreement:
+    """Per-view top-1 of each teacher, the share of samples where all agree, and their mean pairwise JS divergence."""
+    stores = [open_store(loc) for loc in locations]
+    for other in stores[1:]:
+        diff = view_mismatch(stores[0], other)
+        if diff:
+            raise KdcacheError(f"{stores[0].location} and {other.location} do not hold the same views ({diff}): "
+                               "teachers can only be compared on the same views")
+        if not other.complete() or not stores[0].complete():
+            raise KdcacheError("compare finished caches only: re-run the unfinished cache's dump-logits command")
+    labels = stores[0].labels()
+    full = not any(st.format.is_topk for st in stores)
+    top1: list[list[float]] = [[] for _ in stores]
+    agree, js = [], []
+    for v in range(stores[0].num_views):
+        preds = []
+        for j, st in enumerate(stores):
+            pred, _ = st.predictions(v)
+            preds.append(pred)
+            top1[j].append(float((pred == labels).mean()))
+        agree.append(float(np.all([p == preds[0] for p in preds], axis=0).mean()))
+        if full:
+            probs = []
+            for st in stores:
+                z = st.read("logits", v).astype(np.float64)
+                e = np.exp(z - z.max(axis=1, keepdims=True))
+                probs.append(e / e.sum(axis=1, keepdims=True))
+            pairs = [_js(probs[a], probs[b]).mean() for a in range(len(probs)) for b in range(a + 1, len(probs))]
+            js.append(float(np.mean(pairs)))
+    return Agreement([st.location for st in stores], top1, agree, js if full else None)

@@ -19,6 +19,26 @@ from kdcache.topk import TopKTeacher, buckets
 MLKD_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)  # added to the base temperature T0
 
 
+TEACHER_MIXES = ("logits", "probs")
+
+
+def ensemble_teachers(logits: list[torch.Tensor], weights: list[float], mix: str = "logits") -> torch.Tensor:
+    """Several teachers' logits for the same views as one teacher signal, in float32.
+
+    ``mix="logits"``: the weighted mean of the raw logits. ``mix="probs"``: the
+    log of the weighted mean of the T = 1 softmax distributions, a logit vector
+    whose softmax is the mixture. Either way the result is then treated as one
+    teacher's logits: temperature and Z-score act on it.
+    """
+    if mix not in TEACHER_MIXES:
+        raise ValueError(f"unknown teacher mix {mix!r}: choose 'logits' or 'probs'")
+    w = torch.tensor(weights, dtype=torch.float32, device=logits[0].device) / sum(weights)
+    stacked = torch.stack([t.float() for t in logits])
+    if mix == "logits":
+        return (w[:, None, None] * stacked).sum(dim=0)
+    return torch.logsumexp(F.log_softmax(stacked, dim=2) + w.log()[:, None, None], dim=0)
+
+
 def zscore(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Per-row ``(x - mean) / (std + eps)`` with the unbiased std (ddof=1), as the released LS code does."""
     x = logits.float()

@@ -46,3 +46,19 @@ def plot_views(top1: list[float], confidence: list[float], path: str | Path) -> 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_agreement(top1: list[list[float]], agree: list[float], path: str | Path) -> Path:
+    """Per-view top-1 of each teacher and the share of samples on which all teachers agree."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    views = range(len(agree))
+    for j, t in enumerate(top1):
+        ax.plot(views, [100 * x for x in t], ".-", label=f"teacher {j + 1} top-1")
+    ax.plot(views, [100 * a for a in agree], "k.-", label="all teachers agree")
+    ax.set(xlabel="view index", ylabel="%", title="teachers per view")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

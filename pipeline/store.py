@@ -297,6 +297,24 @@ def identity_mismatch(stored: dict[str, object], wanted: dict[str, object]) -> s
     return None
 
 
+VIEW_FIELDS = ("dataset", "split", "recipe", "seed", "views_mode", "num_classes")
+
+
+def view_mismatch(a: CacheStore, b: CacheStore) -> str | None:
+    """Why two caches do not hold the same views (recipe, seed, views, pixel hashes), or None when they do."""
+    for key in VIEW_FIELDS:
+        if json.dumps(a.attrs.get(key), sort_keys=True) != json.dumps(b.attrs.get(key), sort_keys=True):
+            return f"{key} differs ({a.attrs.get(key)!r} vs {b.attrs.get(key)!r})"
+    if a.num_views != b.num_views:
+        return (f"{a.num_views} vs {b.num_views} views per sample (extend the smaller one: re-run its dump-logits with "
+                f"--views {max(a.num_views, b.num_views)})")
+    for name in array_names(a.num_kinds)["view_hash"]:
+        for v in range(a.num_views):
+            if not np.array_equal(a.read(name, v), b.read(name, v)):
+                return f"{name} of view {v} differs (the views have different pixels)"
+    return None
+
+
 def disk_bytes(location: str | os.PathLike) -> int | None:
     """Bytes a local store takes on disk (None for remote stores)."""
     lp = local_path(location)

@@ -26,11 +26,12 @@ from kdcache.dump import parse_views
 from kdcache.errors import KdcacheError
 from kdcache.feed import LogitFeed, epoch_order, epoch_views, reuse_warning
 from kdcache.losses import (
-    CTKDTemperature, dkd_loss, kd_loss, mlkd_loss, nkd_loss, normkd_loss, sort_teacher, topk_dkd_loss, topk_kd_loss, zscore,
+    TEACHER_MIXES, CTKDTemperature, dkd_loss, ensemble_teachers, kd_loss, mlkd_loss, nkd_loss, normkd_loss, sort_teacher,
+    topk_dkd_loss, topk_kd_loss, zscore,
 )
 from kdcache.models import create_model, load_checkpoint, save_checkpoint
 from kdcache.ranks import init_ranks
-from kdcache.store import CacheStore, array_names, open_store
+from kdcache.store import CacheStore, array_names, open_store, view_mismatch
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.topk import LogitFormat, TopKTeacher
 from kdcache.views import Recipe, make_recipe, normalize, pixel_hash, recipe_from_attrs
@@ -235,17 +236,50 @@ def _cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None) -> 
     return recipe
 
 
-def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "kd", cache: str | None = None,
-                  teacher: str | None = None, checkpoint: str | None = None, teacher_weights: str | None = None,
+def _open_caches(caches: list[str], ds: ImageDataset, augment: str | None, teacher_weights: str | list[float] | None,
+                 teacher_mix: str) -> tuple[list[CacheStore], Recipe, list[float]]:
+    """Open every ``--cache``, check each against the data, and check they hold the same views; returns the mixing weights."""
+    stores = [open_store(c) for c in caches]
+    recipe = [_cache_matches(st, ds, augment) for st in stores][0]
+    if teacher_mix not in TEACHER_MIXES:
+        raise KdcacheError(f"unknown --teacher-mix {teacher_mix!r}: choose logits or probs")
+    if teacher_weights is None:
+        weights = [1.0] * len(stores)
+    elif isinstance(teacher_weights, str):
+        try:
+            weights = [float(w) for w in teacher_weights.split(",")]
+        except ValueError:
+            raise KdcacheError(f"--teacher-weights takes one number per --cache, such as 0.5,0.5, not {teacher_weights!r} "
+                               "(an online teacher's torchvision weights name goes to --weights)") from None
+    else:
+        weights = [float(w) for w in teacher_weights]
+    if len(weights) != len(stores) or min(weights) < 0 or sum(weights) <= 0:
+        raise KdcacheError(f"--teacher-weights needs {len(stores)} non-negative numbers (one per --cache) with a positive sum, "
+                           f"got {teacher_weights!r}")
+    for other in stores[1:]:
+        if stores[0].format.is_topk or other.format.is_topk:
+            raise KdcacheError("several teachers need full-logit caches (--format full), not top-K ones")
+        diff = view_mismatch(stores[0], other)
+        if diff:
+            raise KdcacheError(f"caches {stores[0].location} and {other.location} do not hold the same views: {diff}; "
+                               "dump every teacher with the same --dataset, --augment, --views and --seed")
+    return stores, recipe, [w / sum(weights) for w in weights]
+
+
+def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "kd", cache: str | list[str] | None = None,
+                  teacher_weights: str | list[float] | None = None, teacher_mix: str = "logits",
+                  teacher: str | None = None, checkpoint: str | None = None, weights: str | None = None,
                   augment: str | None = None, views: str | int | None = None, view_seed: int = 0, forward_block: int = 64,
                   data_root: str | None = None, download: bool = False, workers: int = 0, device: str = "auto",
                   resume: bool = False, verify_views: bool = False, plot: bool = False, progress: bool = True,
                   cache_memory: int = 4 << 30, **hyper) -> TrainResult:
     """Train ``student`` and write ``metrics.jsonl``, ``last.pt`` and ``best.pt`` into ``out``.
 
-    Teacher signal comes from ``cache`` (a dump-logits store), or from an online
-    ``teacher`` run on the same views (``augment``, ``views``, ``view_seed``);
-    ``loss="ce"`` needs neither. ``hyper`` holds :class:`TrainConfig` fields.
+    Teacher signal comes from ``cache`` (a dump-logits store, or a list of
+    stores of the same views from several teachers, combined per
+    ``teacher_mix`` with ``teacher_weights``: see :func:`ensemble_teachers`), or
+    from an online ``teacher`` run on the same views (``augment``, ``views``,
+    ``view_seed``; ``weights`` names torchvision weights); ``loss="ce"`` needs neither. ``hyper`` holds :class:`TrainConfig` fields.
     Under ``torchrun`` each rank trains on its shard of the samples with
     DistributedDataParallel; ``batch_size`` stays the global batch and rank 0
     alone writes checkpoints and metrics.
@@ -253,9 +287,12 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     cfg = TrainConfig(student=student, loss=loss, **hyper)
     cfg.validate()
     cfg = cfg.resolved()
-    if cfg.loss != "ce" and cache is None and teacher is None:
+    caches = [] if cache is None else [str(cache)] if isinstance(cache, (str, Path)) else [str(c) for c in cache]
+    if cfg.loss != "ce" and not caches and teacher is None:
         raise KdcacheError(f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH")
-    if cache is not None and teacher is not None:
+    if teacher_weights is not None and len(caches) < 2:
+        raise KdcacheError("--teacher-weights mixes several teachers: pass one --cache per teacher (two or more)")
+    if caches and teacher is not None:
         raise KdcacheError("pass either --cache or --teacher, not both")
     ranks, dev = init_ranks(device)
     if cfg.batch_size % ranks.world:
@@ -265,9 +302,11 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     train_ds = build_dataset(dataset, data_root, "train", download)
     test_ds = build_dataset(dataset, data_root, test_split(dataset), download)
 
-    store = open_store(cache) if cache is not None else None
+    stores, mix_weights = [], [1.0]
+    if caches:
+        stores, recipe, mix_weights = _open_caches(caches, train_ds, augment, teacher_weights, teacher_mix)
+    store = stores[0] if stores else None
     if store is not None:
-        recipe = _cache_matches(store, train_ds, augment)
         num_views = store.num_views
         uniform = store.attrs["views_mode"] == "all"
     else:
@@ -279,7 +318,7 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         raise KdcacheError("--loss mlkd needs weak and strong views: use a cache dumped with --augment mlkd (or --augment mlkd online)")
     online: Teacher | None = None
     if teacher is not None and cfg.loss != "ce":
-        online = load_teacher(teacher, train_ds.num_classes, train_ds.norm, checkpoint, teacher_weights, str(dev), forward_block)
+        online = load_teacher(teacher, train_ds.num_classes, train_ds.norm, checkpoint, weights, str(dev), forward_block)
     if store is not None and store.format.is_topk and cfg.loss != "ce" and (
             cfg.loss not in ("kd", "dkd") or cfg.teacher_fix != "none"):
         what = f"--teacher-fix {cfg.teacher_fix}" if cfg.loss in ("kd", "dkd") else f"--loss {cfg.loss}"
@@ -291,8 +330,10 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     out = Path(out)
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-    config_record = {**dataclasses.asdict(cfg), "dataset": dataset, "cache": str(cache) if cache else None, "teacher": teacher,
-                     "augment": recipe.name, "num_views": num_views, "view_seed": view_seed}
+    config_record = {**dataclasses.asdict(cfg), "dataset": dataset, "cache": caches[0] if len(caches) == 1 else caches or None,
+                     "teacher": teacher, "augment": recipe.name, "num_views": num_views, "view_seed": view_seed}
+    if len(caches) > 1:
+        config_record.update(teacher_weights=mix_weights, teacher_mix=teacher_mix)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.student, train_ds.num_classes).to(dev)
     net = model
@@ -335,7 +376,8 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             feed_arrays += [a for k in range(kinds) for a in names["teacher"][k]]
     n = len(train_ds)
     lo, hi = ranks.shard(n)
-    feed = LogitFeed(store, feed_arrays, cache_memory, rows=(lo, hi)) if store is not None else None
+    feeds = [LogitFeed(st, feed_arrays if j == 0 else [a for a in feed_arrays if a.startswith("logits")], cache_memory, rows=(lo, hi))
+             for j, st in enumerate(stores)]
     train_views = StudentViews(train_ds, recipe, kinds)
     test_loader = DataLoader(EvalViews(test_ds, recipe), batch_size=256, num_workers=workers)
     batch = cfg.batch_size // ranks.world
@@ -360,10 +402,12 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             if verify_views or b % HASH_CHECK_EVERY == 0:
                 check[idx] = True
         rows = None
-        if feed is not None:
-            rows = feed.get(epoch, views_e[lo:hi])
+        if feeds:
+            every = [f.get(epoch, views_e[lo:hi]) for f in feeds]
+            rows = every[0]
             if epoch < cfg.epochs:
-                feed.prefetch(epoch + 1, epoch_views_of(epoch + 1)[lo:hi])
+                for f in feeds:
+                    f.prefetch(epoch + 1, epoch_views_of(epoch + 1)[lo:hi])
             params = [rows[names["params"][k]] if names["params"][k] in rows else np.zeros((hi - lo, 0), np.float32)
                       for k in range(kinds)]
             train_views.set_epoch(views_e, check, params, offset=lo)
@@ -385,7 +429,11 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             elif online is not None:
                 t_logits = [online(p).to(dev) for p in pixels]
             else:
-                t_logits = [_teacher_rows(rows, names["teacher"][k], idx.numpy() - lo, store.num_classes, dev) for k in range(kinds)]
+                at = idx.numpy() - lo
+                t_logits = [_teacher_rows(rows, names["teacher"][k], at, store.num_classes, dev) for k in range(kinds)]
+                if len(every) > 1:
+                    t_logits = [ensemble_teachers([torch.from_numpy(r[names["teacher"][k][0]][at]).to(dev) for r in every],
+                                                  mix_weights, teacher_mix) for k in range(kinds)]
             temperature = ctkd(epoch - 1) if ctkd is not None else cfg.temperature
             total = _distill(cfg, epoch, y, s_logits, t_logits, temperature)
             if not torch.isfinite(total):
@@ -421,8 +469,8 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         if progress:
             tqdm.write(f"epoch {epoch:>3}  lr {lr:.4g}  loss {record['train_loss']:.4f}  top-1 {metrics['test_top1']:.2f}  "
                        f"nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  {record['seconds']:.1f}s")
-    if feed is not None:
-        feed.close()
+    for f in feeds:
+        f.close()
     ranks.close()
     if plot and history and ranks.main:
         from kdcache.plots import plot_training
