@@ -48,6 +48,9 @@ def main() -> None:
 @click.option("--split", default="train", show_default=True, help="Dataset split to dump.")
 @click.option("--augment", required=True, type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe.")
 @click.option("--views", required=True, help="Views per sample: N seeded views, or 'all' (the 162 CIFAR crop/flip views).")
+@click.option("--mix", default="none", show_default=True, type=click.Choice(["none", "mixup", "cutmix"]),
+              help="Mix each view with a partner sample's view (partner, λ and box drawn per view and stored).")
+@click.option("--mix-alpha", default=1.0, show_default=True, type=float, help="λ ~ Beta(alpha, alpha) for --mix.")
 @click.option("--out", required=True, help="Store: a directory or any fsspec URL zarr accepts.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Cache seed the views are derived from.")
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Views per loader batch.")

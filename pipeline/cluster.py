@@ -25,7 +25,7 @@ from kdcache.data import ImageDataset, build_dataset
 from kdcache.errors import KdcacheError
 from kdcache.store import CHUNK, CacheStore, open_store
 from kdcache.teacher import Teacher, load_teacher
-from kdcache.views import Recipe, make_recipe
+from kdcache.views import Recipe, recipe_from_attrs
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ def _state(job: ChunkJob) -> _WorkerState:
             if teacher.checkpoint_sha256 != job.checkpoint_sha256:
                 raise KdcacheError(f"worker on {os.uname().nodename} sees a different {job.checkpoint} than the client "
                                    "(sha256 differs): put the checkpoint on storage every worker shares")
-            _STATE[job] = _WorkerState(teacher, ds, make_recipe(job.augment, ds.small), open_store(job.location, "r+"))
+            store = open_store(job.location, "r+")
+            _STATE[job] = _WorkerState(teacher, ds, recipe_from_attrs(store.attrs["recipe"]), store)
         return _STATE[job]
 
 

@@ -41,7 +41,8 @@ def parse_views(views: str | int, recipe: Recipe) -> tuple[int, str]:
     if str(views) == "all":
         n = recipe.num_discrete_views
         if n is None:
-            raise KdcacheError(f"--views all needs a finite view space; recipe {recipe.name!r} is continuous: pass --views N")
+            what = f"recipe {recipe.name!r}" + (f" with --mix {recipe.mix}" if recipe.mix != "none" else "")
+            raise KdcacheError(f"--views all needs a finite view space; {what} is continuous: pass --views N")
         return n, "all" if recipe.name == "cifar" else "seeded"
     try:
         n = int(views)
@@ -73,9 +74,14 @@ class ViewSet(Dataset):
         images = [self.dataset.image(int(s)) for s in i]
         hw = np.asarray([im.shape[:2] for im in images], dtype=np.int64)
         pixels, params, hashes = [], [], []
+        partners = partner_images = partner_hw = None
+        if self.recipe.mix != "none":
+            partners = self.recipe.partners(self.seed, v, i, len(self.dataset))
+            partner_images = [self.dataset.image(int(j)) for j in partners]
+            partner_hw = np.asarray([im.shape[:2] for im in partner_images], dtype=np.int64)
         for kind in range(len(self.recipe.kinds)):
-            p = self.recipe.params_batch(self.seed, v, i, kind, hw, self.all_views)
-            x = self.recipe.apply_batch(images, p, kind)
+            p = self.recipe.params_batch(self.seed, v, i, kind, hw, self.all_views, partners, partner_hw)
+            x = self.recipe.apply_batch(images, p, kind, partner_images)
             pixels.append(x)
             params.append(torch.from_numpy(p))
             hashes.append(torch.from_numpy(pixel_hashes(x).view(np.int64)))
@@ -231,13 +237,15 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
                 batch_size: int = 256, workers: int = 0, device: str = "auto", amp: str = "none", dtype: str = "float16",
                 forward_block: int = 64, download: bool = False, overwrite: bool = False, progress: bool = True,
                 data: ImageDataset | None = None, scheduler: str | None = None, local_cluster: int | None = None,
-                format: str = "full") -> DumpSummary:
+                format: str = "full", mix: str = "none", mix_alpha: float = 1.0) -> DumpSummary:
     """Write (or resume, or extend) the teacher-logit cache ``out``; see the module docstring.
 
     Everything is validated (dataset, teacher, checkpoint, store identity)
     before the first byte is written; a mismatch with an existing store is
     refused naming the field unless ``overwrite``. ``format`` is ``full`` or
-    ``topk:K`` (:mod:`kdcache.topk`). ``scheduler`` (a dask
+    ``topk:K`` (:mod:`kdcache.topk`); ``mix`` (``mixup``/``cutmix``, λ ~
+    Beta(``mix_alpha``, ``mix_alpha``)) mixes each view with a partner sample's
+    view, all drawn from the counter-based generator. ``scheduler`` (a dask
     address) or ``local_cluster`` (N worker processes) runs the chunks on
     dask.distributed (:mod:`kdcache.cluster`) with the same result.
     """
@@ -257,7 +265,7 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
     if seed < 0:
         raise KdcacheError(f"--seed must be 0 or more, got {seed}")
     ds = data if data is not None else build_dataset(dataset, data_root, split, download)
-    recipe = make_recipe(augment, ds.small)
+    recipe = make_recipe(augment, ds.small, mix, mix_alpha)
     num_views, views_mode = parse_views(views, recipe)
     fmt = parse_format(format, ds.num_classes)
     check_writable_location(out)

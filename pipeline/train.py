@@ -132,7 +132,8 @@ class StudentViews(Dataset):
                 p = self.params[k][i - self.offset]
             else:
                 p = self.recipe.params(self.view_seed, int(self.views[i]), i, k, img.shape[:2], self.all_views)
-            x = self.recipe.apply(img, p, k)
+            partner = self.recipe.partner_of(p) if k == 0 else None
+            x = self.recipe.apply(img, p, k, self.dataset.image(partner) if partner is not None else None)
             pixels.append(x)
             hashes.append(np.uint64(pixel_hash(x)).view(np.int64) if self.check[i] else np.int64(0))
         return i, int(self.dataset.labels[i]), pixels, hashes
@@ -192,8 +193,13 @@ class TrainResult:
 
 
 def _distill(cfg: TrainConfig, epoch: int, y: torch.Tensor, student: list[torch.Tensor], teacher: list[torch.Tensor],
-             temperature: float | torch.Tensor) -> torch.Tensor:
-    ce = F.cross_entropy(student[0], y)
+             temperature: float | torch.Tensor, mixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    if mixed is None:
+        ce = F.cross_entropy(student[0], y)
+    else:  # a mixed view's label is the λ-weighted pair (sample, partner)
+        y2, lam = mixed
+        ce = (lam * F.cross_entropy(student[0], y, reduction="none")
+              + (1 - lam) * F.cross_entropy(student[0], y2, reduction="none")).mean()
     if cfg.loss == "ce":
         return cfg.ce_weight * ce
     if cfg.teacher_fix == "sort":
@@ -324,6 +330,9 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         what = f"--teacher-fix {cfg.teacher_fix}" if cfg.loss in ("kd", "dkd") else f"--loss {cfg.loss}"
         raise KdcacheError(f"{what} needs every teacher logit, but {cache} is a {store.format} cache: use --loss kd or dkd with it, "
                            "or dump with --format full")
+    if recipe.mix != "none" and (cfg.loss not in ("ce", "kd") or cfg.teacher_fix != "none"):
+        raise KdcacheError(f"cache {caches[0]} holds {recipe.mix} views, which have two target classes: use --loss kd (or ce) "
+                           "with it, or a cache dumped without --mix")
     if store is not None and store.num_classes != train_ds.num_classes:
         raise KdcacheError(f"cache has {store.num_classes} classes but {dataset} has {train_ds.num_classes}: use a cache of this dataset")
 
@@ -435,7 +444,11 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
                     t_logits = [ensemble_teachers([torch.from_numpy(r[names["teacher"][k][0]][at]).to(dev) for r in every],
                                                   mix_weights, teacher_mix) for k in range(kinds)]
             temperature = ctkd(epoch - 1) if ctkd is not None else cfg.temperature
-            total = _distill(cfg, epoch, y, s_logits, t_logits, temperature)
+            mixed = None
+            if recipe.mix != "none":
+                partner, lam = recipe.mixing(rows[names["params"][0]][idx.numpy() - lo])
+                mixed = (torch.from_numpy(train_ds.labels[partner]).long().to(dev), torch.from_numpy(lam).float().to(dev))
+            total = _distill(cfg, epoch, y, s_logits, t_logits, temperature, mixed)
             if not torch.isfinite(total):
                 raise KdcacheError(f"training diverged at epoch {epoch} (loss {float(total)}): lower --lr or --kd-weight")
             optimizer.zero_grad(set_to_none=True)

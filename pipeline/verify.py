@@ -114,7 +114,8 @@ def _check_replay(store: CacheStore, report: VerifyReport, teacher: str, checkpo
         img = ds.image(i)
         for k in range(len(recipe.kinds)):
             p = store.group[names["params"][k]][v, i] if names["params"][k] in store.group else np.zeros(0, np.float32)
-            pixels = recipe.apply(img, np.asarray(p), k)
+            partner = recipe.partner_of(np.asarray(p)) if k == 0 else None
+            pixels = recipe.apply(img, np.asarray(p), k, ds.image(partner) if partner is not None else None)
             if pixel_hash(pixels) != int(store.group[names["view_hash"][k]][v, i]):
                 bad_hash += 1
             stored = np.asarray(store.group[names["teacher"][k][0]][v, i], dtype=np.float32)

@@ -25,6 +25,7 @@ import torchvision.transforms.v2.functional as TF
 from kdcache.errors import KdcacheError
 
 RECIPES = ("none", "cifar", "imagenet", "mlkd")
+MIXES = ("none", "mixup", "cutmix")
 KINDS = ("weak", "strong")
 CIFAR_ALL_VIEWS = 9 * 9 * 2
 CUTOUT_FILL = (125, 123, 114)
@@ -39,7 +40,7 @@ PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 _MASK32 = np.uint64(0xFFFFFFFF)
 # Counter blocks (4 words each) of a view's random stream, fixed per purpose so
 # adding a draw to one stage never shifts another stage's numbers.
-_BLOCK_CROP, _BLOCK_RRC, _BLOCK_STRONG = 0, 1, 7
+_BLOCK_CROP, _BLOCK_RRC, _BLOCK_STRONG, _BLOCK_MIX = 0, 1, 7, 9
 RRC_TRIALS = 10
 GENERATOR = "philox4x32-10 key=seed counter=(block,kind,view,sample)"
 
@@ -189,6 +190,8 @@ class Recipe:
     eval_resize: int = 256
     fields_weak: tuple[str, ...] = field(default=())
     fields_strong: tuple[str, ...] = field(default=())
+    mix: str = "none"
+    mix_alpha: float = 1.0
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -200,13 +203,34 @@ class Recipe:
         """Size of the view space when it is finite (162 for CIFAR crop+flip, 1 for none), else None."""
         if self.name == "none":
             return 1
-        if self.name == "cifar" and self.small:
+        if self.name == "cifar" and self.small and self.mix == "none":
             return CIFAR_ALL_VIEWS
         return None
 
     def fields(self, kind: int) -> tuple[str, ...]:
         """Names of the stored parameter columns for view kind ``kind``."""
-        return self.fields_strong if kind == 1 else self.fields_weak
+        if kind == 1:
+            return self.fields_strong
+        if self.mix == "none":
+            return self.fields_weak
+        box = ("box_top", "box_left", "box_height", "box_width") if self.mix == "cutmix" else ()
+        return (*self.fields_weak, "partner", *(f"partner_{f}" for f in self.fields_weak), "lam", *box)
+
+    def partners(self, seed: int, views: np.ndarray, samples: np.ndarray, num_samples: int) -> np.ndarray:
+        """The partner sample each view ``(views[j], samples[j])`` is mixed with: never itself, uniform over the rest."""
+        words = view_words(seed, 0, views, samples, _BLOCK_MIX + 1)[:, 4 * _BLOCK_MIX]
+        return (np.asarray(samples, np.int64) + 1 + _below(words, max(num_samples - 1, 1))) % max(num_samples, 1)
+
+    def partner_of(self, params: np.ndarray) -> int | None:
+        """The partner sample recorded in a stored weak-view parameter vector (None without mixing)."""
+        return None if self.mix == "none" else int(params[len(self.fields_weak)])
+
+    def mixing(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(partner, lam)`` per row of stored ``(n, fields)`` weak parameters: the label weights of a mixed view."""
+        if self.mix == "none":
+            return None
+        nc = len(self.fields_weak)
+        return params[:, nc].astype(np.int64), params[:, 2 * nc + 1].astype(np.float64)
 
     def to_attrs(self) -> dict[str, object]:
         """JSON description stored in the cache; :func:`recipe_from_attrs` inverts it."""
@@ -215,6 +239,7 @@ class Recipe:
             "eval_resize": self.eval_resize, "fields": {"weak": list(self.fields_weak), "strong": list(self.fields_strong)},
             "randaugment_ops": list(RANDAUGMENT_OPS) if self.name == "mlkd" else [],
             "cutout_fill": list(CUTOUT_FILL) if self.name == "mlkd" else [],
+            **({"mix": self.mix, "mix_alpha": self.mix_alpha} if self.mix != "none" else {}),
         }
 
     # ---------------------------------------------------------------- sampling
@@ -224,8 +249,38 @@ class Recipe:
         return self.params_batch(seed, np.asarray([view]), np.asarray([sample]), kind, np.asarray([image_hw]), all_views)[0]
 
     def params_batch(self, seed: int, views: np.ndarray, samples: np.ndarray, kind: int, image_hw: np.ndarray,
-                     all_views: bool = False) -> np.ndarray:
-        """``(n, fields)`` float32 parameters of views ``(views[j], samples[j])`` of kind ``kind``; ``image_hw`` is ``(n, 2)``."""
+                     all_views: bool = False, partners: np.ndarray | None = None, partner_hw: np.ndarray | None = None) -> np.ndarray:
+        """``(n, fields)`` float32 parameters of views ``(views[j], samples[j])`` of kind ``kind``; ``image_hw`` is ``(n, 2)``.
+
+        A mixing recipe also needs the :meth:`partners` and their image sizes:
+        the partner enters with its own view of the same index, and the vector
+        records partner, its crop, λ and (CutMix) the pasted box.
+        """
+        base = self._crop_params(seed, views, samples, kind, image_hw, all_views)
+        if self.mix == "none" or kind == 1:
+            return base
+        if partners is None or partner_hw is None:
+            raise ValueError(f"recipe {self.name} with {self.mix} needs partners and their image sizes")
+        other = self._crop_params(seed, views, partners, kind, partner_hw, False)
+        words = view_words(seed, 0, views, samples, _BLOCK_MIX + 1)[:, 4 * _BLOCK_MIX + 1 :]
+        from scipy.special import betaincinv
+
+        lam = betaincinv(self.mix_alpha, self.mix_alpha, _unit(words[:, 0]))
+        cols = [base, np.asarray(partners, np.float64)[:, None], other]
+        if self.mix == "mixup":
+            return np.concatenate(cols + [lam[:, None]], axis=1).astype(np.float32)
+        # CutMix (timm's rand_bbox): a box of side sqrt(1 - λ) around a uniform centre, clipped; λ is then the kept area.
+        side = self.size
+        cut = (side * np.sqrt(1.0 - lam)).astype(np.int64)
+        cy, cx = _below(words[:, 1], side), _below(words[:, 2], side)
+        y0, y1 = np.clip(cy - cut // 2, 0, side), np.clip(cy + cut // 2, 0, side)
+        x0, x1 = np.clip(cx - cut // 2, 0, side), np.clip(cx + cut // 2, 0, side)
+        kept = 1.0 - (y1 - y0) * (x1 - x0) / float(side * side)
+        box = np.stack([y0, x0, y1 - y0, x1 - x0], axis=1)
+        return np.concatenate(cols + [kept[:, None], box], axis=1).astype(np.float32)
+
+    def _crop_params(self, seed: int, views: np.ndarray, samples: np.ndarray, kind: int, image_hw: np.ndarray,
+                     all_views: bool) -> np.ndarray:
         views, samples = np.asarray(views, np.int64), np.asarray(samples, np.int64)
         n = len(views)
         if self.name == "none":
@@ -251,8 +306,27 @@ class Recipe:
 
     # ---------------------------------------------------------------- replay
 
-    def apply(self, image: np.ndarray, params: np.ndarray, kind: int = 0) -> torch.Tensor:
-        """Rebuild the uint8 CHW view of ``image`` (HWC uint8) from its stored parameter vector."""
+    def apply(self, image: np.ndarray, params: np.ndarray, kind: int = 0, partner: np.ndarray | None = None) -> torch.Tensor:
+        """Rebuild the uint8 CHW view of ``image`` (HWC uint8) from its stored parameter vector.
+
+        A mixed view also needs the ``partner`` image (sample :meth:`partner_of`):
+        mixup blends the two views and rounds to uint8; CutMix pastes the box.
+        """
+        if self.mix == "none" or kind == 1:
+            return self._view(image, params, kind)
+        if partner is None:
+            raise ValueError(f"a {self.mix} view needs its partner image")
+        nc = len(self.fields_weak)
+        a, b = self._view(image, params[:nc], 0), self._view(partner, params[nc + 1 : 2 * nc + 1], 0)
+        if self.mix == "mixup":
+            lam = float(params[2 * nc + 1])
+            return (lam * a.float() + (1.0 - lam) * b.float()).round_().clamp_(0, 255).to(torch.uint8)
+        y0, x0, h, w = (int(x) for x in params[2 * nc + 2 : 2 * nc + 6])
+        out = a.clone()
+        out[:, y0 : y0 + h, x0 : x0 + w] = b[:, y0 : y0 + h, x0 : x0 + w]
+        return out
+
+    def _view(self, image: np.ndarray, params: np.ndarray, kind: int) -> torch.Tensor:
         p = [float(x) for x in params]
         if self.small:
             if self.name == "none":
@@ -274,12 +348,15 @@ class Recipe:
             img = self._cutout(img, int(rest[4]), int(rest[5]), int(rest[6]))
         return img.contiguous()
 
-    def apply_batch(self, images: list[np.ndarray], params: np.ndarray, kind: int = 0) -> torch.Tensor:
+    def apply_batch(self, images: list[np.ndarray], params: np.ndarray, kind: int = 0,
+                    partners: list[np.ndarray] | None = None) -> torch.Tensor:
         """uint8 NCHW views of ``images`` (HWC uint8) from their ``(n, fields)`` parameters; same pixels as :meth:`apply`.
 
         Weak views of 32x32 recipes take a fast path (one slice copy per view, flipped by
         writing through a mirrored view, and one transpose per batch); everything else loops :meth:`apply`.
         """
+        if self.mix != "none" and kind == 0:
+            return torch.stack([self.apply(im, p, kind, q) for im, p, q in zip(images, params, partners or [None] * len(images))])
         if not (self.small and kind == 0 and self.name != "none" and all(im.shape[:2] == (self.size, self.size) for im in images)):
             return torch.stack([self.apply(im, p, kind) for im, p in zip(images, params)])
         n, s, pad = len(images), self.size, self.padding
@@ -304,10 +381,16 @@ class Recipe:
         return make_recipe("none", self.small).apply(image, np.zeros(0, dtype=np.float32))
 
 
-def make_recipe(name: str, small: bool) -> Recipe:
-    """The recipe ``name`` (one of :data:`RECIPES`) for 32x32 (``small``) or ImageNet-size images."""
+def make_recipe(name: str, small: bool, mix: str = "none", mix_alpha: float = 1.0) -> Recipe:
+    """The recipe ``name`` (one of :data:`RECIPES`) for 32x32 (``small``) or ImageNet-size images, optionally mixed."""
     if name not in RECIPES:
         raise KdcacheError(f"unknown --augment {name!r}: choose one of {', '.join(RECIPES)}")
+    if mix not in MIXES:
+        raise KdcacheError(f"unknown --mix {mix!r}: choose one of {', '.join(MIXES)}")
+    if mix != "none" and name not in ("cifar", "imagenet"):
+        raise KdcacheError(f"--mix {mix} works with --augment cifar or imagenet, not {name}")
+    if mix != "none" and not mix_alpha > 0:
+        raise KdcacheError(f"--mix-alpha must be positive, got {mix_alpha}")
     size = 32 if small else 224
     crop = ("top", "left", "flip") if small else ("top", "left", "height", "width", "flip")
     strong = crop + ("op1", "mag1", "op2", "mag2", "cutout_y", "cutout_x", "cutout_size")
@@ -317,12 +400,13 @@ def make_recipe(name: str, small: bool) -> Recipe:
         raise KdcacheError("--augment cifar needs 32x32 images: use --augment imagenet for ImageNet-size data")
     if name == "imagenet" and small:
         raise KdcacheError("--augment imagenet needs ImageNet-size images: use --augment cifar for 32x32 data")
-    return Recipe(name, small, size, fields_weak=crop, fields_strong=strong if name == "mlkd" else ())
+    return Recipe(name, small, size, fields_weak=crop, fields_strong=strong if name == "mlkd" else (), mix=mix,
+                  mix_alpha=float(mix_alpha))
 
 
 def recipe_from_attrs(attrs: dict[str, object]) -> Recipe:
     """Rebuild the :class:`Recipe` a cache records."""
-    return make_recipe(str(attrs["name"]), bool(attrs["small"]))
+    return make_recipe(str(attrs["name"]), bool(attrs["small"]), str(attrs.get("mix", "none")), float(attrs.get("mix_alpha", 1.0)))
 
 
 def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
