@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -87,6 +88,7 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--views", help="Views per sample for online runs: N or all.")
 @click.option("--view-seed", default=0, show_default=True, type=int, help="Online runs: the cache seed whose views to replay.")
 @click.option("--forward-block", default=64, show_default=True, type=int, help="Online teacher block size (match the cache's).")
+@click.option("--cache-views", type=int, help="Draw only from the first N views of a seeded cache.")
 @click.option("--student", required=True, help="Student model name.")
 @click.option("--dataset", required=True, help="cifar100, imagenet, folder or digits.")
 @click.option("--data-root", type=click.Path())
@@ -181,6 +183,46 @@ def verify_cmd(store: str, teacher, checkpoint, weights, sample: int, data_root,
         click.echo(f"PROBLEM   {line}")
     click.echo("clean" if report.ok else f"{len(report.problems)} problem(s) found")
     sys.exit(0 if report.ok else 1)
+
+
+@main.group("study")
+def study_group() -> None:
+    """Studies that answer questions before you pay for a dump."""
+
+
+@study_group.command("views")
+@click.option("--cache", required=True, help="A cache of seeded views (dump-logits --views N).")
+@click.option("--student", required=True, help="Student model name.")
+@click.option("--dataset", required=True, help="The cache's dataset.")
+@click.option("--data-root", type=click.Path())
+@click.option("--teacher", help="Online teacher for the reference line (the cache's teacher).")
+@click.option("--checkpoint", type=click.Path(), help="Online teacher weights.")
+@click.option("--weights", help="torchvision weights name for an online torchvision teacher.")
+@click.option("--counts", help="Views to train from, e.g. 1,2,4,8 (default: powers of two up to the cache's views).")
+@click.option("--loss", default="kd", show_default=True, type=click.Choice(["kd", "dkd", "nkd", "normkd"]))
+@click.option("--logit-stand", is_flag=True)
+@click.option("--epochs", default=240, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--lr", type=float)
+@click.option("--lr-milestones", default="150,180,210", show_default=True, callback=_milestones)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--workers", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Study folder: one run per point, study.json, views.png.")
+@_errors
+def study_views_cmd(counts: str | None, **kw) -> None:
+    """Train the same student from the first 1, 2, 4, ... cached views and plot accuracy against views."""
+    from kdcache.study import study_views
+
+    try:
+        parsed = [int(x) for x in counts.split(",")] if counts else None
+    except ValueError:
+        raise KdcacheError(f"--counts takes comma-separated integers such as 1,2,4,8, not {counts!r}") from None
+    points = study_views(counts=parsed, **kw)
+    for p in points:
+        label = "online" if p.views is None else f"{p.views} view(s)"
+        click.echo(f"{label:>12}  final top-1 {p.final_top1:6.2f}%  best {p.best_top1:6.2f}%  {p.run}")
+    click.echo(f"plot         {Path(kw['out']) / 'views.png'}")
 
 
 @main.command("quickstart")

@@ -62,3 +62,26 @@ def plot_agreement(top1: list[list[float]], agree: list[float], path: str | Path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_views_study(points, path: str | Path, epochs: int) -> Path:
+    """Final and best test top-1 against the number of cached views (log2 axis), online teacher as a reference line."""
+    cached = [p for p in points if p.views is not None]
+    online = [p for p in points if p.views is None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [p.views for p in cached]
+    ax.plot(xs, [p.final_top1 for p in cached], "o-", label="from cache, final epoch")
+    ax.plot(xs, [p.best_top1 for p in cached], ".--", alpha=0.6, label="from cache, best epoch")
+    if online:
+        ax.axhline(online[0].final_top1, color="k", ls="--", lw=1, label="online teacher, final epoch")
+    ax.axvline(epochs, color="grey", ls=":", lw=1, label=f"views = epochs ({epochs})")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(plt.FixedLocator(xs))
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{int(x)}"))
+    ax.set(xlabel="cached views per sample", ylabel="test top-1 (%)", title="student accuracy vs cached views")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -273,7 +273,7 @@ def _open_caches(caches: list[str], ds: ImageDataset, augment: str | None, teach
 
 
 def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "kd", cache: str | list[str] | None = None,
-                  teacher_weights: str | list[float] | None = None, teacher_mix: str = "logits",
+                  teacher_weights: str | list[float] | None = None, teacher_mix: str = "logits", cache_views: int | None = None,
                   teacher: str | None = None, checkpoint: str | None = None, weights: str | None = None,
                   augment: str | None = None, views: str | int | None = None, view_seed: int = 0, forward_block: int = 64,
                   data_root: str | None = None, download: bool = False, workers: int = 0, device: str = "auto",
@@ -285,7 +285,9 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     stores of the same views from several teachers, combined per
     ``teacher_mix`` with ``teacher_weights``: see :func:`ensemble_teachers`), or
     from an online ``teacher`` run on the same views (``augment``, ``views``,
-    ``view_seed``; ``weights`` names torchvision weights); ``loss="ce"`` needs neither. ``hyper`` holds :class:`TrainConfig` fields.
+    ``view_seed``; ``weights`` names torchvision weights); ``loss="ce"`` needs neither.
+    ``cache_views`` trains from only the first N views of the cache (see
+    :func:`kdcache.study.study_views`). ``hyper`` holds :class:`TrainConfig` fields.
     Under ``torchrun`` each rank trains on its shard of the samples with
     DistributedDataParallel; ``batch_size`` stays the global batch and rank 0
     alone writes checkpoints and metrics.
@@ -315,6 +317,13 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     if store is not None:
         num_views = store.num_views
         uniform = store.attrs["views_mode"] == "all"
+        if cache_views is not None:
+            if uniform:
+                raise KdcacheError(f"{caches[0]} enumerates all views in a fixed order, so its first views are not a random "
+                                   "sample: use a cache of seeded views (--views N)")
+            if not 1 <= cache_views <= num_views:
+                raise KdcacheError(f"--cache-views {cache_views} is out of range: the cache holds {num_views} views per sample")
+            num_views = cache_views
     else:
         recipe = make_recipe(augment or ("cifar" if train_ds.small else "imagenet"), train_ds.small)
         num_views, mode = parse_views(views if views is not None else ("all" if recipe.name == "cifar" else cfg.epochs), recipe)
@@ -343,6 +352,8 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
                      "teacher": teacher, "augment": recipe.name, "num_views": num_views, "view_seed": view_seed}
     if len(caches) > 1:
         config_record.update(teacher_weights=mix_weights, teacher_mix=teacher_mix)
+    if cache_views is not None:
+        config_record["cache_views"] = cache_views
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.student, train_ds.num_classes).to(dev)
     net = model

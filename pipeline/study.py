@@ -1,0 +1,94 @@
+"""``kdcache study views``: how many cached views does a student need?
+
+Trains the same student (same seed, epochs and hyper-parameters) from the first
+1, 2, 4, 8, ... views of one cache, and once with the online teacher on fresh
+views of the same recipe and seed, then plots final test top-1 against the
+number of cached views with the online run as the reference line. A run that
+already finished in the study folder is reused and an interrupted one resumed,
+so re-running the same command after a crash only does the missing work.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kdcache.errors import KdcacheError
+from kdcache.store import open_store
+from kdcache.train import train_student
+
+
+@dataclass
+class StudyPoint:
+    """One student run of the study."""
+
+    views: int | None  # None: the online teacher
+    final_top1: float
+    best_top1: float
+    run: str
+
+
+def default_counts(num_views: int) -> list[int]:
+    """1, 2, 4, ... up to ``num_views`` (which is included even when it is not a power of two)."""
+    counts, n = [], 1
+    while n < num_views:
+        counts.append(n)
+        n *= 2
+    return counts + [num_views]
+
+
+def _finished(run: Path, epochs: int) -> list[dict] | None:
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return history if history and history[-1]["epoch"] == epochs else None
+
+
+def _point(views: int | None, run: Path, epochs: int, **kwargs) -> StudyPoint:
+    history = _finished(run, epochs)
+    if history is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reusing views is the point of the study
+            history = train_student(out=run, resume=(run / "last.pt").exists(), epochs=epochs, **kwargs).history
+    return StudyPoint(views, history[-1]["test_top1"], max(h["test_top1"] for h in history), str(run))
+
+
+def study_views(*, cache: str, student: str, dataset: str, out: str | Path, teacher: str | None = None,
+                checkpoint: str | None = None, weights: str | None = None, counts: list[int] | None = None, epochs: int = 240,
+                data_root: str | None = None, progress: bool = True, **train_kwargs) -> list[StudyPoint]:
+    """Train ``student`` from the first ``counts`` views of ``cache`` (and online from ``teacher``); write ``study.json`` and ``views.png``.
+
+    ``train_kwargs`` go to :func:`kdcache.train.train_student` unchanged (loss,
+    hyper-parameters, device, workers), so every point differs only in the
+    number of views it may draw from.
+    """
+    store = open_store(cache)
+    if store.attrs["views_mode"] == "all":
+        raise KdcacheError(f"{cache} enumerates all views in a fixed order: the study needs a cache of seeded views (--views N)")
+    if teacher is not None and store.attrs["recipe"].get("mix"):
+        raise KdcacheError(f"{cache} holds mixed views, which online training does not draw: run the study without --teacher")
+    counts = sorted(set(counts)) if counts else default_counts(store.num_views)
+    if counts[0] < 1 or counts[-1] > store.num_views:
+        raise KdcacheError(f"--counts must lie in 1..{store.num_views} (the views the cache holds), got {counts}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(student=student, dataset=dataset, data_root=data_root, progress=progress, **train_kwargs)
+    points = []
+    for n in counts:
+        if progress:
+            print(f"study: training from the first {n} view(s) of {cache}", flush=True)
+        points.append(_point(n, out / f"views-{n}", epochs, cache=cache, cache_views=n, **common))
+    if teacher is not None:
+        if progress:
+            print(f"study: training with the online teacher {teacher} on fresh views", flush=True)
+        points.append(_point(None, out / "online", epochs, teacher=teacher, checkpoint=checkpoint, weights=weights,
+                             augment=store.attrs["recipe"]["name"], view_seed=int(store.attrs["seed"]),
+                             forward_block=int(store.attrs["teacher"]["forward_block"]), **common))
+    (out / "study.json").write_text(json.dumps({"cache": cache, "epochs": epochs, "points": [asdict(p) for p in points]}, indent=2))
+    from kdcache.plots import plot_views_study
+
+    plot_views_study(points, out / "views.png", epochs)
+    return points

@@ -1,0 +1,48 @@
+"""`kdcache study views`: one student per number of cached views plus the online reference, resumable."""
+
+import json
+
+import torch
+
+from conftest import run_cli
+from kdcache.dump import dump_logits
+from kdcache.train import train_student
+
+
+def test_study_views_end_to_end(cifar_root, teacher_ckpt, tmp_path):
+    cache = tmp_path / "c.zarr"
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+                augment="cifar", views=4, out=str(cache), dtype="float32", progress=False)
+    out = tmp_path / "study"
+    args = ["study", "views", "--cache", str(cache), "--student", "resnet8", "--dataset", "cifar100", "--data-root", str(cifar_root),
+            "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[100]), "--epochs", "3", "--batch-size", "32",
+            "--out", str(out)]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    study = json.loads((out / "study.json").read_text())
+    assert [p["views"] for p in study["points"]] == [1, 2, 4, None]
+    assert (out / "views.png").stat().st_size > 1000 and "online" in first.stdout
+    # The 4-view point is exactly a plain run from the whole cache; fewer views give a different run.
+    plain = train_student(out=tmp_path / "plain", cache=str(cache), student="resnet8", dataset="cifar100",
+                          data_root=str(cifar_root), epochs=3, batch_size=32, progress=False)
+    loss = {p["views"]: json.loads((out / ("online" if p["views"] is None else f"views-{p['views']}") / "metrics.jsonl")
+                                   .read_text().splitlines()[-1])["train_loss"] for p in study["points"]}
+    assert loss[4] == plain.history[-1]["train_loss"] and loss[1] != loss[4]
+    w = torch.load(out / "views-4" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(w[k], v) for k, v in torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"].items())
+    # A second run reuses every finished point.
+    stamp = (out / "views-1" / "last.pt").stat().st_mtime_ns
+    again = run_cli(*args)
+    assert again.returncode == 0 and (out / "views-1" / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_study_refusals(cifar_root, teacher_ckpt, tmp_path):
+    cache = tmp_path / "all.zarr"
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+                augment="none", views=1, out=str(cache), progress=False)
+    base = ["study", "views", "--cache", str(cache), "--student", "resnet8", "--dataset", "cifar100", "--data-root",
+            str(cifar_root), "--epochs", "1", "--out", str(tmp_path / "s")]
+    proc = run_cli(*base, "--counts", "1,2")
+    assert proc.returncode == 2 and "--counts must lie in 1..1" in proc.stderr
+    proc = run_cli(*base, "--counts", "one")
+    assert proc.returncode == 2 and "comma-separated integers" in proc.stderr
