@@ -102,18 +102,28 @@ def dkd_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
 
 
 def topk_kd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, temperature: float | torch.Tensor,
-                 logit_stand: bool = False) -> torch.Tensor:
-    """:func:`kd_loss` against a top-K cache: ``τ²`` times the batch-mean KL over the kept, target and tail buckets."""
-    s_b, t_b, _ = buckets(student, teacher, target, temperature, logit_stand)
-    return kd_loss(s_b, t_b, 1.0) * temperature**2
+                 logit_stand: bool = False, tail: str = "uniform") -> torch.Tensor:
+    """:func:`kd_loss` against a top-K cache: KL over the kept, target and tail buckets (plus, for ``tail="uniform"``,
+    the teacher's tail mass times the student's divergence from uniform inside the tail), ``τ²`` times the batch mean."""
+    s_b, t_b, _, within = buckets(student, teacher, target, temperature, logit_stand)
+    log_t = F.log_softmax(t_b, dim=1)
+    kl = _kl_rows(log_t, F.log_softmax(s_b, dim=1))
+    if tail == "uniform":
+        kl = kl + log_t[:, -1].exp() * within
+    return kl.mean() * temperature**2
 
 
 def topk_dkd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, alpha: float, beta: float,
-                  temperature: float, logit_stand: bool = False) -> torch.Tensor:
+                  temperature: float | torch.Tensor, logit_stand: bool = False, tail: str = "uniform") -> torch.Tensor:
     """:func:`dkd_loss` against a top-K cache: TCKD is exact up to the tail estimate (the target logit is stored);
-    NCKD compares the non-target buckets (kept classes and the tail)."""
-    s_b, t_b, slot = buckets(student, teacher, target, temperature, logit_stand)
-    return dkd_loss(s_b, t_b, slot, alpha, beta, 1.0) * temperature**2
+    NCKD compares the non-target buckets (kept classes and the tail), with the within-tail term as in :func:`topk_kd_loss`."""
+    s_b, t_b, slot, within = buckets(student, teacher, target, temperature, logit_stand)
+    tckd = _kl_rows(_binary_log(t_b, slot), _binary_log(s_b, slot))
+    log_t_nt = _non_target_log_softmax(t_b, slot)
+    nckd = _kl_rows(log_t_nt, _non_target_log_softmax(s_b, slot))
+    if tail == "uniform":
+        nckd = nckd + log_t_nt[:, -1].exp() * within
+    return (alpha * tckd.mean() + beta * nckd.mean()) * temperature**2
 
 
 def _class_correlation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -8,7 +8,6 @@ compare them in a table and a PNG. Finished steps are reused on a re-run.
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import click
 
 from kdcache.plots import plot_training
+from kdcache.train import finished_run
 
 TEACHER, STUDENT = "resnet8", "resnet8"
 
@@ -44,17 +44,9 @@ def _run(args: list[str], log: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def _finished(run_dir: Path, epochs: int) -> list[dict] | None:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    return rows if rows and rows[-1]["epoch"] >= epochs else None
-
-
 def _train(out: Path, name: str, extra: list[str], epochs: int, log: list[str], milestones: str) -> tuple[list[dict], float]:
     run_dir = out / name
-    done = _finished(run_dir, epochs)
+    done = finished_run(run_dir, epochs)
     if done is not None:
         click.echo(f"\n# {name}: finished earlier, reused ({run_dir})")
         return done, sum(r["seconds"] for r in done)
@@ -63,7 +55,7 @@ def _train(out: Path, name: str, extra: list[str], epochs: int, log: list[str], 
     if (run_dir / "last.pt").exists():
         args.append("--resume")
     seconds = _run(args, log)
-    return _finished(run_dir, epochs) or [], seconds
+    return finished_run(run_dir, epochs) or [], seconds
 
 
 def quickstart(out: str | Path = "data/quickstart", epochs: int = 5, teacher_epochs: int = 10) -> list[Row]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kdcache.errors import KdcacheError
 from kdcache.store import open_store
-from kdcache.train import train_student
+from kdcache.train import finished_run, train_student
 
 
 @dataclass
@@ -39,16 +39,8 @@ def default_counts(num_views: int) -> list[int]:
     return counts + [num_views]
 
 
-def _finished(run: Path, epochs: int) -> list[dict] | None:
-    metrics = run / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return history if history and history[-1]["epoch"] == epochs else None
-
-
 def _point(views: int | None, run: Path, epochs: int, **kwargs) -> StudyPoint:
-    history = _finished(run, epochs)
+    history = finished_run(run, epochs)
     if history is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reusing views is the point of the study

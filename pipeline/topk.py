@@ -10,7 +10,10 @@ log-sum-exp and mean of the *tail* (every class that is neither kept nor the
 target).
 
 Stage two distills over buckets: the kept classes, the target, and one tail
-bucket holding the remaining mass. At T = 1 every bucket mass is exact. At
+bucket holding the remaining mass. Inside the tail the teacher's distribution
+is unknown; ``tail="uniform"`` (the default) takes it as uniform and adds the
+tail mass times ``KL(uniform || student inside the tail)``, ``tail="bucket"``
+compares the coarse buckets only (a lower bound of the full KL). At T = 1 every bucket mass is exact. At
 another temperature the tail's mass ``sum_j exp(x_j / T)`` is not stored; it
 is estimated from the tail's count ``m``, mean ``mu`` and T = 1 mass as if the
 tail were Gaussian, ``log m + mu / T + s^2 / (2 T^2)`` with ``s^2`` fitted so
@@ -28,6 +31,7 @@ import torch
 
 from kdcache.errors import KdcacheError
 
+TAILS = ("uniform", "bucket")
 STAT_FIELDS = ("mean", "std", "lse", "target", "tail_lse", "tail_mean")
 MASKED = -1.0e4  # bucket logit of an empty bucket: exp() is exactly 0 in float32, and it stays finite
 
@@ -101,8 +105,9 @@ class TopKTeacher:
 
 
 def buckets(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, temperature: float | torch.Tensor,
-            logit_stand: bool = False, eps: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student and teacher logits over K + 2 buckets, already divided by the temperature, and the target's bucket.
+            logit_stand: bool = False, eps: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student and teacher logits over K + 2 buckets, already divided by the temperature, the target's bucket, and
+    per row ``KL(uniform || student within the tail)``.
 
     Buckets: the K kept classes, the target (empty when it is among the kept),
     and the tail. ``softmax`` of the teacher's buckets is its distribution
@@ -132,8 +137,10 @@ def buckets(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, t
     exact = torch.zeros_like(s_scaled, dtype=torch.bool).scatter(1, idx, True).scatter(1, y, True)
     s_tail = torch.logsumexp(s_scaled.masked_fill(exact, float("-inf")), dim=1, keepdim=True)
     s_b = torch.cat([s_scaled.gather(1, idx), s_target, s_tail], dim=1)
+    # KL(uniform || student's distribution inside the tail), per row: the within-tail term for TAILS "uniform".
+    within = -torch.log(m.squeeze(1)) - ((s_scaled * (~exact)).sum(dim=1) / m.squeeze(1) - s_tail.squeeze(1))
     slot = torch.where(in_topk.squeeze(1), (idx == y).float().argmax(dim=1), torch.full_like(y.squeeze(1), idx.shape[1]))
-    return s_b, t_b, slot
+    return s_b, t_b, slot, within
 
 
 def stored_bytes_per_row(fmt: LogitFormat, num_classes: int, itemsize: int) -> int:

@@ -529,9 +529,18 @@ def _verify_hashes(rows: dict[str, np.ndarray], names: dict[str, list[str]], idx
             )
 
 
+def finished_run(run_dir: str | Path, epochs: int) -> list[dict] | None:
+    """The metrics history of a run folder that already trained ``epochs`` epochs, else None (not started or cut off)."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    return rows if rows and rows[-1]["epoch"] >= epochs else None
+
+
 def load_student(path: str | Path, name: str, num_classes: int) -> torch.nn.Module:
     """A trained student (``best.pt`` / ``last.pt``), usable as a teacher later."""
     return load_checkpoint(create_model(name, num_classes), path)
 
 
-__all__ = ["TrainConfig", "TrainResult", "train_student", "evaluate", "classification_metrics", "load_student"]
+__all__ = ["TrainConfig", "TrainResult", "train_student", "evaluate", "classification_metrics", "load_student", "finished_run"]

@@ -35,23 +35,36 @@ def test_stats_and_bucket_masses_are_exact_at_t1():
     assert torch.allclose(st["mean"], t.mean(1)) and torch.allclose(st["std"], t.std(1))
     assert torch.allclose(st["lse"], torch.logsumexp(t, 1)) and torch.equal(st["target"], t.gather(1, y[:, None]).squeeze(1))
     assert torch.equal(tk.values, t.topk(5, dim=1).values)
-    _, t_b, slot = buckets(s, tk, y, 1.0)
+    _, t_b, slot, _ = buckets(s, tk, y, 1.0)
     p_full, p_b = t.softmax(1), t_b.softmax(1)
     assert torch.allclose(p_b[:, :5], p_full.gather(1, tk.indices.long()), atol=1e-6)
     assert torch.allclose(p_b.gather(1, slot[:, None]).squeeze(1), p_full.gather(1, y[:, None]).squeeze(1), atol=1e-6)
     assert torch.allclose(p_b.sum(1), torch.ones(len(y)), atol=1e-5)
     # Z-scored kept entries equal the Z-scored full row at those classes.
-    _, z_b, _ = buckets(s, tk, y, 1.0, logit_stand=True)
+    _, z_b, _, _ = buckets(s, tk, y, 1.0, logit_stand=True)
     assert torch.allclose(z_b[:, :5], zscore(t).gather(1, tk.indices.long()), atol=1e-5)
 
 
-def test_topk_losses_converge_to_full_as_k_grows():
+@pytest.mark.parametrize("tail", ["uniform", "bucket"])
+def test_topk_losses_converge_to_full_as_k_grows(tail):
     t, y, s = _teacher_batch()
     for ls in (False, True):
         full_kd, full_dkd = kd_loss(s, t, 4.0, ls), dkd_loss(s, t, y, 1.0, 8.0, 4.0, ls)
-        errors = [abs(float(topk_kd_loss(s, _topk(t, y, k), y, 4.0, ls) - full_kd)) for k in (5, 20, 60, 98)]
+        errors = [abs(float(topk_kd_loss(s, _topk(t, y, k), y, 4.0, ls, tail) - full_kd)) for k in (5, 20, 60, 98)]
         assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-2 * float(full_kd)
-        assert float(topk_dkd_loss(s, _topk(t, y, 98), y, 1.0, 8.0, 4.0, ls)) == pytest.approx(float(full_dkd), rel=1e-2)
+        assert float(topk_dkd_loss(s, _topk(t, y, 98), y, 1.0, 8.0, 4.0, ls, tail)) == pytest.approx(float(full_dkd), rel=1e-2)
+
+
+def test_bucket_tail_is_a_lower_bound_and_uniform_tail_is_exact_for_a_flat_tail():
+    t, y, s = _teacher_batch()
+    for k in (5, 20):
+        assert float(topk_kd_loss(s, _topk(t, y, k), y, 1.0, tail="bucket")) <= float(kd_loss(s, t, 1.0)) + 1e-6
+    flat = torch.full_like(t, -3.0)
+    top = torch.randint(0, 100, (len(y), 3))
+    flat.scatter_(1, top, torch.tensor([6.0, 4.0, 2.0]).expand(len(y), 3).contiguous())
+    flat.scatter_(1, y[:, None], 5.0)
+    for ls in (False, True):
+        assert float(topk_kd_loss(s, _topk(flat, y, 5), y, 4.0, ls)) == pytest.approx(float(kd_loss(s, flat, 4.0, ls)), rel=1e-4)
 
 
 def test_topk_loss_has_gradients_and_ctkd_temperature():
