@@ -117,8 +117,8 @@ def compare(student: torch.Tensor, full: torch.Tensor, top: TopKTeacher, y: torc
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--samples", type=int, nargs=2, default=[20000, 40000], help="training canvases at 100 and 1000 classes")
-    p.add_argument("--epochs", type=int, default=8, help="teacher epochs")
+    p.add_argument("--samples", type=int, nargs=2, default=[20000, 30000], help="training canvases at 100 and 1000 classes")
+    p.add_argument("--epochs", type=int, default=6, help="teacher epochs")
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()

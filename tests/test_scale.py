@@ -55,6 +55,16 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
     assert zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r").attrs["complete"] is True
 
 
+def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teacher_ckpt):
+    pytest.importorskip("distributed")
+    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=2, mix="cutmix",
+              format="topk:4", batch_size=100, forward_block=64, progress=False)
+    dump_logits(out=str(tmp_path / "single.zarr"), **kw)
+    dump_logits(out=str(tmp_path / "cluster.zarr"), local_cluster=1, **kw)
+    _same_store(str(tmp_path / "single.zarr"), str(tmp_path / "cluster.zarr"))
+    assert "topk_values" in zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r")
+
+
 def test_cluster_bad_input_is_one_line(tmp_path, teacher_ckpt):
     pytest.importorskip("distributed")
     common = ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--dataset", "digits",
