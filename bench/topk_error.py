@@ -8,13 +8,13 @@ canvases holding two digits (100 classes, "37") or three (1000 classes,
 top-K truncation cares about: classes that share digits with the answer get
 most of the remaining mass, like fine-grained ImageNet confusions.
 
-For each class count: train the teacher, and a weaker student (one epoch);
+For each class count: train the teacher, and a weaker student (3 epochs);
 dump the teacher's logits with ``dump_logits`` as ``--format full`` (float16)
 and ``topk:K``; then over the whole training set, in batches of 64, compare
 each loss from the top-K cache with the same loss from the full cache:
 relative error of the batch loss (mean over batches) and cosine similarity of
-the gradient with respect to the student logits. The last column drops the
-within-tail term (``tail="bucket"``) to show what the uniform tail buys.
+the gradient with respect to the student logits, for both tail models
+(``tail="uniform"`` and ``tail="bucket"``, see :mod:`kdcache.topk`).
 Run: ``python bench/topk_error.py`` (about 15 min on 2 CPU cores); writes
 ``bench/results/topk_error.md`` and ``bench/results/topk_error.png``.
 """
@@ -42,11 +42,12 @@ from kdcache.views import normalize
 
 NORM = Normalization((0.1, 0.1, 0.1), (0.25, 0.25, 0.25))
 LOSSES = {
-    "KD T=4": (lambda s, t, y: kd_loss(s, t, 4.0), lambda s, k, y: topk_kd_loss(s, k, y, 4.0)),
-    "KD+LS T=2": (lambda s, t, y: kd_loss(s, t, 2.0, True), lambda s, k, y: topk_kd_loss(s, k, y, 2.0, True)),
-    "DKD T=4": (lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0), lambda s, k, y: topk_dkd_loss(s, k, y, 1.0, 8.0, 4.0)),
-    "KD T=4, bucket tail": (lambda s, t, y: kd_loss(s, t, 4.0), lambda s, k, y: topk_kd_loss(s, k, y, 4.0, tail="bucket")),
+    "KD T=4": (lambda s, t, y: kd_loss(s, t, 4.0), lambda s, k, y, tail: topk_kd_loss(s, k, y, 4.0, tail=tail)),
+    "KD+LS T=2": (lambda s, t, y: kd_loss(s, t, 2.0, True), lambda s, k, y, tail: topk_kd_loss(s, k, y, 2.0, True, tail)),
+    "DKD T=4": (lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0),
+                lambda s, k, y, tail: topk_dkd_loss(s, k, y, 1.0, 8.0, 4.0, tail=tail)),
 }
+TAILS = ("uniform", "bucket")
 
 
 def composite_digits(digits: int, n: int, pool: np.ndarray, images: np.ndarray, labels: np.ndarray, seed: int) -> tuple:
@@ -94,24 +95,25 @@ def logits_of(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
     return torch.cat([model(normalize(x[s : s + 512], NORM.mean, NORM.std)) for s in range(0, len(x), 512)])
 
 
-def compare(student: torch.Tensor, full: torch.Tensor, top: TopKTeacher, y: torch.Tensor, batch: int = 64) -> dict[str, tuple]:
-    """Per loss: mean relative batch-loss error and cosine of the gradient w.r.t. the student logits."""
+def compare(student: torch.Tensor, full: torch.Tensor, top: TopKTeacher, y: torch.Tensor, batch: int = 64) -> dict[tuple, tuple]:
+    """Per (loss, tail): mean relative batch-loss error and cosine of the gradient w.r.t. the student logits."""
     out = {}
     for name, (full_fn, top_fn) in LOSSES.items():
-        rel, g_full, g_top = [], [], []
-        for s in range(0, len(y) - batch + 1, batch):
-            sl = slice(s, s + batch)
-            a = student[sl].clone().requires_grad_(True)
-            b = student[sl].clone().requires_grad_(True)
-            la = full_fn(a, full[sl], y[sl])
-            lb = top_fn(b, TopKTeacher(top.values[sl], top.indices[sl], top.stats[sl], top.num_classes), y[sl])
-            la.backward()
-            lb.backward()
-            rel.append(abs(float(lb) - float(la)) / float(la))
-            g_full.append(a.grad.flatten())
-            g_top.append(b.grad.flatten())
-        cos = F.cosine_similarity(torch.cat(g_full), torch.cat(g_top), dim=0)
-        out[name] = (float(np.mean(rel)), float(cos))
+        for tail in TAILS:
+            rel, g_full, g_top = [], [], []
+            for s in range(0, len(y) - batch + 1, batch):
+                sl = slice(s, s + batch)
+                a = student[sl].clone().requires_grad_(True)
+                b = student[sl].clone().requires_grad_(True)
+                la = full_fn(a, full[sl], y[sl])
+                lb = top_fn(b, TopKTeacher(top.values[sl], top.indices[sl], top.stats[sl], top.num_classes), y[sl], tail)
+                la.backward()
+                lb.backward()
+                rel.append(abs(lb.item() - la.item()) / la.item())
+                g_full.append(a.grad.flatten())
+                g_top.append(b.grad.flatten())
+            cos = F.cosine_similarity(torch.cat(g_full), torch.cat(g_top), dim=0)
+            out[name, tail] = (float(np.mean(rel)), float(cos))
     return out
 
 
@@ -119,6 +121,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--samples", type=int, nargs=2, default=[20000, 30000], help="training canvases at 100 and 1000 classes")
     p.add_argument("--epochs", type=int, default=6, help="teacher epochs")
+    p.add_argument("--student-epochs", type=int, default=3, help="epochs of the (weaker) student whose loss is compared")
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
@@ -131,7 +134,7 @@ def main() -> None:
         x, y = composite_digits(digits, n, train_pool, d.images, d.target, seed=digits)
         xt, yt = composite_digits(digits, 5000, test_pool, d.images, d.target, seed=100 + digits)
         teacher = train(x, y, classes, args.epochs, seed=0)
-        student = train(x, y, classes, 1, seed=1)
+        student = train(x, y, classes, args.student_epochs, seed=1)
         t_acc = float((logits_of(teacher, xt).argmax(1).numpy() == yt).mean())
         s_acc = float((logits_of(student, xt).argmax(1).numpy() == yt).mean())
         print(f"{classes} classes: teacher top-1 {100 * t_acc:.1f}%, student {100 * s_acc:.1f}% on held-out digits "
@@ -158,40 +161,49 @@ def main() -> None:
                 result = compare(s_logits, full, top, yy)
                 rows.append((classes, f"topk:{k}", disk_bytes(f"{tmp}/top{k}.zarr") / n, result))
                 plot.setdefault(classes, []).append((k, result))
-                print(f"  topk:{k}: " + "  ".join(f"{m} err {100 * e:.2f}% cos {c:.4f}" for m, (e, c) in result.items()), flush=True)
+                print(f"  topk:{k}: " + "  ".join(f"{m}/{t} err {100 * e:.2f}% cos {c:.4f}" for (m, t), (e, c) in result.items()),
+                      flush=True)
         rows.append((classes, "teacher", t_acc, s_acc))
     write(rows, plot, Path(args.out), args)
 
 
 def write(rows: list, plot: dict, out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    names = list(LOSSES)
-    lines = ["| classes | format | bytes per sample on disk | " + " | ".join(f"{m}: loss error / grad cosine" for m in names) + " |",
-             "|---:|---|---:|" + "---:|" * len(names)]
+    sizes = ["| classes | format | bytes per sample on disk (whole store) |", "|---:|---|---:|"]
+    errors = ["| classes | K | loss | uniform tail: loss error | uniform tail: grad cosine | bucket tail: loss error | "
+              "bucket tail: grad cosine |", "|---:|---:|---|---:|---:|---:|---:|"]
     notes = []
     for classes, fmt, value, result in rows:
         if fmt == "teacher":
-            notes.append(f"- {classes} classes: teacher top-1 {100 * value:.1f}%, student (1 epoch) {100 * result:.1f}% on held-out digits")
+            notes.append(f"- {classes} classes: teacher top-1 {100 * value:.1f}%, student ({args.student_epochs} epochs) "
+                         f"{100 * result:.1f}% on held-out digits")
             continue
-        cells = ["—"] * len(names) if result is None else [f"{100 * result[m][0]:.2f}% / {result[m][1]:.4f}" for m in names]
-        lines.append(f"| {classes} | {fmt} | {value:,.1f} | " + " | ".join(cells) + " |")
-    cmd = f"python bench/topk_error.py --samples {args.samples[0]} {args.samples[1]} --epochs {args.epochs}"
-    (out / "topk_error.md").write_text("\n".join([f"`{cmd}`", "", *lines, "", *notes, ""]))
-    print("\n".join(lines + notes))
+        sizes.append(f"| {classes} | {fmt} | {value:,.1f} |")
+        if result is not None:
+            for m in LOSSES:
+                (eu, cu), (eb, cb) = result[m, "uniform"], result[m, "bucket"]
+                errors.append(f"| {classes} | {fmt[5:]} | {m} | {100 * eu:.2f}% | {cu:.4f} | {100 * eb:.2f}% | {cb:.4f} |")
+    cmd = (f"python bench/topk_error.py --samples {args.samples[0]} {args.samples[1]} --epochs {args.epochs} "
+           f"--student-epochs {args.student_epochs}")
+    text = "\n".join([f"`{cmd}`", "", *sizes, "", *errors, "", *notes, ""])
+    (out / "topk_error.md").write_text(text)
+    print(text)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for classes, pts in plot.items():
         ks = [k for k, _ in pts]
-        for m in names:
-            axes[0].plot(ks, [100 * r[m][0] for _, r in pts], "o-", label=f"{classes} classes, {m}")
-            axes[1].plot(ks, [r[m][1] for _, r in pts], "o-", label=f"{classes} classes, {m}")
+        for m in LOSSES:
+            for tail, style in zip(TAILS, ("o-", "s--")):
+                label = f"{classes} cl., {m}, {tail}"
+                axes[0].plot(ks, [100 * r[m, tail][0] for _, r in pts], style, label=label)
+                axes[1].plot(ks, [r[m, tail][1] for _, r in pts], style, label=label)
     axes[0].set(xlabel="K kept logits", ylabel="relative loss error (%)", yscale="log", title="batch loss vs full cache")
-    axes[1].set(xlabel="K kept logits", ylabel="cosine", title="gradient w.r.t. student logits")
-    axes[0].legend(fontsize=7)
+    axes[1].set(xlabel="K kept logits", ylabel="cosine", title="gradient w.r.t. student logits vs full cache")
+    axes[1].legend(fontsize=6, ncol=2)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.set_xticks(args.ks)

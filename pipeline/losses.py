@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdcache.topk import TopKTeacher, buckets
+from kdcache.topk import TAILS, TopKTeacher, buckets
 
 MLKD_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)  # added to the base temperature T0
 
@@ -101,10 +101,16 @@ def dkd_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
     return (alpha * tckd + beta * nckd) * temperature**2
 
 
+def _check_tail(tail: str) -> None:
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail model {tail!r}: choose 'uniform' or 'bucket'")
+
+
 def topk_kd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, temperature: float | torch.Tensor,
                  logit_stand: bool = False, tail: str = "uniform") -> torch.Tensor:
     """:func:`kd_loss` against a top-K cache: KL over the kept, target and tail buckets (plus, for ``tail="uniform"``,
     the teacher's tail mass times the student's divergence from uniform inside the tail), ``τ²`` times the batch mean."""
+    _check_tail(tail)
     s_b, t_b, _, within = buckets(student, teacher, target, temperature, logit_stand)
     log_t = F.log_softmax(t_b, dim=1)
     kl = _kl_rows(log_t, F.log_softmax(s_b, dim=1))
@@ -117,6 +123,7 @@ def topk_dkd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Ten
                   temperature: float | torch.Tensor, logit_stand: bool = False, tail: str = "uniform") -> torch.Tensor:
     """:func:`dkd_loss` against a top-K cache: TCKD is exact up to the tail estimate (the target logit is stored);
     NCKD compares the non-target buckets (kept classes and the tail), with the within-tail term as in :func:`topk_kd_loss`."""
+    _check_tail(tail)
     s_b, t_b, slot, within = buckets(student, teacher, target, temperature, logit_stand)
     tckd = _kl_rows(_binary_log(t_b, slot), _binary_log(s_b, slot))
     log_t_nt = _non_target_log_softmax(t_b, slot)

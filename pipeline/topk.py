@@ -143,13 +143,6 @@ def buckets(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, t
     return s_b, t_b, slot, within
 
 
-def stored_bytes_per_row(fmt: LogitFormat, num_classes: int, itemsize: int) -> int:
-    """Uncompressed bytes of one stored row (before Zstd)."""
-    if not fmt.is_topk:
-        return num_classes * itemsize
-    return fmt.k * (itemsize + 2) + 4 * len(STAT_FIELDS)
-
-
 def top1_and_confidence(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Predicted class and max softmax probability (T = 1) per row, from either format's arrays."""
     if "logits" in arrays:
@@ -160,5 +153,4 @@ def top1_and_confidence(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.n
     return arrays["topk_indices"][:, 0].astype(np.int64), np.exp(arrays["topk_values"][:, 0].astype(np.float32) - lse)
 
 
-__all__ = ["LogitFormat", "parse_format", "encode", "TopKTeacher", "buckets", "STAT_FIELDS", "top1_and_confidence",
-           "stored_bytes_per_row"]
+__all__ = ["LogitFormat", "parse_format", "encode", "TopKTeacher", "buckets", "STAT_FIELDS", "top1_and_confidence", "TAILS"]
