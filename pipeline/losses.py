@@ -107,7 +107,7 @@ def _check_tail(tail: str) -> None:
 
 
 def topk_kd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, temperature: float | torch.Tensor,
-                 logit_stand: bool = False, tail: str = "uniform") -> torch.Tensor:
+                 logit_stand: bool = False, tail: str = "bucket") -> torch.Tensor:
     """:func:`kd_loss` against a top-K cache: KL over the kept, target and tail buckets (plus, for ``tail="uniform"``,
     the teacher's tail mass times the student's divergence from uniform inside the tail), ``τ²`` times the batch mean."""
     _check_tail(tail)
@@ -120,7 +120,7 @@ def topk_kd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tens
 
 
 def topk_dkd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, alpha: float, beta: float,
-                  temperature: float | torch.Tensor, logit_stand: bool = False, tail: str = "uniform") -> torch.Tensor:
+                  temperature: float | torch.Tensor, logit_stand: bool = False, tail: str = "bucket") -> torch.Tensor:
     """:func:`dkd_loss` against a top-K cache: TCKD is exact up to the tail estimate (the target logit is stored);
     NCKD compares the non-target buckets (kept classes and the tail), with the within-tail term as in :func:`topk_kd_loss`."""
     _check_tail(tail)

@@ -11,15 +11,18 @@ target).
 
 Stage two distills over buckets: the kept classes, the target, and one tail
 bucket holding the remaining mass. Inside the tail the teacher's distribution
-is unknown; ``tail="uniform"`` (the default) takes it as uniform and adds the
-tail mass times ``KL(uniform || student inside the tail)``, ``tail="bucket"``
-compares the coarse buckets only (a lower bound of the full KL). At T = 1 every bucket mass is exact. At
-another temperature the tail's mass ``sum_j exp(x_j / T)`` is not stored; it
+is unknown; ``tail="bucket"`` (the default) compares the coarse buckets only
+(a lower bound of the full KL that leaves the student's tail free), and
+``tail="uniform"`` takes the teacher's tail as uniform, adding the tail mass
+times ``KL(uniform || student inside the tail)``. ``bench/topk_error.py``
+found the bucket tail closer to the full loss's gradient once the student is
+any good (the uniform tail pulls a trained student's tail towards uniform).
+
+At T = 1 every bucket mass is exact. At another temperature the tail's mass ``sum_j exp(x_j / T)`` is not stored; it
 is estimated from the tail's count ``m``, mean ``mu`` and T = 1 mass as if the
 tail were Gaussian, ``log m + mu / T + s^2 / (2 T^2)`` with ``s^2`` fitted so
 T = 1 is exact (exact to first order as T grows too). The student's tail is its
-own exact log-sum-exp over the same classes. ``bench/topk_error.py`` measures
-what the truncation costs against a full cache.
+own exact log-sum-exp over the same classes.
 """
 
 from __future__ import annotations
