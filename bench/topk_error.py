@@ -193,20 +193,22 @@ def write(rows: list, plot: dict, out: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for classes, pts in plot.items():
+    fig, axes = plt.subplots(len(plot), 2, figsize=(11, 3.6 * len(plot)), squeeze=False)
+    for row, (classes, pts) in zip(axes, plot.items()):
         ks = [k for k, _ in pts]
-        for m in LOSSES:
-            for tail, style in zip(TAILS, ("o-", "s--")):
-                label = f"{classes} cl., {m}, {tail}"
-                axes[0].plot(ks, [100 * r[m, tail][0] for _, r in pts], style, label=label)
-                axes[1].plot(ks, [r[m, tail][1] for _, r in pts], style, label=label)
-    axes[0].set(xlabel="K kept logits", ylabel="relative loss error (%)", yscale="log", title="batch loss vs full cache")
-    axes[1].set(xlabel="K kept logits", ylabel="cosine", title="gradient w.r.t. student logits vs full cache")
-    axes[1].legend(fontsize=6, ncol=2)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.set_xticks(args.ks)
+        for color, m in zip(("C0", "C1", "C2"), LOSSES):
+            for tail, style in zip(TAILS, (":", "-")):
+                label = f"{m}, {tail} tail"
+                row[0].plot(ks, [100 * r[m, tail][0] for _, r in pts], style, marker="o", color=color, label=label)
+                row[1].plot(ks, [r[m, tail][1] for _, r in pts], style, marker="o", color=color, label=label)
+        row[0].set(xlabel="K kept logits", ylabel="relative loss error (%)", yscale="log",
+                   title=f"{classes} classes: batch loss vs full cache")
+        row[1].set(xlabel="K kept logits", ylabel="cosine", title=f"{classes} classes: gradient vs full cache")
+        row[1].legend(fontsize=7)
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.set_xticks(args.ks)
+            ax.set_xticklabels([str(k) for k in args.ks])
     fig.tight_layout()
     fig.savefig(out / "topk_error.png", dpi=110)
     print(f"wrote {out / 'topk_error.md'} and {out / 'topk_error.png'}")
