@@ -337,7 +337,7 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     if store is not None and store.format.is_topk and cfg.loss != "ce" and (
             cfg.loss not in ("kd", "dkd") or cfg.teacher_fix != "none"):
         what = f"--teacher-fix {cfg.teacher_fix}" if cfg.loss in ("kd", "dkd") else f"--loss {cfg.loss}"
-        raise KdcacheError(f"{what} needs every teacher logit, but {cache} is a {store.format} cache: use --loss kd or dkd with it, "
+        raise KdcacheError(f"{what} needs every teacher logit, but {caches[0]} is a {store.format} cache: use --loss kd or dkd with it, "
                            "or dump with --format full")
     if recipe.mix != "none" and (cfg.loss not in ("ce", "kd") or cfg.teacher_fix != "none"):
         raise KdcacheError(f"cache {caches[0]} holds {recipe.mix} views, which have two target classes: use --loss kd (or ce) "
@@ -450,10 +450,11 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
                 t_logits = [online(p).to(dev) for p in pixels]
             else:
                 at = idx.numpy() - lo
-                t_logits = [_teacher_rows(rows, names["teacher"][k], at, store.num_classes, dev) for k in range(kinds)]
                 if len(every) > 1:
                     t_logits = [ensemble_teachers([torch.from_numpy(r[names["teacher"][k][0]][at]).to(dev) for r in every],
                                                   mix_weights, teacher_mix) for k in range(kinds)]
+                else:
+                    t_logits = [_teacher_rows(rows, names["teacher"][k], at, store.num_classes, dev) for k in range(kinds)]
             temperature = ctkd(epoch - 1) if ctkd is not None else cfg.temperature
             mixed = None
             if recipe.mix != "none":
