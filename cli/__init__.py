@@ -85,6 +85,8 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--checkpoint", type=click.Path(), help="Online teacher weights.")
 @click.option("--weights", help="torchvision weights name for an online torchvision teacher (e.g. IMAGENET1K_V1).")
 @click.option("--augment", type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe (online or CE runs).")
+@click.option("--mix", type=click.Choice(["none", "mixup", "cutmix"]), help="Online runs: mixed views, as dump-logits --mix.")
+@click.option("--mix-alpha", default=1.0, show_default=True, type=float, help="Online runs: λ ~ Beta(alpha, alpha).")
 @click.option("--views", help="Views per sample for online runs: N or all.")
 @click.option("--view-seed", default=0, show_default=True, type=int, help="Online runs: the cache seed whose views to replay.")
 @click.option("--forward-block", default=64, show_default=True, type=int, help="Online teacher block size (match the cache's).")

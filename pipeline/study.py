@@ -60,8 +60,6 @@ def study_views(*, cache: str, student: str, dataset: str, out: str | Path, teac
     store = open_store(cache)
     if store.attrs["views_mode"] == "all":
         raise KdcacheError(f"{cache} enumerates all views in a fixed order: the study needs a cache of seeded views (--views N)")
-    if teacher is not None and store.attrs["recipe"].get("mix"):
-        raise KdcacheError(f"{cache} holds mixed views, which online training does not draw: run the study without --teacher")
     counts = sorted(set(counts)) if counts else default_counts(store.num_views)
     if counts[0] < 1 or counts[-1] > store.num_views:
         raise KdcacheError(f"--counts must lie in 1..{store.num_views} (the views the cache holds), got {counts}")
@@ -77,7 +75,8 @@ def study_views(*, cache: str, student: str, dataset: str, out: str | Path, teac
         if progress:
             print(f"study: training with the online teacher {teacher} on fresh views", flush=True)
         points.append(_point(None, out / "online", epochs, teacher=teacher, checkpoint=checkpoint, weights=weights,
-                             augment=store.attrs["recipe"]["name"], view_seed=int(store.attrs["seed"]),
+                             augment=store.attrs["recipe"]["name"], mix=store.attrs["recipe"].get("mix", "none"),
+                             mix_alpha=float(store.attrs["recipe"].get("mix_alpha", 1.0)), view_seed=int(store.attrs["seed"]),
                              forward_block=int(store.attrs["teacher"]["forward_block"]), **common))
     (out / "study.json").write_text(json.dumps({"cache": cache, "epochs": epochs, "points": [asdict(p) for p in points]}, indent=2))
     from kdcache.plots import plot_views_study

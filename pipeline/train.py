@@ -127,16 +127,25 @@ class StudentViews(Dataset):
     def __getitem__(self, i: int) -> tuple:
         img = self.dataset.image(i)
         pixels, hashes = [], []
+        mix = np.asarray([i, 1.0])  # (partner, λ) of the weak view: itself with weight 1 unless mixed
         for k in range(self.kinds):
+            partner = None
             if self.params is not None:
                 p = self.params[k][i - self.offset]
+                partner = self.recipe.partner_of(p) if k == 0 else None
+            elif self.recipe.mix != "none" and k == 0:
+                v = np.asarray([self.views[i]])
+                partner = int(self.recipe.partners(self.view_seed, v, np.asarray([i]), len(self.dataset))[0])
+                p = self.recipe.params_batch(self.view_seed, v, np.asarray([i]), k, np.asarray([img.shape[:2]]), self.all_views,
+                                             np.asarray([partner]), np.asarray([self.dataset.image(partner).shape[:2]]))[0]
             else:
                 p = self.recipe.params(self.view_seed, int(self.views[i]), i, k, img.shape[:2], self.all_views)
-            partner = self.recipe.partner_of(p) if k == 0 else None
+            if partner is not None:
+                mix = np.asarray(self.recipe.mixing(p[None]), dtype=np.float64)[:, 0]
             x = self.recipe.apply(img, p, k, self.dataset.image(partner) if partner is not None else None)
             pixels.append(x)
             hashes.append(np.uint64(pixel_hash(x)).view(np.int64) if self.check[i] else np.int64(0))
-        return i, int(self.dataset.labels[i]), pixels, hashes
+        return i, int(self.dataset.labels[i]), pixels, hashes, mix
 
 
 class EvalViews(Dataset):
@@ -225,7 +234,7 @@ def _distill(cfg: TrainConfig, epoch: int, y: torch.Tensor, student: list[torch.
         student[0], student[1], teacher[0], teacher[1], temperature, cfg.logit_stand, cfg.mlkd_variant)
 
 
-def _cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None) -> Recipe:
+def _cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None, mix: str | None = None) -> Recipe:
     """Fail closed: the cache must be complete and made from this dataset, split and recipe."""
     if not store.complete():
         missing = int((~store.done()).sum())
@@ -239,14 +248,16 @@ def _cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None) -> 
     recipe = recipe_from_attrs(store.attrs["recipe"])
     if augment is not None and augment != recipe.name:
         raise KdcacheError(f"cache {store.location} holds --augment {recipe.name} views, not {augment}: drop --augment or use another cache")
+    if mix is not None and mix != recipe.mix:
+        raise KdcacheError(f"cache {store.location} holds --mix {recipe.mix} views, not {mix}: drop --mix or use another cache")
     return recipe
 
 
-def _open_caches(caches: list[str], ds: ImageDataset, augment: str | None, teacher_weights: str | list[float] | None,
+def _open_caches(caches: list[str], ds: ImageDataset, augment: str | None, mix: str | None, teacher_weights: str | list[float] | None,
                  teacher_mix: str) -> tuple[list[CacheStore], Recipe, list[float]]:
     """Open every ``--cache``, check each against the data, and check they hold the same views; returns the mixing weights."""
     stores = [open_store(c) for c in caches]
-    recipe = [_cache_matches(st, ds, augment) for st in stores][0]
+    recipe = [_cache_matches(st, ds, augment, mix) for st in stores][0]
     if teacher_mix not in TEACHER_MIXES:
         raise KdcacheError(f"unknown --teacher-mix {teacher_mix!r}: choose logits or probs")
     if teacher_weights is None:
@@ -275,7 +286,8 @@ def _open_caches(caches: list[str], ds: ImageDataset, augment: str | None, teach
 def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "kd", cache: str | list[str] | None = None,
                   teacher_weights: str | list[float] | None = None, teacher_mix: str = "logits", cache_views: int | None = None,
                   teacher: str | None = None, checkpoint: str | None = None, weights: str | None = None,
-                  augment: str | None = None, views: str | int | None = None, view_seed: int = 0, forward_block: int = 64,
+                  augment: str | None = None, mix: str | None = None, mix_alpha: float = 1.0, views: str | int | None = None,
+                  view_seed: int = 0, forward_block: int = 64,
                   data_root: str | None = None, download: bool = False, workers: int = 0, device: str = "auto",
                   resume: bool = False, verify_views: bool = False, plot: bool = False, progress: bool = True,
                   cache_memory: int = 4 << 30, **hyper) -> TrainResult:
@@ -284,8 +296,9 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     Teacher signal comes from ``cache`` (a dump-logits store, or a list of
     stores of the same views from several teachers, combined per
     ``teacher_mix`` with ``teacher_weights``: see :func:`ensemble_teachers`), or
-    from an online ``teacher`` run on the same views (``augment``, ``views``,
-    ``view_seed``; ``weights`` names torchvision weights); ``loss="ce"`` needs neither.
+    from an online ``teacher`` run on the same views (``augment``, ``mix``,
+    ``mix_alpha``, ``views``, ``view_seed``; ``weights`` names torchvision
+    weights); ``loss="ce"`` needs neither.
     ``cache_views`` trains from only the first N views of the cache (see
     :func:`kdcache.study.study_views`). ``hyper`` holds :class:`TrainConfig` fields.
     Under ``torchrun`` each rank trains on its shard of the samples with
@@ -312,7 +325,7 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
 
     stores, mix_weights = [], [1.0]
     if caches:
-        stores, recipe, mix_weights = _open_caches(caches, train_ds, augment, teacher_weights, teacher_mix)
+        stores, recipe, mix_weights = _open_caches(caches, train_ds, augment, mix, teacher_weights, teacher_mix)
     store = stores[0] if stores else None
     if store is not None:
         num_views = store.num_views
@@ -325,8 +338,8 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
                 raise KdcacheError(f"--cache-views {cache_views} is out of range: the cache holds {num_views} views per sample")
             num_views = cache_views
     else:
-        recipe = make_recipe(augment or ("cifar" if train_ds.small else "imagenet"), train_ds.small)
-        num_views, mode = parse_views(views if views is not None else ("all" if recipe.name == "cifar" else cfg.epochs), recipe)
+        recipe = make_recipe(augment or ("cifar" if train_ds.small else "imagenet"), train_ds.small, mix or "none", mix_alpha)
+        num_views, mode = parse_views(views if views is not None else ("all" if recipe.num_discrete_views else cfg.epochs), recipe)
         uniform = mode == "all"
     kinds = 2 if cfg.loss == "mlkd" else 1
     if kinds > len(recipe.kinds):
@@ -340,8 +353,9 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         raise KdcacheError(f"{what} needs every teacher logit, but {caches[0]} is a {store.format} cache: use --loss kd or dkd with it, "
                            "or dump with --format full")
     if recipe.mix != "none" and (cfg.loss not in ("ce", "kd") or cfg.teacher_fix != "none"):
-        raise KdcacheError(f"cache {caches[0]} holds {recipe.mix} views, which have two target classes: use --loss kd (or ce) "
-                           "with it, or a cache dumped without --mix")
+        raise KdcacheError(f"{recipe.mix} views have two target classes, so --loss {cfg.loss}"
+                           f"{' --teacher-fix ' + cfg.teacher_fix if cfg.teacher_fix != 'none' else ''} is undefined on them: "
+                           "use --loss kd (or ce), or views without --mix")
     if store is not None and store.num_classes != train_ds.num_classes:
         raise KdcacheError(f"cache has {store.num_classes} classes but {dataset} has {train_ds.num_classes}: use a cache of this dataset")
 
@@ -354,6 +368,8 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         config_record.update(teacher_weights=mix_weights, teacher_mix=teacher_mix)
     if cache_views is not None:
         config_record["cache_views"] = cache_views
+    if recipe.mix != "none":
+        config_record.update(mix=recipe.mix, mix_alpha=recipe.mix_alpha)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.student, train_ds.num_classes).to(dev)
     net = model
@@ -438,7 +454,7 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=None if progress else True,
                    dynamic_ncols=True, leave=False)
-        for idx, y, pixels, hashes in bar:
+        for idx, y, pixels, hashes, mix in bar:
             if rows is not None:
                 _verify_hashes(rows, names, idx, hashes, views_e, kinds, lo)
             x = [normalize(p.to(dev, non_blocking=True), train_ds.norm.mean, train_ds.norm.std) for p in pixels]
@@ -458,8 +474,8 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             temperature = ctkd(epoch - 1) if ctkd is not None else cfg.temperature
             mixed = None
             if recipe.mix != "none":
-                partner, lam = recipe.mixing(rows[names["params"][0]][idx.numpy() - lo])
-                mixed = (torch.from_numpy(train_ds.labels[partner]).long().to(dev), torch.from_numpy(lam).float().to(dev))
+                partner = mix[:, 0].long().numpy()
+                mixed = (torch.from_numpy(train_ds.labels[partner]).long().to(dev), mix[:, 1].float().to(dev))
             total = _distill(cfg, epoch, y, s_logits, t_logits, temperature, mixed)
             if not torch.isfinite(total):
                 raise KdcacheError(f"training diverged at epoch {epoch} (loss {float(total)}): lower --lr or --kd-weight")

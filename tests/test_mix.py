@@ -8,6 +8,7 @@ import zarr
 from conftest import run_cli
 from kdcache.data import build_dataset
 from kdcache.dump import dump_logits
+from kdcache.train import train_student
 from kdcache.views import make_recipe, pixel_hash
 
 
@@ -46,6 +47,23 @@ def test_mixed_views_replay_and_compose(cifar_root, teacher_ckpt, tmp_path, mix)
             assert torch.equal(view, want)
     other = _dump(cifar_root, teacher_ckpt, tmp_path / "b7.zarr", mix, batch_size=7)
     assert np.array_equal(other["logits"][...], g["logits"][...]) and np.array_equal(other["view_hash"][...], hashes)
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_cached_float32_mixed_equals_online(cifar_root, teacher_ckpt, tmp_path, mix):
+    _dump(cifar_root, teacher_ckpt, tmp_path / "c.zarr", mix, dtype="float32")
+    common = dict(student="resnet8", dataset="cifar100", data_root=str(cifar_root), loss="kd", epochs=2, batch_size=32,
+                  progress=False)
+    a = train_student(out=tmp_path / "cached", cache=str(tmp_path / "c.zarr"), **common)
+    b = train_student(out=tmp_path / "online", teacher="resnet8", checkpoint=str(teacher_ckpt[100]), augment="cifar", mix=mix,
+                      views=2, forward_block=16, **common)
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    wa = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "online" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    plain = train_student(out=tmp_path / "plain", teacher="resnet8", checkpoint=str(teacher_ckpt[100]), augment="cifar", views=2,
+                          forward_block=16, **common)
+    assert plain.history[-1]["train_loss"] != a.history[-1]["train_loss"]
 
 
 def test_train_from_mixed_cache_and_refusals(cifar_root, teacher_ckpt, tmp_path):
