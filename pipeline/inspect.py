@@ -102,18 +102,19 @@ def teacher_agreement(locations: list[str]) -> Agreement:
     top1: list[list[float]] = [[] for _ in stores]
     agree, js = [], []
     for v in range(stores[0].num_views):
-        preds = []
+        preds, probs = [], []
         for j, st in enumerate(stores):
-            pred, _ = st.predictions(v)
+            if full:  # one read serves both the prediction and the distribution
+                z = st.read("logits", v).astype(np.float64)
+                e = np.exp(z - z.max(axis=1, keepdims=True))
+                probs.append(e / e.sum(axis=1, keepdims=True))
+                pred = z.argmax(axis=1)
+            else:
+                pred, _ = st.predictions(v)
             preds.append(pred)
             top1[j].append(float((pred == labels).mean()))
         agree.append(float(np.all([p == preds[0] for p in preds], axis=0).mean()))
         if full:
-            probs = []
-            for st in stores:
-                z = st.read("logits", v).astype(np.float64)
-                e = np.exp(z - z.max(axis=1, keepdims=True))
-                probs.append(e / e.sum(axis=1, keepdims=True))
             pairs = [_js(probs[a], probs[b]).mean() for a in range(len(probs)) for b in range(a + 1, len(probs))]
             js.append(float(np.mean(pairs)))
     return Agreement([st.location for st in stores], top1, agree, js if full else None)

@@ -1,4 +1,4 @@
-"""PNG plots: training curves, per-view teacher accuracy. matplotlib with the non-interactive Agg backend."""
+"""PNG plots: training curves, per-view teacher accuracy and agreement, the views study. matplotlib with the non-interactive Agg backend."""
 
 from __future__ import annotations
 
@@ -9,6 +9,26 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def _save(fig, axes, path: str | Path) -> Path:
+    """Grid every axis, lay out, write the PNG and free the figure."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _per_view(series: list[tuple[str, list[float], str]], title: str, path: str | Path) -> Path:
+    """One line per (label, fractions per view, style), in percent against the view index."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for label, values, style in series:
+        ax.plot(range(len(values)), [100 * x for x in values], style, label=label)
+    ax.set(xlabel="view index", ylabel="%", title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, [ax], path)
 
 
 def plot_training(runs: dict[str, list[dict[str, float]]], path: str | Path, reference: float | None = None) -> Path:
@@ -25,43 +45,18 @@ def plot_training(runs: dict[str, list[dict[str, float]]], path: str | Path, ref
     ax1.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax1.grid(alpha=0.3)
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, [ax1, ax2], path)
 
 
 def plot_views(top1: list[float], confidence: list[float], path: str | Path) -> Path:
     """Per-view teacher top-1 and mean max-probability of a cache."""
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    views = range(len(top1))
-    ax.plot(views, [100 * t for t in top1], ".-", label="top-1 (%)")
-    ax.plot(views, [100 * c for c in confidence], ".-", label="mean confidence (%)")
-    ax.set(xlabel="view index", ylabel="%", title="teacher per view")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _per_view([("top-1 (%)", top1, ".-"), ("mean confidence (%)", confidence, ".-")], "teacher per view", path)
 
 
 def plot_agreement(top1: list[list[float]], agree: list[float], path: str | Path) -> Path:
     """Per-view top-1 of each teacher and the share of samples on which all teachers agree."""
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    views = range(len(agree))
-    for j, t in enumerate(top1):
-        ax.plot(views, [100 * x for x in t], ".-", label=f"teacher {j + 1} top-1")
-    ax.plot(views, [100 * a for a in agree], "k.-", label="all teachers agree")
-    ax.set(xlabel="view index", ylabel="%", title="teachers per view")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    series = [(f"teacher {j + 1} top-1", t, ".-") for j, t in enumerate(top1)] + [("all teachers agree", agree, "k.-")]
+    return _per_view(series, "teachers per view", path)
 
 
 def plot_views_study(points, path: str | Path, epochs: int) -> Path:
@@ -80,8 +75,4 @@ def plot_views_study(points, path: str | Path, epochs: int) -> Path:
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{int(x)}"))
     ax.set(xlabel="cached views per sample", ylabel="test top-1 (%)", title="student accuracy vs cached views")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, [ax], path)

@@ -103,9 +103,6 @@ class TopKTeacher:
     stats: torch.Tensor
     num_classes: int
 
-    def to(self, device: torch.device) -> "TopKTeacher":
-        return TopKTeacher(self.values.to(device), self.indices.to(device), self.stats.to(device), self.num_classes)
-
 
 def buckets(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, temperature: float | torch.Tensor,
             logit_stand: bool = False, eps: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

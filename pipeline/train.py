@@ -129,20 +129,22 @@ class StudentViews(Dataset):
         pixels, hashes = [], []
         mix = np.asarray([i, 1.0])  # (partner, λ) of the weak view: itself with weight 1 unless mixed
         for k in range(self.kinds):
-            partner = None
+            partner = partner_img = None
             if self.params is not None:
                 p = self.params[k][i - self.offset]
                 partner = self.recipe.partner_of(p) if k == 0 else None
+                partner_img = self.dataset.image(partner) if partner is not None else None
             elif self.recipe.mix != "none" and k == 0:
                 v = np.asarray([self.views[i]])
                 partner = int(self.recipe.partners(self.view_seed, v, np.asarray([i]), len(self.dataset))[0])
+                partner_img = self.dataset.image(partner)
                 p = self.recipe.params_batch(self.view_seed, v, np.asarray([i]), k, np.asarray([img.shape[:2]]), self.all_views,
-                                             np.asarray([partner]), np.asarray([self.dataset.image(partner).shape[:2]]))[0]
+                                             np.asarray([partner]), np.asarray([partner_img.shape[:2]]))[0]
             else:
                 p = self.recipe.params(self.view_seed, int(self.views[i]), i, k, img.shape[:2], self.all_views)
             if partner is not None:
                 mix = np.asarray(self.recipe.mixing(p[None]), dtype=np.float64)[:, 0]
-            x = self.recipe.apply(img, p, k, self.dataset.image(partner) if partner is not None else None)
+            x = self.recipe.apply(img, p, k, partner_img)
             pixels.append(x)
             hashes.append(np.uint64(pixel_hash(x)).view(np.int64) if self.check[i] else np.int64(0))
         return i, int(self.dataset.labels[i]), pixels, hashes, mix

@@ -58,12 +58,13 @@ def philox4x32_10(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
     return np.stack(c, axis=-1).astype(np.uint32)
 
 
-def view_words(seed: int, kind: int, views: np.ndarray, samples: np.ndarray, blocks: int) -> np.ndarray:
-    """``(n, 4 * blocks)`` uint32 random words of views ``(views[j], samples[j])``: counter (block, kind, view, sample), key seed."""
+def view_words(seed: int, kind: int, views: np.ndarray, samples: np.ndarray, blocks: int, first: int = 0) -> np.ndarray:
+    """``(n, 4 * blocks)`` uint32 random words of views ``(views[j], samples[j])``: counter (block, kind, view, sample), key seed,
+    for blocks ``first .. first + blocks - 1``."""
     views, samples = np.asarray(views, np.uint64).ravel(), np.asarray(samples, np.uint64).ravel()
     n = len(views)
     counter = np.empty((n, blocks, 4), np.uint64)
-    counter[..., 0] = np.arange(blocks, dtype=np.uint64)
+    counter[..., 0] = np.arange(first, first + blocks, dtype=np.uint64)
     counter[..., 1] = kind
     counter[..., 2] = views[:, None]
     counter[..., 3] = samples[:, None]
@@ -218,7 +219,7 @@ class Recipe:
 
     def partners(self, seed: int, views: np.ndarray, samples: np.ndarray, num_samples: int) -> np.ndarray:
         """The partner sample each view ``(views[j], samples[j])`` is mixed with: never itself, uniform over the rest."""
-        words = view_words(seed, 0, views, samples, _BLOCK_MIX + 1)[:, 4 * _BLOCK_MIX]
+        words = view_words(seed, 0, views, samples, 1, first=_BLOCK_MIX)[:, 0]
         return (np.asarray(samples, np.int64) + 1 + _below(words, max(num_samples - 1, 1))) % max(num_samples, 1)
 
     def partner_of(self, params: np.ndarray) -> int | None:
@@ -262,7 +263,7 @@ class Recipe:
         if partners is None or partner_hw is None:
             raise ValueError(f"recipe {self.name} with {self.mix} needs partners and their image sizes")
         other = self._crop_params(seed, views, partners, kind, partner_hw, False)
-        words = view_words(seed, 0, views, samples, _BLOCK_MIX + 1)[:, 4 * _BLOCK_MIX + 1 :]
+        words = view_words(seed, 0, views, samples, 1, first=_BLOCK_MIX)[:, 1:]
         from scipy.special import betaincinv
 
         lam = betaincinv(self.mix_alpha, self.mix_alpha, _unit(words[:, 0]))
