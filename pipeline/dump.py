@@ -14,6 +14,7 @@ import importlib.metadata as md
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -335,54 +336,63 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
     buf: dict[tuple[int, int], list] = {}
     pending: list[tuple] = []
+    in_flight: deque[tuple] = deque()
 
-    def flush(final: bool) -> None:
+    def launch(final: bool) -> None:
         # Run the teacher on whole forward blocks only (the remainder waits for
         # the next loader batch), so --batch-size never changes the computation.
         count = sum(len(p[0]) for p in pending)
         take = count if final else count - count % teacher.forward_block
         if take == 0:
             return
-        v_b, i_b = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
-        pix = [torch.cat([p[2][k] for p in pending]) for k in range(kinds)]
-        par = [torch.cat([p[3][k] for p in pending]) for k in range(kinds)]
-        hsh = [torch.cat([p[4][k] for p in pending]) for k in range(kinds)]
+        # One loader batch is used as it is: its pinned pixels go to the GPU without a copy.
+        v_b, i_b, pix, par, hsh = pending[0] if len(pending) == 1 else (
+            torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]),
+            *([torch.cat([p[j][k] for p in pending]) for k in range(kinds)] for j in (2, 3, 4)))
         pending.clear()
         if take < count:
             pending.append((v_b[take:], i_b[take:], [x[take:] for x in pix], [x[take:] for x in par], [x[take:] for x in hsh]))
-        outs = [teacher(pix[k][:take]) for k in range(kinds)]
-        for k, logits in enumerate(outs):
-            check_logits(logits, v_b[:take], i_b[:take], dtype, "strong " if k else "")
-        views_np, samples_np = v_b[:take].numpy(), i_b[:take].numpy()
-        chunk_np = samples_np // CHUNK
-        rows_np = [encode(o, labels[i_b[:take]], store.format, np_dtype) for o in outs]
-        for v, c in sorted({(int(a), int(b)) for a, b in zip(views_np, chunk_np)}):
-            sel = np.flatnonzero((views_np == v) & (chunk_np == c))
-            if (v, c) not in buf:
-                size = min(n, (c + 1) * CHUNK) - c * CHUNK
-                buf[v, c] = [0, [{name: np.empty((size, *a.shape[1:]), a.dtype) for name, a in rows_np[k].items()} for k in range(kinds)],
-                             [np.empty((size, par[k].shape[1]), np.float32) for k in range(kinds)],
-                             [np.empty(size, np.uint64) for _ in range(kinds)]]
-            entry = buf[v, c]
-            r = samples_np[sel] - c * CHUNK
-            for k in range(kinds):
-                for name, a in rows_np[k].items():
-                    entry[1][k][name][r] = a[sel]
-                entry[2][k][r] = par[k].numpy()[sel]
-                entry[3][k][r] = hsh[k].numpy()[sel].view(np.uint64)
-            entry[0] += len(sel)
-            if entry[0] == len(entry[3][0]):
-                writer.put((v, c, entry[1], entry[2], entry[3]))
-                del buf[v, c]
-        bar.update(take)
+        in_flight.append((v_b[:take].numpy(), i_b[:take].numpy(), [teacher.launch(pix[k][:take]) for k in range(kinds)],
+                          [x[:take].numpy() for x in par], [x[:take].numpy().view(np.uint64) for x in hsh]))
+
+    def store_rows(depth: int) -> None:
+        # Keep ``depth`` batches on the GPU while the oldest one's rows are checked, encoded and buffered.
+        while len(in_flight) > depth:
+            views_np, samples_np, launched, par, hsh = in_flight.popleft()
+            outs = [h.result() for h in launched]
+            for k, logits in enumerate(outs):
+                check_logits(logits, views_np, samples_np, dtype, "strong " if k else "")
+            chunk_np = samples_np // CHUNK
+            rows_np = [encode(o, labels[torch.from_numpy(samples_np)], store.format, np_dtype) for o in outs]
+            for v, c in sorted({(int(a), int(b)) for a, b in zip(views_np, chunk_np)}):
+                sel = np.flatnonzero((views_np == v) & (chunk_np == c))
+                if (v, c) not in buf:
+                    size = min(n, (c + 1) * CHUNK) - c * CHUNK
+                    buf[v, c] = [0, [{name: np.empty((size, *a.shape[1:]), a.dtype) for name, a in rows_np[k].items()} for k in range(kinds)],
+                                 [np.empty((size, par[k].shape[1]), np.float32) for k in range(kinds)],
+                                 [np.empty(size, np.uint64) for _ in range(kinds)]]
+                entry = buf[v, c]
+                r = samples_np[sel] - c * CHUNK
+                for k in range(kinds):
+                    for name, a in rows_np[k].items():
+                        entry[1][k][name][r] = a[sel]
+                    entry[2][k][r] = par[k][sel]
+                    entry[3][k][r] = hsh[k][sel]
+                entry[0] += len(sel)
+                if entry[0] == len(entry[3][0]):
+                    writer.put((v, c, entry[1], entry[2], entry[3]))
+                    del buf[v, c]
+            bar.update(len(samples_np))
 
     start = time.perf_counter()
     bar = tqdm(total=len(items), unit="view", disable=None if progress else True, desc="dump-logits", dynamic_ncols=True)
     try:
         for batch in (_prefetched(loader, depth=2) if workers == 0 else loader):
             pending.append(batch)
-            flush(final=False)
-        flush(final=True)
+            launch(final=False)
+            store_rows(depth=2)
+        launch(final=True)
+        store_rows(depth=0)
     finally:
         bar.close()
         writer.close()
@@ -416,15 +426,19 @@ def _finish(store: CacheStore, written: int, seconds: float, items: int, had_wor
                        disk_bytes(store.location), seconds, items / max(seconds, 1e-9), notes)
 
 
-def check_logits(logits: torch.Tensor, views: torch.Tensor, samples: torch.Tensor, dtype: str, kind: str) -> None:
-    finite = torch.isfinite(logits).all(dim=1)
+def check_logits(logits: torch.Tensor, views: np.ndarray, samples: np.ndarray, dtype: str, kind: str) -> None:
+    """Refuse non-finite logits, and logits a float16 store cannot hold, naming the first bad (sample, view)."""
+    a = logits.numpy()  # numpy: torch's CPU thread pool stalls behind busy loader workers
+    finite = np.isfinite(a).all(axis=1)
     if not finite.all():
-        r = int((~finite).nonzero()[0])
+        r = int(np.flatnonzero(~finite)[0])
         raise KdcacheError(
             f"teacher produced non-finite {kind}logits for sample {int(samples[r])}, view {int(views[r])}: check the checkpoint and --amp"
         )
-    if dtype == "float16" and logits.abs().max() > FLOAT16_MAX:
-        r = int((logits.abs().max(dim=1).values > FLOAT16_MAX).nonzero()[0])
-        raise KdcacheError(
-            f"teacher {kind}logits of sample {int(samples[r])}, view {int(views[r])} exceed the float16 range (|x| > 65504): use --dtype float32"
-        )
+    if dtype == "float16":
+        over = np.abs(a).max(axis=1) > FLOAT16_MAX
+        if over.any():
+            r = int(np.flatnonzero(over)[0])
+            raise KdcacheError(
+                f"teacher {kind}logits of sample {int(samples[r])}, view {int(views[r])} exceed the float16 range (|x| > 65504): use --dtype float32"
+            )

@@ -73,9 +73,7 @@ class Ranks:
                 p.grad /= self.world
 
 
-def init_ranks(
-
-device: str) -> tuple[Ranks, torch.device]:
+def init_ranks(device: str) -> tuple[Ranks, torch.device]:
     """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on GPU) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
@@ -86,7 +84,11 @@ device: str) -> tuple[Ranks, torch.device]:
     except (KeyError, ValueError):
         raise KdcacheError("WORLD_SIZE is set but RANK is not: launch multi-process training with torchrun") from None
     if dev.type == "cuda":
-        dev = torch.device("cuda", local % torch.cuda.device_count())
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), torch.cuda.device_count()
+        if per_node > gpus:
+            raise KdcacheError(f"torchrun started {per_node} processes on this node but only {gpus} GPU(s) are visible, and "
+                               f"NCCL needs one GPU per process: use --nproc-per-node {gpus}, or --device cpu")
+        dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")

@@ -11,6 +11,7 @@ batch. Stage one records the block size; online training uses the same.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +26,45 @@ AMP_MODES = ("none", "bf16", "fp16")
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is refused."""
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is refused. A CUDA device gets deterministic kernels."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise KdcacheError("--device cuda but no CUDA GPU is visible: use --device cpu or auto")
     if device != "cpu" and not device.startswith("cuda"):
         raise KdcacheError(f"unknown --device {device!r}: choose auto, cpu or cuda")
+    if device.startswith("cuda"):
+        deterministic_cuda()
     return torch.device(device)
+
+
+def deterministic_cuda() -> None:
+    """Make CUDA kernels deterministic for the whole process (cuDNN's fixed algorithms, cuBLAS's fixed workspace).
+
+    By default cuDNN may pick a different convolution algorithm from run to
+    run and its backward passes reduce with atomics, so two identical training
+    runs drift apart in the last bits. kdcache promises bit-identical logits
+    between a dump and an online teacher, and bit-identical students after a
+    resume, so every process that puts kdcache on a GPU runs with
+    ``torch.use_deterministic_algorithms(True)``.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
+@dataclass
+class LaunchedLogits:
+    """Logits on their way to the host: :meth:`result` waits for the copy to land."""
+
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+
+    def result(self) -> torch.Tensor:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host
 
 
 @dataclass
@@ -48,9 +80,17 @@ class Teacher:
     forward_block: int = 64
     amp: str = "none"
 
-    @torch.inference_mode()
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
         """float32 logits of a uint8 NCHW batch of views, computed in padded blocks of ``forward_block``."""
+        return self.launch(views).result()
+
+    @torch.inference_mode()
+    def launch(self, views: torch.Tensor) -> LaunchedLogits:
+        """Start the forward pass of ``views`` and return at once; on a GPU the work runs while the caller does other things.
+
+        The logits come back to the host through one asynchronous copy, so a
+        dump can launch the next batch before it stores this one's rows.
+        """
         n = views.shape[0]
         outs = []
         for start in range(0, n, self.forward_block):
@@ -63,7 +103,13 @@ class Teacher:
             with self._autocast():
                 logits = self.model(x)
             outs.append(logits[:real].float())
-        return torch.cat(outs).cpu()
+        logits = torch.cat(outs)
+        if self.device.type != "cuda":
+            return LaunchedLogits(logits, None)
+        done = torch.cuda.Event()
+        host = logits.to("cpu", non_blocking=True)
+        done.record()
+        return LaunchedLogits(host, done)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp == "none":

@@ -138,6 +138,22 @@ def test_feed_reads_only_its_shard_of_chunks(tmp_path):
             LogitFeed(store, ["logits"], memory, rows=(CHUNK - 10, n)).get(1, views[CHUNK - 10 :])
 
 
+def test_torchrun_more_processes_than_gpus_is_refused(monkeypatch):
+    import torch
+
+    import kdcache.ranks
+    import kdcache.teacher
+    from kdcache.errors import KdcacheError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(kdcache.teacher, "deterministic_cuda", lambda: None)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(KdcacheError, match="2 processes on this node but only 1 GPU.*--nproc-per-node 1, or --device cpu"):
+        kdcache.ranks.init_ranks("auto")
+
+
 def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, teacher_ckpt):
     cache = tmp_path / "c.zarr"
     dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=2, out=str(cache),
@@ -146,7 +162,7 @@ def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, teacher_ck
     def torchrun(out: str, *extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache.cli",
                "train-student", "--cache", str(cache), "--student", "resnet8", "--dataset", "digits", "--loss", "kd",
-               "--lr-milestones", "1", "--out", str(tmp_path / out), *extra]
+               "--lr-milestones", "1", "--device", "cpu", "--out", str(tmp_path / out), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
@@ -165,5 +181,5 @@ def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, teacher_ck
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     odd = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache.cli",
                           "train-student", "--cache", str(cache), "--student", "resnet8", "--dataset", "digits", "--epochs", "1",
-                          "--batch-size", "63", "--out", str(tmp_path / "odd")], capture_output=True, text=True, timeout=600)
+                          "--batch-size", "63", "--device", "cpu", "--out", str(tmp_path / "odd")], capture_output=True, text=True, timeout=600)
     assert odd.returncode != 0 and "must divide among 2 processes" in odd.stderr
