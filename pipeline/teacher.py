@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -79,6 +79,11 @@ class Teacher:
     device: torch.device
     forward_block: int = 64
     amp: str = "none"
+    _graphs: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._mean = torch.tensor(self.norm.mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(self.norm.std, dtype=torch.float32, device=self.device)
 
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
         """float32 logits of a uint8 NCHW batch of views, computed in padded blocks of ``forward_block``."""
@@ -88,34 +93,63 @@ class Teacher:
     def launch(self, views: torch.Tensor) -> LaunchedLogits:
         """Start the forward pass of ``views`` and return at once; on a GPU the work runs while the caller does other things.
 
-        The logits come back to the host through one asynchronous copy, so a
-        dump can launch the next batch before it stores this one's rows.
+        On a GPU each block replays one captured CUDA graph of the forward
+        pass, so issuing it costs a few calls instead of one per layer, and
+        the logits come back through one asynchronous copy: a dump launches
+        the next batch before it stores this one's rows.
         """
-        n = views.shape[0]
-        outs = []
-        for start in range(0, n, self.forward_block):
-            block = views[start : start + self.forward_block].to(self.device, non_blocking=True)
-            real = block.shape[0]
-            if real < self.forward_block:
-                pad = block.new_zeros((self.forward_block - real, *block.shape[1:]))
-                block = torch.cat([block, pad])
-            x = normalize(block, self.norm.mean, self.norm.std).contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                logits = self.model(x)
-            outs.append(logits[:real].float())
-        logits = torch.cat(outs)
+        n, fb = views.shape[0], self.forward_block
         if self.device.type != "cuda":
-            return LaunchedLogits(logits, None)
+            outs = []
+            for start in range(0, n, fb):
+                block = views[start : start + fb]
+                real = block.shape[0]
+                if real < fb:
+                    block = torch.cat([block, block.new_zeros((fb - real, *block.shape[1:]))])
+                outs.append(self._forward(block)[:real])
+            return LaunchedLogits(torch.cat(outs), None)
+        graph, static_in, static_out = self._graph(tuple(views.shape[1:]))
+        out = torch.empty((n, static_out.shape[1]), dtype=torch.float32, device=self.device)
+        for start in range(0, n, fb):
+            real = min(fb, n - start)
+            static_in[:real].copy_(views[start : start + real], non_blocking=True)
+            if real < fb:
+                static_in[real:].zero_()
+            graph.replay()
+            out[start : start + real].copy_(static_out[:real])
         done = torch.cuda.Event()
-        host = logits.to("cpu", non_blocking=True)
+        host = out.to("cpu", non_blocking=True)
         done.record()
         return LaunchedLogits(host, done)
+
+    def _forward(self, block: torch.Tensor) -> torch.Tensor:
+        """float32 logits of one uint8 block of exactly ``forward_block`` views on the teacher's device."""
+        x = normalize(block.to(self.device), self._mean, self._std).contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return self.model(x).float()
+
+    def _graph(self, shape: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """The CUDA graph of one block's forward pass for views of ``shape`` (captured on first use), its input and output."""
+        if shape not in self._graphs:
+            static_in = torch.zeros((self.forward_block, *shape), dtype=torch.uint8, device=self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN and cuBLAS set up their handles
+                for _ in range(2):
+                    self._forward(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: DataLoader's pin-memory thread may allocate pinned memory during the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = self._forward(static_in)
+            self._graphs[shape] = (graph, static_in, static_out)
+        return self._graphs[shape]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp == "none":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)
 
     def identity(self) -> dict[str, object]:
         """What a cache records about its teacher and that a resume must match."""

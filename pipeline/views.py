@@ -410,8 +410,8 @@ def recipe_from_attrs(attrs: dict[str, object]) -> Recipe:
     return make_recipe(str(attrs["name"]), bool(attrs["small"]), str(attrs.get("mix", "none")), float(attrs.get("mix_alpha", 1.0)))
 
 
-def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 NCHW -> float32 ``(x / 255 - mean) / std`` on the batch's device."""
-    m = torch.tensor(mean, device=batch.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=batch.device).view(1, -1, 1, 1)
+def normalize(batch: torch.Tensor, mean: tuple[float, ...] | torch.Tensor, std: tuple[float, ...] | torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float32 ``(x / 255 - mean) / std`` on the batch's device (``mean``/``std`` may already live there)."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     return (batch.float() / 255.0 - m) / s
