@@ -1,0 +1,27 @@
+"""GPU-only behaviour (skipped where no CUDA device is visible; run by hand on a GPU host)."""
+
+import pytest
+import torch
+
+from kdcache.data import build_dataset
+from kdcache.models import create_model, save_checkpoint
+from kdcache.teacher import load_teacher
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_graph_replay_equals_eager_forward_and_turns_on_determinism(tmp_path, amp):
+    ds = build_dataset("digits")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "t.pth", create_model("resnet8", ds.num_classes))
+    teacher = load_teacher("resnet8", ds.num_classes, ds.norm, str(tmp_path / "t.pth"), device="cuda", forward_block=64, amp=amp)
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    x = torch.randint(0, 256, (150, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    graphed = teacher(x)
+    with torch.inference_mode():
+        eager = torch.cat([teacher._forward(torch.cat([x[s : s + 64], x.new_zeros((max(0, s + 64 - 150), 3, 32, 32))]))[: min(64, 150 - s)].cpu()
+                           for s in range(0, 150, 64)])
+    assert graphed.shape == (150, ds.num_classes) and torch.isfinite(graphed).all()
+    assert torch.equal(graphed, eager)
+    assert torch.equal(teacher(x[:70]), graphed[:70])  # a shorter batch pads its last block the same way
