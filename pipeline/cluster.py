@@ -113,7 +113,7 @@ def dump_chunk(job: ChunkJob, v: int, c: int) -> tuple[int, int, int]:
         views, samples, pix, par, hsh = view_set[list(range(s, min(len(rows), s + step)))]
         for k in range(kinds):
             out = st.teacher(pix[k])
-            check_logits(out, views, samples, job.dtype, "strong " if k else "")
+            check_logits(out, views.numpy(), samples.numpy(), job.dtype, "strong " if k else "")
             teacher[k].append(encode(out, labels[samples], st.store.format, np_dtype))
             params[k].append(par[k].numpy())
             hashes[k].append(hsh[k].numpy().view(np.uint64))
