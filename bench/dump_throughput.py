@@ -11,12 +11,16 @@ Run: ``python bench/dump_throughput.py --teacher resnet8 --views 16 --workers 0`
 ``--teacher`` takes a comma-separated list, one table row each. ``--samples N``
 replaces the digits by a CIFAR-100-sized training set of N 32x32 images (shifted
 digits, labels i % 100) written in the real ``cifar-100-python`` format, so
-chunks hold 4,096 rows as they do on CIFAR-100.
+chunks hold 4,096 rows as they do on CIFAR-100. ``--ceiling`` also runs the dump
+loop with a teacher that returns zeros at once (an infinitely fast device): the
+most views/s this host's loop can feed, so a teacher whose inference-only rate
+is below about 0.95 x that ceiling can meet the target here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickle
 import statistics
 import tempfile
@@ -29,7 +33,7 @@ import torch
 from kdcache.data import ImageDataset, build_dataset
 from kdcache.dump import dump_logits
 from kdcache.models import create_model, save_checkpoint
-from kdcache.teacher import load_teacher
+from kdcache.teacher import LaunchedLogits, Teacher, load_teacher
 from kdcache.views import make_recipe
 
 
@@ -49,6 +53,17 @@ def cifar_sized(root: Path, n: int) -> ImageDataset:
     return build_dataset("cifar100", root)
 
 
+@contextlib.contextmanager
+def free_teacher(num_classes: int):
+    """Within the block every teacher returns zero logits at once, so a dump measures its loop alone."""
+    launch = Teacher.launch
+    Teacher.launch = lambda self, views: LaunchedLogits(torch.zeros((views.shape[0], num_classes)), None)
+    try:
+        yield
+    finally:
+        Teacher.launch = launch
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--teacher", default="resnet8")
@@ -60,6 +75,7 @@ def main() -> None:
     p.add_argument("--amp", default="none")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--samples", type=int, default=0, help="CIFAR-100-sized stand-in with this many images (0: the digits)")
+    p.add_argument("--ceiling", action="store_true", help="also measure the loop with a teacher that costs nothing")
     args = p.parse_args()
     tmp_dir = tempfile.TemporaryDirectory()
     tmp = tmp_dir.name
@@ -96,10 +112,22 @@ def main() -> None:
                         f"{n / statistics.median(loop):,.0f} | **{statistics.median(ratios):.2f}** "
                         f"({', '.join(f'{x:.2f}' for x in ratios)}) | {statistics.median(whole):.1f} |")
             print(rows[-1], flush=True)
+        if args.ceiling:
+            rates = []
+            with free_teacher(ds.num_classes):
+                for r in range(args.repeats):
+                    summary = dump_logits(teacher=name, checkpoint=ckpt, dataset=ds.name, data_root=tmp, augment="cifar", views=args.views,
+                                          out=f"{tmp}/free-{r}.zarr", batch_size=args.batch_size, forward_block=args.forward_block,
+                                          workers=args.workers, device=args.device, progress=False)
+                    rates.append(n / summary.seconds)
+            ceiling = (f"dump loop ceiling (teacher returning zeros, workers {args.workers}): median {statistics.median(rates):,.0f} "
+                       f"views/s ({', '.join(f'{x:,.0f}' for x in rates)})")
     print("| teacher | device | amp | workers | views | inference only (views/s) | dump loop (views/s) | "
           "inference/dump loop (median; rounds) | whole command (s) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
+    if args.ceiling:
+        print(ceiling)
 
 
 if __name__ == "__main__":

@@ -131,24 +131,24 @@ def library_versions() -> dict[str, str]:
 def write_chunk(store: CacheStore, v: int, c: int, teacher: list[dict[str, np.ndarray]], params: list[np.ndarray],
                 hashes: list[np.ndarray]) -> None:
     """Write chunk ``c`` of view ``v`` (per kind: teacher arrays by base name, parameters, pixel hashes) and fsync it; not yet marked done."""
-    g, names = store.group, array_names(len(teacher), store.format)
+    names = array_names(len(teacher), store.format)
     rows = slice(c * CHUNK, c * CHUNK + len(hashes[0]))
     written = []
     for k in range(len(teacher)):
         for name in names["teacher"][k]:
-            g[name][v, rows] = teacher[k][name.removesuffix("_strong")]
+            store.array(name)[v, rows] = teacher[k][name.removesuffix("_strong")]
             written.append(name)
-        if names["params"][k] in g:
-            g[names["params"][k]][v, rows] = params[k]
+        if store.has(names["params"][k]):
+            store.array(names["params"][k])[v, rows] = params[k]
             written.append(names["params"][k])
-        g[names["view_hash"][k]][v, rows] = hashes[k]
+        store.array(names["view_hash"][k])[v, rows] = hashes[k]
         written.append(names["view_hash"][k])
     store.sync_chunk(written, v, c)
 
 
 def mark_done(store: CacheStore, v: int, c: int) -> None:
     """Record chunk ``c`` of view ``v`` as complete, after its data is durable."""
-    store.group["done"][v, c] = 1
+    store.array("done")[v, c] = 1
     store.sync_chunk(["done"], v, None)
 
 
@@ -364,8 +364,10 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
                 check_logits(logits, views_np, samples_np, dtype, "strong " if k else "")
             chunk_np = samples_np // CHUNK
             rows_np = [encode(o, labels[torch.from_numpy(samples_np)], store.format, np_dtype) for o in outs]
-            for v, c in sorted({(int(a), int(b)) for a, b in zip(views_np, chunk_np)}):
-                sel = np.flatnonzero((views_np == v) & (chunk_np == c))
+            keys = views_np * num_chunks(n) + chunk_np
+            for key in np.unique(keys).tolist():
+                v, c = divmod(key, num_chunks(n))
+                sel = np.flatnonzero(keys == key)
                 if (v, c) not in buf:
                     size = min(n, (c + 1) * CHUNK) - c * CHUNK
                     buf[v, c] = [0, [{name: np.empty((size, *a.shape[1:]), a.dtype) for name, a in rows_np[k].items()} for k in range(kinds)],

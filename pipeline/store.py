@@ -86,10 +86,30 @@ class CacheStore:
                 f"{location} has store format {attrs['kdcache_format']}, newer than this kdcache reads ({FORMAT_VERSION}): upgrade kdcache"
             )
         self.attrs = attrs
+        self._arrays: dict[str, zarr.Array] = {}
+        self._absent: set[str] = set()
+
+    def array(self, name: str) -> zarr.Array:
+        """Array ``name``, opened once: every ``group[name]`` re-reads and parses its metadata, which a writer cannot afford per chunk."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def has(self, name: str) -> bool:
+        """Whether the store holds array ``name``, asked of the store once (arrays are only added when a store is created)."""
+        if name in self._arrays:
+            return True
+        if name in self._absent:
+            return False
+        if name in self.group:
+            self.array(name)
+            return True
+        self._absent.add(name)
+        return False
 
     @property
     def num_views(self) -> int:
-        return int(self.group["done"].shape[0])
+        return int(self.array("done").shape[0])
 
     @property
     def format(self) -> LogitFormat:
@@ -163,7 +183,7 @@ class CacheStore:
         if root is None:
             return
         for name in names:
-            ndim = len(self.group[name].shape)
+            ndim = len(self.array(name).shape)
             key = [str(view)] + ([str(chunk)] if chunk is not None else ["0"]) + ["0"] * (ndim - 2)
             path = root / name / "c" / Path(*key)
             for target in (path, path.parent):
@@ -174,7 +194,10 @@ class CacheStore:
                     os.close(fd)
 
     def refresh(self) -> None:
+        """Re-read the attributes and re-open arrays, to see what other writers changed."""
         self.attrs = dict(self.group.attrs)
+        self._arrays.clear()
+        self._absent.clear()
 
 
 def open_store(location: str | os.PathLike, mode: str = "r") -> CacheStore:
@@ -280,7 +303,7 @@ def create_store(location: str | os.PathLike, *, num_views: int, labels: np.ndar
 def extend_views(store: CacheStore, num_views: int) -> None:
     """Grow every per-view array to ``num_views`` views (new views start not done)."""
     for name in list(store.group.array_keys()):
-        arr = store.group[name]
+        arr = store.array(name)  # resized in place, so open handles see the new shape
         if name != "labels" and arr.shape[0] < num_views:
             arr.resize((num_views, *arr.shape[1:]))
 
