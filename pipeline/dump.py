@@ -323,7 +323,7 @@ def _prepare_store(out: str, overwrite: bool, identity: dict, num_views: int, vi
 
 def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teacher, seed: int, all_views: bool,
               batch_size: int, workers: int, dtype: str, progress: bool) -> DumpSummary:
-    n = store.num_samples
+    n, chunks = store.num_samples, num_chunks(store.num_samples)
     todo = _todo(store)
     items = np.concatenate([np.stack(np.broadcast_arrays(v, np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))), 1) for v, c in todo]) \
         if todo else np.zeros((0, 2), dtype=np.int64)
@@ -364,9 +364,9 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
                 check_logits(logits, views_np, samples_np, dtype, "strong " if k else "")
             chunk_np = samples_np // CHUNK
             rows_np = [encode(o, labels[torch.from_numpy(samples_np)], store.format, np_dtype) for o in outs]
-            keys = views_np * num_chunks(n) + chunk_np
+            keys = views_np * chunks + chunk_np
             for key in np.unique(keys).tolist():
-                v, c = divmod(key, num_chunks(n))
+                v, c = divmod(key, chunks)
                 sel = np.flatnonzero(keys == key)
                 if (v, c) not in buf:
                     size = min(n, (c + 1) * CHUNK) - c * CHUNK

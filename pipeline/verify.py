@@ -113,13 +113,14 @@ def _check_replay(store: CacheStore, report: VerifyReport, teacher: str, checkpo
     for v, i in zip(views.tolist(), samples.tolist()):
         img = ds.image(i)
         for k in range(len(recipe.kinds)):
-            p = store.group[names["params"][k]][v, i] if names["params"][k] in store.group else np.zeros(0, np.float32)
+            p = store.array(names["params"][k])[v, i] if store.has(names["params"][k]) else np.zeros(0, np.float32)
             partner = recipe.partner_of(np.asarray(p)) if k == 0 else None
             pixels = recipe.apply(img, np.asarray(p), k, ds.image(partner) if partner is not None else None)
-            if pixel_hash(pixels) != int(store.group[names["view_hash"][k]][v, i]):
+            if pixel_hash(pixels) != int(store.array(names["view_hash"][k])[v, i]):
                 bad_hash += 1
-            stored = np.asarray(store.group[names["teacher"][k][0]][v, i], dtype=np.float32)
-            rows = encode(model(pixels[None]), torch.tensor([int(labels[i])]), store.format, store.group[names["teacher"][k][0]].dtype.type)
+            teacher_rows = store.array(names["teacher"][k][0])
+            stored = np.asarray(teacher_rows[v, i], dtype=np.float32)
+            rows = encode(model(pixels[None]), torch.tensor([int(labels[i])]), store.format, teacher_rows.dtype.type)
             fresh = next(iter(rows.values()))[0].astype(np.float32)
             diff = float(np.abs(stored - fresh).max())
             worst = max(worst, diff)
