@@ -57,7 +57,8 @@ def cifar_sized(root: Path, n: int) -> ImageDataset:
 def free_teacher(num_classes: int):
     """Within the block every teacher returns zero logits at once, so a dump measures its loop alone."""
     launch = Teacher.launch
-    Teacher.launch = lambda self, views: LaunchedLogits(torch.zeros((views.shape[0], num_classes)), None)
+    # numpy's zeros: torch's would run on its CPU thread pool, which stalls behind busy loader workers.
+    Teacher.launch = lambda self, views: LaunchedLogits(torch.from_numpy(np.zeros((views.shape[0], num_classes), np.float32)), None)
     try:
         yield
     finally:

@@ -113,10 +113,10 @@ def dump_chunk(job: ChunkJob, v: int, c: int) -> tuple[int, int, int]:
         views, samples, pix, par, hsh = view_set[list(range(s, min(len(rows), s + step)))]
         for k in range(kinds):
             out = st.teacher(pix[k])
-            check_logits(out, views.numpy(), samples.numpy(), job.dtype, "strong " if k else "")
-            teacher[k].append(encode(out, labels[samples], st.store.format, np_dtype))
-            params[k].append(par[k].numpy())
-            hashes[k].append(hsh[k].numpy().view(np.uint64))
+            check_logits(out, views, samples, job.dtype, "strong " if k else "")
+            teacher[k].append(encode(out, labels[torch.from_numpy(samples)], st.store.format, np_dtype))
+            params[k].append(par[k])
+            hashes[k].append(hsh[k])
     try:
         rows_by_kind = [{name: np.concatenate([part[name] for part in parts]) for name in parts[0]} for parts in teacher]
         write_chunk(st.store, v, c, rows_by_kind, [np.concatenate(p) for p in params], [np.concatenate(h) for h in hashes])

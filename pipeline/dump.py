@@ -61,7 +61,13 @@ class ViewSet(Dataset):
 
     Indexed by a list of item positions (the loader's batch sampler), so the
     parameters come from one vectorized generator call and 32x32 crops from
-    one batched copy instead of per-view Python work.
+    one batched copy instead of per-view Python work. A batch is
+    ``(views, samples, pixels, params, hashes)``: ``pixels`` is one uint8
+    tensor of shape (kinds, n, C, H, W), the rest are numpy arrays (``params``
+    and ``hashes`` one per kind). From a DataLoader worker only the pixel
+    tensor travels through shared memory; each shared tensor costs a socket
+    handshake with the worker, which waits on that busy worker's GIL, while
+    the small arrays ride along in the pickle.
     """
 
     def __init__(self, dataset: ImageDataset, recipe: Recipe, seed: int, items: np.ndarray, all_views: bool):
@@ -70,7 +76,7 @@ class ViewSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, ks: list[int]) -> tuple:
+    def __getitem__(self, ks: list[int]) -> tuple[np.ndarray, np.ndarray, torch.Tensor, list[np.ndarray], list[np.ndarray]]:
         v, i = self.items[ks, 0], self.items[ks, 1]
         images = [self.dataset.image(int(s)) for s in i]
         hw = np.asarray([im.shape[:2] for im in images], dtype=np.int64)
@@ -84,9 +90,14 @@ class ViewSet(Dataset):
             p = self.recipe.params_batch(self.seed, v, i, kind, hw, self.all_views, partners, partner_hw)
             x = self.recipe.apply_batch(images, p, kind, partner_images)
             pixels.append(x)
-            params.append(torch.from_numpy(p))
-            hashes.append(torch.from_numpy(pixel_hashes(x).view(np.int64)))
-        return torch.from_numpy(v), torch.from_numpy(i), pixels, params, hashes
+            params.append(p)
+            hashes.append(pixel_hashes(x))
+        return v, i, torch.stack(pixels) if len(pixels) > 1 else pixels[0][None], params, hashes
+
+
+def as_is(batch: tuple) -> tuple:
+    """The DataLoader's collate for :class:`ViewSet`: its default would turn the numpy arrays back into shared tensors."""
+    return batch
 
 
 @dataclass
@@ -330,7 +341,7 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     kinds = len(recipe.kinds)
     view_set = ViewSet(ds, recipe, seed, items, all_views)
     loader = DataLoader(view_set, batch_size=None, sampler=BatchSampler(SequentialSampler(view_set), batch_size, drop_last=False),
-                        num_workers=workers, persistent_workers=False, pin_memory=teacher.device.type == "cuda")
+                        collate_fn=as_is, num_workers=workers, persistent_workers=False, pin_memory=teacher.device.type == "cuda")
     writer = _ChunkWriter(store)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
@@ -347,13 +358,13 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
             return
         # One loader batch is used as it is: its pinned pixels go to the GPU without a copy.
         v_b, i_b, pix, par, hsh = pending[0] if len(pending) == 1 else (
-            torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]),
-            *([torch.cat([p[j][k] for p in pending]) for k in range(kinds)] for j in (2, 3, 4)))
+            np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending]), torch.cat([p[2] for p in pending], 1),
+            *([np.concatenate([p[j][k] for p in pending]) for k in range(kinds)] for j in (3, 4)))
         pending.clear()
         if take < count:
-            pending.append((v_b[take:], i_b[take:], [x[take:] for x in pix], [x[take:] for x in par], [x[take:] for x in hsh]))
-        in_flight.append((v_b[:take].numpy(), i_b[:take].numpy(), [teacher.launch(pix[k][:take]) for k in range(kinds)],
-                          [x[:take].numpy() for x in par], [x[:take].numpy().view(np.uint64) for x in hsh]))
+            pending.append((v_b[take:], i_b[take:], pix[:, take:], [x[take:] for x in par], [x[take:] for x in hsh]))
+        in_flight.append((v_b[:take], i_b[:take], [teacher.launch(pix[k, :take]) for k in range(kinds)],
+                          [x[:take] for x in par], [x[:take] for x in hsh]))
 
     def store_rows(depth: int) -> None:
         # Keep ``depth`` batches on the GPU while the oldest one's rows are checked, encoded and buffered.
