@@ -86,7 +86,7 @@ def main() -> None:
     params = recipe.params_batch(0, v_idx, s_idx, 0, np.full((len(v_idx), 2), 32))
     views = recipe.apply_batch([ds.image(int(i)) for i in s_idx], params)
     n = len(views)
-    rows = []
+    rows, notes = [], []
     with tmp_dir:
         for name in args.teacher.split(","):
             ckpt = f"{tmp}/{name}.pth"
@@ -96,7 +96,7 @@ def main() -> None:
                                    forward_block=args.forward_block, amp=args.amp)
             src = views.pin_memory() if teacher.device.type == "cuda" else views
             teacher(src[: args.forward_block])  # warm-up
-            infer, loop, whole = [], [], []
+            infer, loop, whole, stages = [], [], [], []
             for r in range(args.repeats):
                 t0 = time.perf_counter()
                 for s in range(0, n, args.batch_size):
@@ -108,25 +108,33 @@ def main() -> None:
                                       workers=args.workers, device=args.device, amp=args.amp, progress=False)
                 whole.append(time.perf_counter() - t0)
                 loop.append(summary.seconds)
+                stages.append(summary)
             ratios = [a / b for a, b in zip(infer, loop)]
             rows.append(f"| {name} | {teacher.device} | {args.amp} | {args.workers} | {n} | {n / statistics.median(infer):,.0f} | "
                         f"{n / statistics.median(loop):,.0f} | **{statistics.median(ratios):.2f}** "
                         f"({', '.join(f'{x:.2f}' for x in ratios)}) | {statistics.median(whole):.1f} |")
             print(rows[-1], flush=True)
+            mid = sorted(stages, key=lambda x: x.seconds)[len(stages) // 2]
+            notes.append(f"{name}: {mid.where_time_went()} (the median round's {mid.seconds:.1f} s loop)")
+            print(notes[-1], flush=True)
         if args.ceiling:
-            rates = []
+            rates, stages = [], []
             with free_teacher(ds.num_classes):
                 for r in range(args.repeats):
                     summary = dump_logits(teacher=name, checkpoint=ckpt, dataset=ds.name, data_root=tmp, augment="cifar", views=args.views,
                                           out=f"{tmp}/free-{r}.zarr", batch_size=args.batch_size, forward_block=args.forward_block,
                                           workers=args.workers, device=args.device, progress=False)
                     rates.append(n / summary.seconds)
+                    stages.append(summary)
             ceiling = (f"dump loop ceiling (teacher returning zeros, workers {args.workers}): median {statistics.median(rates):,.0f} "
-                       f"views/s ({', '.join(f'{x:,.0f}' for x in rates)})")
+                       f"views/s ({', '.join(f'{x:,.0f}' for x in rates)}); median round's loop: "
+                       f"{sorted(stages, key=lambda x: x.seconds)[len(stages) // 2].where_time_went()}")
     print("| teacher | device | amp | workers | views | inference only (views/s) | dump loop (views/s) | "
           "inference/dump loop (median; rounds) | whole command (s) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
+    print("\nWhere each dump loop's time went (seconds of its main thread per stage):")
+    print("\n".join(notes))
     if args.ceiling:
         print(ceiling)
 

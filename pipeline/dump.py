@@ -114,6 +114,9 @@ class DumpSummary:
     seconds: float
     samples_per_second: float
     notes: list[str] = field(default_factory=list)
+    #: seconds of the dump loop's thread per stage (``views``, ``teacher``, ``gpu_wait``, ``rows``, ``writer``);
+    #: empty for a distributed dump or when there was nothing to do
+    stages: dict[str, float] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         top = np.asarray(self.teacher_top1) * 100
@@ -125,7 +128,20 @@ class DumpSummary:
         if self.disk_bytes is not None:
             per = self.disk_bytes / max(1, self.num_views * self.num_samples)
             out.append(f"on disk   {self.disk_bytes / 2**20:.1f} MiB  ({per:.1f} B per view-sample)")
+        if self.stages:
+            out.append(f"loop      {self.where_time_went()}")
         return out + self.notes
+
+    def where_time_went(self) -> str:
+        """Seconds of a single-process dump loop per stage (:attr:`stages`), and which one held it back."""
+        s = self.stages
+        spent = "  ".join(f"{k} {v:.2f} s" for k, v in s.items())
+        parts = {"views": s["views"], "teacher": s["teacher"] + s["gpu_wait"], "rows": s["rows"], "writer": s["writer"]}
+        worst = max(parts, key=parts.get)
+        return spent + ": " + {"views": "waiting for views most (raise --workers)",
+                               "teacher": "the teacher is the bound, as it should be",
+                               "rows": "checking and buffering rows is the bound",
+                               "writer": "storage writes are the bound (a faster disk or store location helps)"}[worst]
 
 
 def library_versions() -> dict[str, str]:
@@ -348,6 +364,10 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     buf: dict[tuple[int, int], list] = {}
     pending: list[tuple] = []
     in_flight: deque[tuple] = deque()
+    # Seconds of the loop's thread per stage: waiting for views, in the teacher (the forward pass on a CPU, issuing
+    # it on a GPU), waiting for a GPU's logits, checking/encoding/buffering rows, waiting for room in the writer's queue.
+    stages = dict.fromkeys(("views", "teacher", "gpu_wait", "rows", "writer"), 0.0)
+    clock = time.perf_counter
 
     def launch(final: bool) -> None:
         # Run the teacher on whole forward blocks only (the remainder waits for
@@ -363,14 +383,19 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
         pending.clear()
         if take < count:
             pending.append((v_b[take:], i_b[take:], pix[:, take:], [x[take:] for x in par], [x[take:] for x in hsh]))
-        in_flight.append((v_b[:take], i_b[:take], [teacher.launch(pix[k, :take]) for k in range(kinds)],
-                          [x[:take] for x in par], [x[:take] for x in hsh]))
+        t = clock()
+        launched = [teacher.launch(pix[k, :take]) for k in range(kinds)]
+        stages["teacher"] += clock() - t
+        in_flight.append((v_b[:take], i_b[:take], launched, [x[:take] for x in par], [x[:take] for x in hsh]))
 
     def store_rows(depth: int) -> None:
         # Keep ``depth`` batches on the GPU while the oldest one's rows are checked, encoded and buffered.
         while len(in_flight) > depth:
+            t = clock()
             views_np, samples_np, launched, par, hsh = in_flight.popleft()
             outs = [h.result() for h in launched]
+            waited = clock() - t
+            stages["gpu_wait"] += waited
             for k, logits in enumerate(outs):
                 check_logits(logits, views_np, samples_np, dtype, "strong " if k else "")
             chunk_np = samples_np // CHUNK
@@ -393,14 +418,24 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
                     entry[3][k][r] = hsh[k][sel]
                 entry[0] += len(sel)
                 if entry[0] == len(entry[3][0]):
+                    w = clock()
                     writer.put((v, c, entry[1], entry[2], entry[3]))
+                    waited += clock() - w
+                    stages["writer"] += clock() - w
                     del buf[v, c]
             bar.update(len(samples_np))
+            stages["rows"] += clock() - t - waited
 
     start = time.perf_counter()
     bar = tqdm(total=len(items), unit="view", disable=None if progress else True, desc="dump-logits", dynamic_ncols=True)
     try:
-        for batch in (_prefetched(loader, depth=2) if workers == 0 else loader):
+        batches = iter(_prefetched(loader, depth=2) if workers == 0 else loader)
+        while True:
+            t = clock()
+            batch = next(batches, None)
+            stages["views"] += clock() - t
+            if batch is None:
+                break
             pending.append(batch)
             launch(final=False)
             store_rows(depth=2)
@@ -409,7 +444,7 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     finally:
         bar.close()
         writer.close()
-    return _finish(store, writer.written, time.perf_counter() - start, len(items), bool(todo))
+    return _finish(store, writer.written, time.perf_counter() - start, len(items), bool(todo), stages if todo else {})
 
 
 def _todo(store: CacheStore) -> list[tuple[int, int]]:
@@ -427,7 +462,8 @@ def _run_cluster(store: CacheStore, job, client, progress: bool) -> DumpSummary:
     return _finish(store, written, seconds, sum(min(n, (c + 1) * CHUNK) - c * CHUNK for _, c in todo), bool(todo))
 
 
-def _finish(store: CacheStore, written: int, seconds: float, items: int, had_work: bool) -> DumpSummary:
+def _finish(store: CacheStore, written: int, seconds: float, items: int, had_work: bool,
+            stages: dict[str, float] | None = None) -> DumpSummary:
     """Record per-view teacher accuracy once the store is complete and summarise the run."""
     store.refresh()
     top1 = _teacher_top1(store) if store.complete() else []
@@ -436,7 +472,7 @@ def _finish(store: CacheStore, written: int, seconds: float, items: int, had_wor
         store.group.attrs["complete"] = True
     notes = [] if had_work else ["nothing to do: every chunk of every view was already written"]
     return DumpSummary(store.location, store.num_views, store.num_samples, store.num_classes, written, top1,
-                       disk_bytes(store.location), seconds, items / max(seconds, 1e-9), notes)
+                       disk_bytes(store.location), seconds, items / max(seconds, 1e-9), notes, stages or {})
 
 
 def check_logits(logits: torch.Tensor, views: np.ndarray, samples: np.ndarray, dtype: str, kind: str) -> None:

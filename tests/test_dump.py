@@ -231,3 +231,28 @@ def test_unwritable_store_location_is_one_line(cifar_root, teacher_ckpt, tmp_pat
         pytest.skip("needs Linux sysfs")
     proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], target))
     assert proc.returncode == 2 and "choose a writable --out path" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("slow", ["teacher", "views"])
+def test_summary_says_which_stage_held_the_loop_back(cifar_root, teacher_ckpt, tmp_path, monkeypatch, slow):
+    from kdcache.dump import ViewSet
+    from kdcache.teacher import Teacher
+
+    target = {"teacher": Teacher, "views": ViewSet}[slow]
+    method = {"teacher": "launch", "views": "__getitem__"}[slow]
+    real, calls = getattr(target, method), {"n": 0}
+
+    def delayed(self, *args):
+        calls["n"] += 1
+        time.sleep(0.03)
+        return real(self, *args)
+
+    monkeypatch.setattr(target, method, delayed)
+    s = dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+                    augment="cifar", views=2, out=str(tmp_path / "s.zarr"), batch_size=16, forward_block=16, progress=False)
+    assert set(s.stages) == {"views", "teacher", "gpu_wait", "rows", "writer"}
+    assert all(v >= 0 for v in s.stages.values()) and sum(s.stages.values()) <= s.seconds
+    # The prefetch thread builds the next batch while the teacher runs, so a slow view costs the loop at least half its delay.
+    assert s.stages[slow] >= 0.03 * calls["n"] * (1.0 if slow == "teacher" else 0.5)
+    line = next(x for x in s.lines() if x.startswith("loop"))
+    assert ("teacher is the bound" if slow == "teacher" else "raise --workers") in line
