@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from kdcache.data import ImageDataset, build_dataset
-from kdcache.dump import dump_logits
+from kdcache.dump import DumpSummary, dump_logits
 from kdcache.models import create_model, save_checkpoint
 from kdcache.teacher import LaunchedLogits, Teacher, load_teacher
 from kdcache.views import make_recipe
@@ -65,6 +65,11 @@ def free_teacher(num_classes: int):
         Teacher.launch = launch
 
 
+def median_round(summaries: list[DumpSummary]) -> DumpSummary:
+    """The round whose dump loop took the median time, for its stage breakdown."""
+    return sorted(summaries, key=lambda x: x.seconds)[len(summaries) // 2]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--teacher", default="resnet8")
@@ -96,7 +101,7 @@ def main() -> None:
                                    forward_block=args.forward_block, amp=args.amp)
             src = views.pin_memory() if teacher.device.type == "cuda" else views
             teacher(src[: args.forward_block])  # warm-up
-            infer, loop, whole, stages = [], [], [], []
+            infer, loop, whole, summaries = [], [], [], []
             for r in range(args.repeats):
                 t0 = time.perf_counter()
                 for s in range(0, n, args.batch_size):
@@ -108,27 +113,27 @@ def main() -> None:
                                       workers=args.workers, device=args.device, amp=args.amp, progress=False)
                 whole.append(time.perf_counter() - t0)
                 loop.append(summary.seconds)
-                stages.append(summary)
+                summaries.append(summary)
             ratios = [a / b for a, b in zip(infer, loop)]
             rows.append(f"| {name} | {teacher.device} | {args.amp} | {args.workers} | {n} | {n / statistics.median(infer):,.0f} | "
                         f"{n / statistics.median(loop):,.0f} | **{statistics.median(ratios):.2f}** "
                         f"({', '.join(f'{x:.2f}' for x in ratios)}) | {statistics.median(whole):.1f} |")
             print(rows[-1], flush=True)
-            mid = sorted(stages, key=lambda x: x.seconds)[len(stages) // 2]
+            mid = median_round(summaries)
             notes.append(f"{name}: {mid.where_time_went()} (the median round's {mid.seconds:.1f} s loop)")
             print(notes[-1], flush=True)
         if args.ceiling:
-            rates, stages = [], []
+            rates, summaries = [], []
             with free_teacher(ds.num_classes):
                 for r in range(args.repeats):
                     summary = dump_logits(teacher=name, checkpoint=ckpt, dataset=ds.name, data_root=tmp, augment="cifar", views=args.views,
                                           out=f"{tmp}/free-{r}.zarr", batch_size=args.batch_size, forward_block=args.forward_block,
                                           workers=args.workers, device=args.device, progress=False)
                     rates.append(n / summary.seconds)
-                    stages.append(summary)
+                    summaries.append(summary)
             ceiling = (f"dump loop ceiling (teacher returning zeros, workers {args.workers}): median {statistics.median(rates):,.0f} "
                        f"views/s ({', '.join(f'{x:,.0f}' for x in rates)}); median round's loop: "
-                       f"{sorted(stages, key=lambda x: x.seconds)[len(stages) // 2].where_time_went()}")
+                       f"{median_round(summaries).where_time_went()}")
     print("| teacher | device | amp | workers | views | inference only (views/s) | dump loop (views/s) | "
           "inference/dump loop (median; rounds) | whole command (s) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")

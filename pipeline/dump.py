@@ -420,8 +420,9 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
                 if entry[0] == len(entry[3][0]):
                     w = clock()
                     writer.put((v, c, entry[1], entry[2], entry[3]))
-                    waited += clock() - w
-                    stages["writer"] += clock() - w
+                    w = clock() - w
+                    stages["writer"] += w
+                    waited += w
                     del buf[v, c]
             bar.update(len(samples_np))
             stages["rows"] += clock() - t - waited
