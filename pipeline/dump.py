@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -255,6 +256,16 @@ def _prefetched(iterable, depth: int):
         thread.join()
 
 
+def view_batches(view_set: ViewSet, batch_size: int, workers: int, pin: bool) -> Iterable[tuple]:
+    """The batches of ``view_set`` in order, built by ``workers`` DataLoader processes or, with 0, one prefetch thread.
+
+    ``pin`` puts each batch's pixels in page-locked memory (for a GPU teacher) on the loader's pinning thread.
+    """
+    loader = DataLoader(view_set, batch_size=None, sampler=BatchSampler(SequentialSampler(view_set), batch_size, drop_last=False),
+                        collate_fn=as_is, num_workers=workers, persistent_workers=False, pin_memory=pin)
+    return _prefetched(loader, depth=2) if workers == 0 else loader
+
+
 def _teacher_top1(store: CacheStore) -> list[float]:
     labels = store.labels()
     return [store.top1(v, labels) for v in range(store.num_views)]
@@ -355,9 +366,7 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     items = np.concatenate([np.stack(np.broadcast_arrays(v, np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))), 1) for v, c in todo]) \
         if todo else np.zeros((0, 2), dtype=np.int64)
     kinds = len(recipe.kinds)
-    view_set = ViewSet(ds, recipe, seed, items, all_views)
-    loader = DataLoader(view_set, batch_size=None, sampler=BatchSampler(SequentialSampler(view_set), batch_size, drop_last=False),
-                        collate_fn=as_is, num_workers=workers, persistent_workers=False, pin_memory=teacher.device.type == "cuda")
+    loader = view_batches(ViewSet(ds, recipe, seed, items, all_views), batch_size, workers, pin=teacher.device.type == "cuda")
     writer = _ChunkWriter(store)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
@@ -430,7 +439,7 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     start = time.perf_counter()
     bar = tqdm(total=len(items), unit="view", disable=None if progress else True, desc="dump-logits", dynamic_ncols=True)
     try:
-        batches = iter(_prefetched(loader, depth=2) if workers == 0 else loader)
+        batches = iter(loader)
         while True:
             t = clock()
             batch = next(batches, None)
