@@ -111,6 +111,28 @@ def test_larger_views_extends_the_cache(cifar_root, teacher_ckpt, tmp_path):
     assert np.array_equal(_arrays(out)["logits"], _arrays(ref)["logits"])
 
 
+def _writer_processes(parent: int) -> list[int]:
+    """Pids of the chunk-writer processes (``kdcache-writer``) whose parent is ``parent``, from Linux's /proc."""
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        if fields.get("Name", "").strip() == "kdcache-writer" and int(fields.get("PPid", "0")) == parent:
+            pids.append(int(status.parent.name))
+    return pids
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return "zombie" not in state
+
+
 def test_sigkill_midway_then_rerun_is_bit_identical(cifar_root, teacher_ckpt, tmp_path):
     args = _dump_args(cifar_root, teacher_ckpt[100], tmp_path / "k.zarr", views="40")
     full = tmp_path / "full.zarr"
@@ -123,13 +145,44 @@ def test_sigkill_midway_then_rerun_is_bit_identical(cifar_root, teacher_ckpt, tm
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the dump finished before it could be killed"
+    writers = _writer_processes(proc.pid)
+    assert writers or sys.platform != "linux", "a local store on Linux is written by a child process"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_running(w) for w in writers):
+        time.sleep(0.05)
+    assert not any(_running(w) for w in writers), "the killed dump's chunk writer lives on"
     partial = open_store(tmp_path / "k.zarr").done()
     assert 0 < partial.sum() < partial.size
     assert (tmp_path / "k.zarr" / "kdcache.lock").exists()  # left behind by the killed writer, taken over below
     run_cli(*args, check=True)
     assert_same_store(tmp_path / "k.zarr", full)
+
+
+def test_ctrl_c_midway_stops_cleanly_and_resumes(cifar_root, teacher_ckpt, tmp_path):
+    out, full = tmp_path / "i.zarr", tmp_path / "full.zarr"
+    args = _dump_args(cifar_root, teacher_ckpt[100], out, "--workers", "2", views="40")
+    run_cli(*_dump_args(cifar_root, teacher_ckpt[100], full, views="40"), check=True)
+    # Its own process group, so the SIGINT reaches the dump, its loader workers and its writer, as a terminal's Ctrl-C does.
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    done_dir = out / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if done_dir.exists() and sum(1 for _ in done_dir.rglob("*") if _.is_file()) >= 4:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the dump finished before it could be interrupted"
+    writers = _writer_processes(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.strip() == "Aborted!"  # click's abort, no traceback or error from the writer
+    assert not (out / "kdcache.lock").exists() and not any(_running(w) for w in writers)
+    partial = open_store(out).done()
+    assert 0 < partial.sum() < partial.size
+    run_cli(*args, check=True)
+    assert_same_store(out, full)
 
 
 def test_second_writer_is_refused(cifar_root, teacher_ckpt, tmp_path):
@@ -225,6 +278,32 @@ def test_full_disk_leaves_a_resumable_store(cifar_root, teacher_ckpt, tmp_path, 
     assert_same_store(out, ref)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="local stores are written by a child process on Linux only")
+def test_writer_process_death_is_an_error_and_the_store_resumes(cifar_root, teacher_ckpt, tmp_path, monkeypatch):
+    import kdcache.dump as dump
+
+    ref, out = tmp_path / "ref.zarr", tmp_path / "died.zarr"
+    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+              augment="cifar", views=6, progress=False)
+    dump_logits(out=str(ref), **kw)
+    real_write, calls = dump.write_chunk, {"n": 0}
+
+    def dies_on_third(*args, **kwargs):
+        calls["n"] += 1  # counted in the writer process, which the patch reaches through fork
+        if calls["n"] == 3:
+            os._exit(3)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(dump, "write_chunk", dies_on_third)
+    with pytest.raises(KdcacheError, match=r"chunk writer process died \(exit code 3\): re-run the same command to resume"):
+        dump_logits(out=str(out), **kw)
+    monkeypatch.setattr(dump, "write_chunk", real_write)
+    done = open_store(out).done()
+    assert done.sum() == 2 and not (out / "kdcache.lock").exists()
+    dump_logits(out=str(out), **kw)
+    assert_same_store(out, ref)
+
+
 def test_unwritable_store_location_is_one_line(cifar_root, teacher_ckpt, tmp_path):
     target = Path("/sys/kdcache-test.zarr")  # sysfs refuses new directories, even to root
     if not Path("/sys").is_dir():
@@ -241,10 +320,12 @@ def test_summary_says_which_stage_held_the_loop_back(cifar_root, teacher_ckpt, t
     target = {"teacher": Teacher, "views": ViewSet}[slow]
     method = {"teacher": "launch", "views": "__getitem__"}[slow]
     real, calls = getattr(target, method), {"n": 0}
+    # Views get a delay well above a batch's forward pass (10-20 ms here), which the prefetch thread overlaps with it.
+    delay = {"teacher": 0.03, "views": 0.1}[slow]
 
     def delayed(self, *args):
         calls["n"] += 1
-        time.sleep(0.03)
+        time.sleep(delay)
         return real(self, *args)
 
     monkeypatch.setattr(target, method, delayed)
@@ -253,6 +334,6 @@ def test_summary_says_which_stage_held_the_loop_back(cifar_root, teacher_ckpt, t
     assert set(s.stages) == {"views", "teacher", "gpu_wait", "rows", "writer"}
     assert all(v >= 0 for v in s.stages.values()) and sum(s.stages.values()) <= s.seconds
     # The prefetch thread builds the next batch while the teacher runs, so a slow view costs the loop at least half its delay.
-    assert s.stages[slow] >= 0.03 * calls["n"] * (1.0 if slow == "teacher" else 0.5)
+    assert s.stages[slow] >= delay * calls["n"] * (1.0 if slow == "teacher" else 0.5)
     line = next(x for x in s.lines() if x.startswith("loop"))
     assert ("teacher is the bound" if slow == "teacher" else "raise --workers") in line
