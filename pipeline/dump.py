@@ -3,8 +3,9 @@
 The work unit is a chunk: one view index x :data:`~kdcache.store.CHUNK`
 samples. DataLoader workers build the views (uint8, CPU); the teacher runs in
 fixed padded blocks; rows are buffered into whole chunks and handed to a
-background writer thread, which writes logits, parameters and pixel hashes and
-only then marks the chunk done. A re-run skips done chunks, so an interrupted
+background writer (a child process for local stores on Linux, else a thread),
+which writes logits, parameters and pixel hashes and only then marks the chunk
+done, so the teacher never waits on storage. A re-run skips done chunks, so an interrupted
 dump resumes and ends bit-identical to an uninterrupted one.
 """
 
