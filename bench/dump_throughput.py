@@ -40,7 +40,7 @@ from kdcache.data import ImageDataset, build_dataset
 from kdcache.dump import DumpSummary, ViewSet, dump_logits, view_batches
 from kdcache.models import create_model, save_checkpoint
 from kdcache.teacher import LaunchedLogits, Teacher, load_teacher
-from kdcache.views import make_recipe
+from kdcache.views import Recipe, make_recipe
 
 
 def cifar_sized(root: Path, n: int) -> ImageDataset:
@@ -71,14 +71,14 @@ def free_teacher(num_classes: int):
         Teacher.launch = launch
 
 
-def plain_pass(ds: ImageDataset, teacher: Teacher, items: np.ndarray, batch_size: int, workers: int) -> float:
+def plain_pass(ds: ImageDataset, recipe: Recipe, teacher: Teacher, items: np.ndarray, batch_size: int, workers: int) -> float:
     """Seconds for a plain inference pass: the dump's own loader and teacher over the same views, nothing checked or stored.
 
     What a user's inference loop over these augmented views would cost; the
     dump loop's time beyond it is the price of caching (hashes, parameters,
     encoding, writing). Two batches stay in flight, as in the dump.
     """
-    batches = view_batches(ViewSet(ds, make_recipe("cifar", True), 0, items, False), batch_size, workers,
+    batches = view_batches(ViewSet(ds, recipe, 0, items, False), batch_size, workers,
                            pin=teacher.device.type == "cuda")
     in_flight: deque = deque()
     t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def main() -> None:
                 for s in range(0, n, args.batch_size):
                     teacher(src[s : s + args.batch_size])
                 infer.append(time.perf_counter() - t0)
-                plain.append(plain_pass(ds, teacher, items, args.batch_size, args.workers))
+                plain.append(plain_pass(ds, recipe, teacher, items, args.batch_size, args.workers))
                 t0 = time.perf_counter()
                 summary = dump_logits(teacher=name, checkpoint=ckpt, dataset=ds.name, data_root=tmp, augment="cifar", views=args.views,
                                       out=f"{tmp}/{name}-{r}.zarr", batch_size=args.batch_size, forward_block=args.forward_block,
@@ -155,7 +155,7 @@ def main() -> None:
             rates, loader_rates, summaries = [], [], []
             with free_teacher(ds.num_classes):
                 for r in range(args.repeats):
-                    loader_rates.append(n / plain_pass(ds, teacher, items, args.batch_size, args.workers))
+                    loader_rates.append(n / plain_pass(ds, recipe, teacher, items, args.batch_size, args.workers))
                     summary = dump_logits(teacher=name, checkpoint=ckpt, dataset=ds.name, data_root=tmp, augment="cifar", views=args.views,
                                           out=f"{tmp}/free-{r}.zarr", batch_size=args.batch_size, forward_block=args.forward_block,
                                           workers=args.workers, device=args.device, progress=False)

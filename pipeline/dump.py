@@ -42,8 +42,8 @@ from kdcache.topk import LogitFormat, encode, parse_format
 from kdcache.views import Recipe, make_recipe, pixel_hashes
 
 DTYPES = ("float16", "float32")
-_PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15  # prctl(2) options
 FLOAT16_MAX = 65504.0
+_PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15  # prctl(2) options
 
 
 def parse_views(views: str | int, recipe: Recipe) -> tuple[int, str]:

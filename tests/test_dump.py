@@ -133,18 +133,24 @@ def _running(pid: int) -> bool:
     return "zombie" not in state
 
 
-def test_sigkill_midway_then_rerun_is_bit_identical(cifar_root, teacher_ckpt, tmp_path):
-    args = _dump_args(cifar_root, teacher_ckpt[100], tmp_path / "k.zarr", views="40")
-    full = tmp_path / "full.zarr"
-    run_cli(*_dump_args(cifar_root, teacher_ckpt[100], full, views="40"), check=True)
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done_dir = tmp_path / "k.zarr" / "done" / "c"
+def _dump_midway(args: list[str], out: Path, **popen) -> subprocess.Popen:
+    """Start ``kdcache dump-logits`` with ``args`` and return once 4 chunks of ``out`` are done, the dump still running."""
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], stdout=subprocess.DEVNULL, **popen)
+    done_dir = out / "done" / "c"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if done_dir.exists() and sum(1 for _ in done_dir.rglob("*") if _.is_file()) >= 4:
             break
         time.sleep(0.01)
-    assert proc.poll() is None, "the dump finished before it could be killed"
+    assert proc.poll() is None, "the dump finished before it could be interrupted"
+    return proc
+
+
+def test_sigkill_midway_then_rerun_is_bit_identical(cifar_root, teacher_ckpt, tmp_path):
+    args = _dump_args(cifar_root, teacher_ckpt[100], tmp_path / "k.zarr", views="40")
+    full = tmp_path / "full.zarr"
+    run_cli(*_dump_args(cifar_root, teacher_ckpt[100], full, views="40"), check=True)
+    proc = _dump_midway(args, tmp_path / "k.zarr", stderr=subprocess.DEVNULL)
     writers = _writer_processes(proc.pid)
     assert writers or sys.platform != "linux", "a local store on Linux is written by a child process"
     os.kill(proc.pid, signal.SIGKILL)
@@ -165,15 +171,7 @@ def test_ctrl_c_midway_stops_cleanly_and_resumes(cifar_root, teacher_ckpt, tmp_p
     args = _dump_args(cifar_root, teacher_ckpt[100], out, "--workers", "2", views="40")
     run_cli(*_dump_args(cifar_root, teacher_ckpt[100], full, views="40"), check=True)
     # Its own process group, so the SIGINT reaches the dump, its loader workers and its writer, as a terminal's Ctrl-C does.
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    done_dir = out / "done" / "c"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if done_dir.exists() and sum(1 for _ in done_dir.rglob("*") if _.is_file()) >= 4:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the dump finished before it could be interrupted"
+    proc = _dump_midway(args, out, stderr=subprocess.PIPE, text=True, start_new_session=True)
     writers = _writer_processes(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -250,15 +248,30 @@ def test_checkpoint_with_other_class_count(cifar_root, teacher_ckpt, tmp_path):
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "o.zarr").exists()
 
 
+def _fails_then_resumes(cifar_root: Path, teacher_ckpt: dict[int, Path], tmp_path: Path, monkeypatch, patch: tuple,
+                        match: str) -> np.ndarray:
+    """Dump with ``patch`` (object, attribute, replacement) in place: it must fail with ``match``, release the lock, and
+    the same call without the patch must resume to an uninterrupted dump's store. Returns the done chunks after the failure."""
+    ref, out = tmp_path / "ref.zarr", tmp_path / "failed.zarr"
+    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+              augment="cifar", views=6, progress=False)
+    dump_logits(out=str(ref), **kw)
+    with monkeypatch.context() as m:
+        m.setattr(*patch)
+        with pytest.raises(KdcacheError, match=match):
+            dump_logits(out=str(out), **kw)
+    done = open_store(out).done()
+    assert not (out / "kdcache.lock").exists()
+    dump_logits(out=str(out), **kw)
+    assert_same_store(out, ref)
+    return done
+
+
 def test_full_disk_leaves_a_resumable_store(cifar_root, teacher_ckpt, tmp_path, monkeypatch):
     import errno
 
     import zarr.storage._local as local
 
-    ref, out = tmp_path / "ref.zarr", tmp_path / "full.zarr"
-    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-              augment="cifar", views=6, progress=False)
-    dump_logits(out=str(ref), **kw)
     real_put, writes = local._put, {"n": 0}
 
     def put(path, value, exclusive=False):
@@ -268,24 +281,15 @@ def test_full_disk_leaves_a_resumable_store(cifar_root, teacher_ckpt, tmp_path, 
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_put(path, value, exclusive)
 
-    monkeypatch.setattr(local, "_put", put)
-    with pytest.raises(KdcacheError, match="No space left on device.*re-run the same command to resume"):
-        dump_logits(out=str(out), **kw)
-    monkeypatch.setattr(local, "_put", real_put)
-    done = open_store(out).done()
+    done = _fails_then_resumes(cifar_root, teacher_ckpt, tmp_path, monkeypatch, (local, "_put", put),
+                               "No space left on device.*re-run the same command to resume")
     assert 0 < done.sum() < done.size
-    dump_logits(out=str(out), **kw)
-    assert_same_store(out, ref)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="local stores are written by a child process on Linux only")
 def test_writer_process_death_is_an_error_and_the_store_resumes(cifar_root, teacher_ckpt, tmp_path, monkeypatch):
-    import kdcache.dump as dump
+    from kdcache import dump
 
-    ref, out = tmp_path / "ref.zarr", tmp_path / "died.zarr"
-    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-              augment="cifar", views=6, progress=False)
-    dump_logits(out=str(ref), **kw)
     real_write, calls = dump.write_chunk, {"n": 0}
 
     def dies_on_third(*args, **kwargs):
@@ -294,14 +298,9 @@ def test_writer_process_death_is_an_error_and_the_store_resumes(cifar_root, teac
             os._exit(3)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(dump, "write_chunk", dies_on_third)
-    with pytest.raises(KdcacheError, match=r"chunk writer process died \(exit code 3\): re-run the same command to resume"):
-        dump_logits(out=str(out), **kw)
-    monkeypatch.setattr(dump, "write_chunk", real_write)
-    done = open_store(out).done()
-    assert done.sum() == 2 and not (out / "kdcache.lock").exists()
-    dump_logits(out=str(out), **kw)
-    assert_same_store(out, ref)
+    done = _fails_then_resumes(cifar_root, teacher_ckpt, tmp_path, monkeypatch, (dump, "write_chunk", dies_on_third),
+                               r"chunk writer process died \(exit code 3\): re-run the same command to resume")
+    assert done.sum() == 2
 
 
 def test_unwritable_store_location_is_one_line(cifar_root, teacher_ckpt, tmp_path):
