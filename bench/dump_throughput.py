@@ -20,6 +20,13 @@ loop with a teacher that returns zeros at once (an infinitely fast device): the
 most views/s this host's loop can feed, so a teacher whose inference-only rate
 is below about 0.95 x that ceiling can meet the target here, and the loader
 alone with that teacher: the most views/s the view builders deliver.
+``--teacher null`` is a teacher that costs the device next to nothing (a
+global average pool and one linear layer) but runs the real launch path:
+pinned copies, on a GPU the CUDA graph replay and the copy back. Its dump
+loop, next to the ``--ceiling`` loop, says what issuing work to the device
+costs the loop; its a/b is not a target. ``--threads N`` sets torch's CPU
+threads in the bench's process, where the dump loop, the teacher's launches
+and the loader's pinning run.
 """
 
 from __future__ import annotations
@@ -38,9 +45,15 @@ import torch
 
 from kdcache.data import ImageDataset, build_dataset
 from kdcache.dump import DumpSummary, ViewSet, dump_logits, view_batches
-from kdcache.models import create_model, save_checkpoint
+from kdcache.models import create_model, register, save_checkpoint
 from kdcache.teacher import LaunchedLogits, Teacher, load_teacher
 from kdcache.views import Recipe, make_recipe
+
+
+@register("null")
+def null_teacher(num_classes: int) -> torch.nn.Module:
+    """A teacher with almost no device work, for timing the loop's launch path (``--teacher null``)."""
+    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, num_classes))
 
 
 def cifar_sized(root: Path, n: int) -> ImageDataset:
@@ -108,7 +121,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--samples", type=int, default=0, help="CIFAR-100-sized stand-in with this many images (0: the digits)")
     p.add_argument("--ceiling", action="store_true", help="also measure the loop with a teacher that costs nothing")
+    p.add_argument("--threads", type=int, default=0, help="torch's CPU threads in this process (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tmp_dir = tempfile.TemporaryDirectory()
     tmp = tmp_dir.name
     ds = cifar_sized(Path(tmp), args.samples) if args.samples else build_dataset("digits")
