@@ -47,11 +47,20 @@ def deterministic_cuda() -> None:
     between a dump and an online teacher, and bit-identical students after a
     resume, so every process that puts kdcache on a GPU runs with
     ``torch.use_deterministic_algorithms(True)``.
+
+    That mode also fills every tensor ``torch.empty``, ``.to()`` or
+    ``.clone()`` allocates with NaN, a debugging aid PyTorch documents as
+    safe to turn off for code that never reads uninitialized memory, which
+    kdcache does not. It is off: on a CPU tensor the fill runs on torch's
+    thread pool, and while loader workers keep the cores busy each fill of a
+    block's pinned logits waits milliseconds for a descheduled pool thread
+    (``bench/fill_stall.py``).
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 @dataclass

@@ -17,6 +17,7 @@ def test_graph_replay_equals_eager_forward_and_turns_on_determinism(tmp_path, am
     save_checkpoint(tmp_path / "t.pth", create_model("resnet8", ds.num_classes))
     teacher = load_teacher("resnet8", ds.num_classes, ds.norm, str(tmp_path / "t.pth"), device="cuda", forward_block=64, amp=amp)
     assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.utils.deterministic.fill_uninitialized_memory
     x = torch.randint(0, 256, (150, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     graphed = teacher(x)
     with torch.inference_mode():

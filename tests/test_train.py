@@ -43,6 +43,42 @@ def test_cached_float32_equals_online_teacher(cifar_root, teacher_ckpt, cache32,
     assert c.history[-1]["train_loss"] != a.history[-1]["train_loss"]
 
 
+_UNDER_NAN_FILL = """
+import sys
+import torch
+from kdcache.dump import dump_logits
+from kdcache.teacher import deterministic_cuda
+from kdcache.train import train_student
+deterministic_cuda()
+assert torch.are_deterministic_algorithms_enabled() and not torch.utils.deterministic.fill_uninitialized_memory
+torch.utils.deterministic.fill_uninitialized_memory = True
+root, ckpt, out = sys.argv[1:]
+dump_logits(teacher="resnet8", checkpoint=ckpt, dataset="cifar100", data_root=root, augment="mlkd", views=2,
+            out=out + "/c.zarr", dtype="float32", batch_size=7, workers=2, progress=False)
+train_student(out=out + "/run", cache=out + "/c.zarr", data_root=root, loss="mlkd", logit_stand=True,
+              student="resnet8", dataset="cifar100", epochs=2, batch_size=32, progress=False)
+"""
+
+
+def test_nothing_reads_uninitialized_memory(cifar_root, teacher_ckpt, tmp_path):
+    """On a GPU kdcache runs deterministic mode with its NaN fill of new tensors off (the fill stalls busy hosts), which
+    is only safe if no step reads memory it did not write. With the fill on, such a read brings NaN into the logits or
+    the student: a dump and a student run under it must equal the ordinary ones bit for bit."""
+    nan_fill = tmp_path / "nan_fill"
+    nan_fill.mkdir()
+    subprocess.run([sys.executable, "-c", _UNDER_NAN_FILL, str(cifar_root), str(teacher_ckpt[100]), str(nan_fill)], check=True)
+    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
+                augment="mlkd", views=2, out=str(tmp_path / "c.zarr"), dtype="float32", progress=False)
+    a, b = zarr.open_group(str(nan_fill / "c.zarr")), zarr.open_group(str(tmp_path / "c.zarr"))
+    assert sorted(a.array_keys()) == sorted(b.array_keys())
+    for name in a.array_keys():
+        assert np.array_equal(a[name][...], b[name][...], equal_nan=True), name
+    train_student(out=tmp_path / "run", cache=str(tmp_path / "c.zarr"), data_root=str(cifar_root), loss="mlkd", logit_stand=True,
+                  **COMMON)
+    wa, wb = _weights(nan_fill / "run" / "last.pt"), _weights(tmp_path / "run" / "last.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_float16_cache_is_within_rounding(cifar_root, teacher_ckpt, cache32, tmp_path):
     out16 = tmp_path / "c16.zarr"
     dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
