@@ -372,6 +372,21 @@ def view_batches(view_set: ViewSet, batch_size: int, workers: int, pin: bool) ->
     return _prefetched(loader, depth=2) if workers == 0 else loader
 
 
+def join_pixels(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    """Loader batches' pixels (kinds, n, C, H, W) joined along the view axis, in page-locked memory when ``pin``.
+
+    A forward block that spans loader batches needs them in one tensor. Its
+    copy to a GPU is asynchronous only from page-locked memory (from ordinary
+    memory it first waits for the GPU's queued work), and numpy does the
+    join: ``torch.cat`` runs on torch's CPU thread pool, which stalls for
+    milliseconds beside busy loader workers (``bench/pool_stall.py``).
+    """
+    shape = (parts[0].shape[0], sum(x.shape[1] for x in parts), *parts[0].shape[2:])
+    out = torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin)
+    np.concatenate([x.numpy() for x in parts], axis=1, out=out.numpy())
+    return out
+
+
 def _teacher_top1(store: CacheStore) -> list[float]:
     labels = store.labels()
     return [store.top1(v, labels) for v in range(store.num_views)]
@@ -472,7 +487,8 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
     items = np.concatenate([np.stack(np.broadcast_arrays(v, np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))), 1) for v, c in todo]) \
         if todo else np.zeros((0, 2), dtype=np.int64)
     kinds = len(recipe.kinds)
-    loader = view_batches(ViewSet(ds, recipe, seed, items, all_views), batch_size, workers, pin=teacher.device.type == "cuda")
+    pin = teacher.device.type == "cuda"
+    loader = view_batches(ViewSet(ds, recipe, seed, items, all_views), batch_size, workers, pin)
     writer = _chunk_writer(store)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
@@ -493,7 +509,7 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
             return
         # One loader batch is used as it is: its pinned pixels go to the GPU without a copy.
         v_b, i_b, pix, par, hsh = pending[0] if len(pending) == 1 else (
-            np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending]), torch.cat([p[2] for p in pending], 1),
+            np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending]), join_pixels([p[2] for p in pending], pin),
             *([np.concatenate([p[j][k] for p in pending]) for k in range(kinds)] for j in (3, 4)))
         pending.clear()
         if take < count:

@@ -54,7 +54,7 @@ def deterministic_cuda() -> None:
     kdcache does not. It is off: on a CPU tensor the fill runs on torch's
     thread pool, and while loader workers keep the cores busy each fill of a
     block's pinned logits waits milliseconds for a descheduled pool thread
-    (``bench/fill_stall.py``).
+    (``bench/pool_stall.py``).
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False

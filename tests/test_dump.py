@@ -12,7 +12,7 @@ import zarr
 
 from conftest import run_cli
 from kdcache.data import build_dataset
-from kdcache.dump import dump_logits
+from kdcache.dump import dump_logits, join_pixels
 from kdcache.errors import KdcacheError
 from kdcache.store import open_store
 from kdcache.views import make_recipe, pixel_hash
@@ -47,6 +47,17 @@ def test_same_logits_for_any_batch_size_and_workers(cifar_root, teacher_ckpt, tm
         outs.append(out)
     assert_same_store(outs[0], outs[1])
     assert_same_store(outs[0], outs[2])
+
+
+def test_joined_loader_batches_keep_kinds_and_order():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randint(0, 256, (2, 11, 3, 4, 4), dtype=torch.uint8, generator=gen)  # weak and strong kinds
+    parts = [full[:, :3], full[:, 3:4], full[:, 4:]]  # a batch's remainder is a strided slice
+    assert not parts[0].is_contiguous()
+    joined = join_pixels(parts, pin=False)
+    assert joined.dtype == torch.uint8 and joined.is_contiguous() and torch.equal(joined, full)
 
 
 def test_views_all_covers_every_crop_flip_once_and_replays(teacher_ckpt, tmp_path):

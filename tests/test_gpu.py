@@ -26,3 +26,23 @@ def test_graph_replay_equals_eager_forward_and_turns_on_determinism(tmp_path, am
     assert graphed.shape == (150, ds.num_classes) and torch.isfinite(graphed).all()
     assert torch.equal(graphed, eager)
     assert torch.equal(teacher(x[:70]), graphed[:70])  # a shorter batch pads its last block the same way
+
+
+def test_dump_on_gpu_gives_the_same_logits_for_any_batch_size(tmp_path):
+    import zarr
+
+    from kdcache.dump import dump_logits, join_pixels
+
+    ds = build_dataset("digits")
+    small = type(ds)("digits", "train", ds.images[:200], ds.labels[:200], 10, ds.norm)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "t.pth", create_model("resnet8", ds.num_classes))
+    logits = []
+    for bs in (7, 64):  # 7: forward blocks span loader batches, which are joined in pinned memory
+        out = tmp_path / f"b{bs}.zarr"
+        dump_logits(teacher="resnet8", checkpoint=str(tmp_path / "t.pth"), dataset="digits", augment="mlkd", views=2, out=str(out),
+                    batch_size=bs, workers=2, device="cuda", dtype="float32", progress=False, data=small)
+        logits.append(zarr.open_group(str(out))["logits_strong"][...])
+    assert torch.equal(torch.from_numpy(logits[0]), torch.from_numpy(logits[1]))
+    parts = [torch.zeros((2, 5, 3, 4, 4), dtype=torch.uint8).pin_memory()[:, 2:], torch.ones((2, 3, 3, 4, 4), dtype=torch.uint8)]
+    assert join_pixels(parts, pin=True).is_pinned()
