@@ -24,9 +24,8 @@ alone with that teacher: the most views/s the view builders deliver.
 global average pool and one linear layer) but runs the real launch path:
 pinned copies, on a GPU the CUDA graph replay and the copy back. Its dump
 loop, next to the ``--ceiling`` loop, says what issuing work to the device
-costs the loop; its a/b is not a target. ``--threads N`` sets torch's CPU
-threads in the bench's process, where the dump loop, the teacher's launches
-and the loader's pinning run.
+costs the loop; its a/b is not a target. ``--threads N`` calls
+``torch.set_num_threads(N)`` on the thread that runs the dump loop.
 """
 
 from __future__ import annotations
