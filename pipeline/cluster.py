@@ -12,9 +12,11 @@ the store is bit-identical to a single-process dump of the same command.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,30 +127,39 @@ def dump_chunk(job: ChunkJob, v: int, c: int) -> tuple[int, int, int]:
     return v, c, len(rows)
 
 
-def connect(scheduler: str | None, local_cluster: int | None):
-    """A dask ``Client`` for ``--scheduler ADDRESS`` or a new ``LocalCluster`` of ``--local-cluster N`` processes."""
+@contextlib.contextmanager
+def cluster_client(scheduler: str | None, local_cluster: int | None) -> Iterator:
+    """A dask ``Client`` for ``--scheduler ADDRESS`` or a new ``LocalCluster`` of ``--local-cluster N`` processes.
+
+    On exit the client disconnects, and a cluster this run started is shut
+    down. Its nannies set variables in this process's environment for the
+    workers they spawn (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``, ...) and
+    leave them there; they are put back, so a Python caller's later
+    subprocesses do not run single-threaded.
+    """
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise KdcacheError("--scheduler / --local-cluster need dask.distributed: pip install 'kdcache[distributed]'") from None
-    if local_cluster is not None:
-        cluster = LocalCluster(n_workers=local_cluster, threads_per_worker=1, processes=True, dashboard_address=":0")
-        return Client(cluster)
+    if local_cluster is None:
+        try:
+            client = Client(scheduler, timeout="5s")
+        except OSError as exc:
+            raise KdcacheError(f"cannot reach the dask scheduler at {scheduler} ({exc}): start it with `dask scheduler` "
+                               "or pass --local-cluster N") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    environ = dict(os.environ)
     try:
-        return Client(scheduler, timeout="5s")
-    except OSError as exc:
-        raise KdcacheError(f"cannot reach the dask scheduler at {scheduler} ({exc}): start it with `dask scheduler` "
-                           "or pass --local-cluster N") from None
-
-
-def close_client(client) -> None:
-    """Disconnect; a cluster this run started (``--local-cluster``) is shut down too."""
-    from distributed import LocalCluster
-
-    cluster = client.cluster
-    client.close()
-    if isinstance(cluster, LocalCluster):
-        cluster.close()
+        with LocalCluster(n_workers=local_cluster, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            yield client
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def run_on_cluster(client, store: CacheStore, job: ChunkJob, todo: list[tuple[int, int]], progress: bool) -> tuple[int, float]:

@@ -11,6 +11,7 @@ dump resumes and ends bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata as md
 import multiprocessing as mp
@@ -436,27 +437,23 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
         "seed": seed, "dtype": dtype, "num_classes": ds.num_classes, "views_mode": views_mode,
         "format": fmt.to_attrs(),
     }
-    client = None
+    session = contextlib.nullcontext()
     if distributed:
-        from kdcache.cluster import ChunkJob, close_client, connect
+        from kdcache.cluster import ChunkJob, cluster_client
 
-        client = connect(scheduler, local_cluster)
-    try:
-        with writer_lock(out):
-            store, created = _prepare_store(out, overwrite, identity, num_views, str(views), ds, recipe, dtype, fmt)
-            try:
-                if client is not None:
-                    job = ChunkJob(store.location, teacher, checkpoint, model.checkpoint_sha256, weights, dataset, data_root, split,
-                                   augment, seed, views_mode == "all", forward_block, amp, dtype, device, batch_size)
-                    return _run_cluster(store, job, client, progress)
-                return _run_dump(store, ds, recipe, model, seed, views_mode == "all", batch_size, workers, dtype, progress)
-            except BaseException:
-                if created and not store.done().any():
-                    remove_store(out)
-                raise
-    finally:
-        if client is not None:
-            close_client(client)
+        session = cluster_client(scheduler, local_cluster)
+    with session as client, writer_lock(out):
+        store, created = _prepare_store(out, overwrite, identity, num_views, str(views), ds, recipe, dtype, fmt)
+        try:
+            if client is not None:
+                job = ChunkJob(store.location, teacher, checkpoint, model.checkpoint_sha256, weights, dataset, data_root, split,
+                               augment, seed, views_mode == "all", forward_block, amp, dtype, device, batch_size)
+                return _run_cluster(store, job, client, progress)
+            return _run_dump(store, ds, recipe, model, seed, views_mode == "all", batch_size, workers, dtype, progress)
+        except BaseException:
+            if created and not store.done().any():
+                remove_store(out)
+            raise
 
 
 def _prepare_store(out: str, overwrite: bool, identity: dict, num_views: int, views_requested: str, ds: ImageDataset,

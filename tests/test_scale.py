@@ -60,7 +60,9 @@ def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teach
     kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=2, mix="cutmix",
               format="topk:4", batch_size=100, forward_block=64, progress=False)
     dump_logits(out=str(tmp_path / "single.zarr"), **kw)
+    environ = dict(os.environ)
     dump_logits(out=str(tmp_path / "cluster.zarr"), local_cluster=1, **kw)
+    assert dict(os.environ) == environ  # dask's nannies set OMP_NUM_THREADS=1 and more here for their workers
     _same_store(str(tmp_path / "single.zarr"), str(tmp_path / "cluster.zarr"))
     assert "topk_values" in zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r")
 
