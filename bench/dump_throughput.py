@@ -120,7 +120,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--samples", type=int, default=0, help="CIFAR-100-sized stand-in with this many images (0: the digits)")
     p.add_argument("--ceiling", action="store_true", help="also measure the loop with a teacher that costs nothing")
-    p.add_argument("--threads", type=int, default=0, help="torch's CPU threads in this process (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) on the dump loop's thread (0: torch's default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from kdcache.models import create_model, save_checkpoint
 
@@ -78,3 +79,12 @@ def run_cli(*args: str, check: bool = False, cwd: Path | None = None) -> subproc
     if check and proc.returncode != 0:
         raise AssertionError(f"kdcache {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def assert_same_arrays(a: str | Path, b: str | Path) -> None:
+    """Two stores (paths or URLs) hold the same arrays, with the same dtypes and bit for bit (NaN equal to NaN)."""
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    assert sorted(ga.array_keys()) == sorted(gb.array_keys())
+    for name in ga.array_keys():
+        x, y = np.asarray(ga[name][...]), np.asarray(gb[name][...])
+        assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import run_cli
+from conftest import assert_same_arrays, run_cli
 from kdcache.data import build_dataset
 from kdcache.dump import dump_logits, join_pixels
 from kdcache.errors import KdcacheError
@@ -29,10 +29,7 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def assert_same_store(a: Path, b: Path) -> None:
-    x, y = _arrays(a), _arrays(b)
-    assert x.keys() == y.keys()
-    for k in x:
-        assert np.array_equal(x[k], y[k], equal_nan=True), k
+    assert_same_arrays(a, b)
     ax, ay = dict(zarr.open_group(str(a)).attrs), dict(zarr.open_group(str(b)).attrs)
     ax.pop("created"), ay.pop("created")
     assert ax == ay

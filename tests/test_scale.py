@@ -14,15 +14,7 @@ import pytest
 import zarr
 
 from kdcache.dump import dump_logits
-from conftest import run_cli
-
-
-def _same_store(a: str, b: str) -> None:
-    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
-    assert sorted(ga.array_keys()) == sorted(gb.array_keys())
-    for name in ga.array_keys():
-        x, y = np.asarray(ga[name][...]), np.asarray(gb[name][...])
-        assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+from conftest import assert_same_arrays, run_cli
 
 
 def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, teacher_ckpt):
@@ -51,7 +43,7 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
     assert killed is not None, "the dump finished before a worker could be killed mid-task"
     assert proc.returncode == 0, err[-2000:]
     assert "dask dashboard: http" in out + err
-    _same_store(str(tmp_path / "single.zarr"), str(tmp_path / "cluster.zarr"))
+    assert_same_arrays(str(tmp_path / "single.zarr"), str(tmp_path / "cluster.zarr"))
     assert zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r").attrs["complete"] is True
 
 
@@ -63,7 +55,7 @@ def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teach
     environ = dict(os.environ)
     dump_logits(out=str(tmp_path / "cluster.zarr"), local_cluster=1, **kw)
     assert dict(os.environ) == environ  # dask's nannies set OMP_NUM_THREADS=1 and more here for their workers
-    _same_store(str(tmp_path / "single.zarr"), str(tmp_path / "cluster.zarr"))
+    assert_same_arrays(str(tmp_path / "single.zarr"), str(tmp_path / "cluster.zarr"))
     assert "topk_values" in zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r")
 
 
@@ -107,12 +99,12 @@ def test_s3_store_end_to_end(tmp_path, teacher_ckpt, s3_server, monkeypatch):
     run_cli(*common, "--out", url, check=True)
     dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=2,
                 out=str(tmp_path / "local.zarr"), progress=False)
-    _same_store(url, str(tmp_path / "local.zarr"))
+    assert_same_arrays(url, str(tmp_path / "local.zarr"))
     again = run_cli(*common, "--out", url, check=True)
     assert "nothing to do" in again.stdout
     refused = run_cli(*common, "--out", url, "--seed", "1")
     assert refused.returncode == 2 and "seed" in refused.stderr
-    _same_store(url, str(tmp_path / "local.zarr"))
+    assert_same_arrays(url, str(tmp_path / "local.zarr"))
     assert "complete   2/2 chunks" in run_cli("inspect", url, check=True).stdout
     run_cli("verify", url, "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--sample", "8", check=True)
     run_cli("train-student", "--cache", url, "--student", "resnet8", "--dataset", "digits", "--loss", "kd", "--epochs", "1",
