@@ -64,8 +64,14 @@ def cifar_sized(root: Path, n: int) -> ImageDataset:
     for split, x in (("train", images), ("test", images[:100])):
         labels = (np.arange(len(x)) % 100).tolist()
         with open(base / split, "wb") as f:
-            pickle.dump({"data": x.transpose(0, 3, 1, 2).reshape(len(x), -1), "fine_labels": labels,
-                         "coarse_labels": [c // 5 for c in labels]}, f)
+            pickle.dump(
+                {
+                    "data": x.transpose(0, 3, 1, 2).reshape(len(x), -1),
+                    "fine_labels": labels,
+                    "coarse_labels": [c // 5 for c in labels],
+                },
+                f,
+            )
     with open(base / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [f"class{c}" for c in range(100)]}, f)
     return build_dataset("cifar100", root)
@@ -76,22 +82,25 @@ def free_teacher(num_classes: int):
     """Within the block every teacher returns zero logits at once, so a dump measures its loop alone."""
     launch = Teacher.launch
     # numpy's zeros: torch's would run on its CPU thread pool, which stalls behind busy loader workers.
-    Teacher.launch = lambda self, views: LaunchedLogits(torch.from_numpy(np.zeros((views.shape[0], num_classes), np.float32)), None)
+    Teacher.launch = lambda self, views: LaunchedLogits(
+        torch.from_numpy(np.zeros((views.shape[0], num_classes), np.float32)), None
+    )
     try:
         yield
     finally:
         Teacher.launch = launch
 
 
-def plain_pass(ds: ImageDataset, recipe: Recipe, teacher: Teacher, items: np.ndarray, batch_size: int, workers: int) -> float:
+def plain_pass(
+    ds: ImageDataset, recipe: Recipe, teacher: Teacher, items: np.ndarray, batch_size: int, workers: int
+) -> float:
     """Seconds for a plain inference pass: the dump's own loader and teacher over the same views, nothing checked or stored.
 
     What a user's inference loop over these augmented views would cost; the
     dump loop's time beyond it is the price of caching (hashes, parameters,
     encoding, writing). Two batches stay in flight, as in the dump.
     """
-    batches = view_batches(ViewSet(ds, recipe, 0, items, False), batch_size, workers,
-                           pin=teacher.device.type == "cuda")
+    batches = view_batches(ViewSet(ds, recipe, 0, items, False), batch_size, workers, pin=teacher.device.type == "cuda")
     in_flight: deque = deque()
     t0 = time.perf_counter()
     for _, _, pix, _, _ in batches:
@@ -118,9 +127,13 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--samples", type=int, default=0, help="CIFAR-100-sized stand-in with this many images (0: the digits)")
+    p.add_argument(
+        "--samples", type=int, default=0, help="CIFAR-100-sized stand-in with this many images (0: the digits)"
+    )
     p.add_argument("--ceiling", action="store_true", help="also measure the loop with a teacher that costs nothing")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N) on the dump loop's thread (0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads(N) on the dump loop's thread (0: torch's default)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,8 +152,9 @@ def main() -> None:
             ckpt = f"{tmp}/{name}.pth"
             torch.manual_seed(0)
             save_checkpoint(ckpt, create_model(name, ds.num_classes))
-            teacher = load_teacher(name, ds.num_classes, ds.norm, ckpt, device=args.device,
-                                   forward_block=args.forward_block, amp=args.amp)
+            teacher = load_teacher(
+                name, ds.num_classes, ds.norm, ckpt, device=args.device, forward_block=args.forward_block, amp=args.amp
+            )
             src = views.pin_memory() if teacher.device.type == "cuda" else views
             teacher(src[: args.forward_block])  # warm-up
             infer, plain, loop, whole, summaries = [], [], [], [], []
@@ -151,17 +165,31 @@ def main() -> None:
                 infer.append(time.perf_counter() - t0)
                 plain.append(plain_pass(ds, recipe, teacher, items, args.batch_size, args.workers))
                 t0 = time.perf_counter()
-                summary = dump_logits(teacher=name, checkpoint=ckpt, dataset=ds.name, data_root=tmp, augment="cifar", views=args.views,
-                                      out=f"{tmp}/{name}-{r}.zarr", batch_size=args.batch_size, forward_block=args.forward_block,
-                                      workers=args.workers, device=args.device, amp=args.amp, progress=False)
+                summary = dump_logits(
+                    teacher=name,
+                    checkpoint=ckpt,
+                    dataset=ds.name,
+                    data_root=tmp,
+                    augment="cifar",
+                    views=args.views,
+                    out=f"{tmp}/{name}-{r}.zarr",
+                    batch_size=args.batch_size,
+                    forward_block=args.forward_block,
+                    workers=args.workers,
+                    device=args.device,
+                    amp=args.amp,
+                    progress=False,
+                )
                 whole.append(time.perf_counter() - t0)
                 loop.append(summary.seconds)
                 summaries.append(summary)
             ratios = [a / b for a, b in zip(infer, loop)]
-            rows.append(f"| {name} | {teacher.device} | {args.amp} | {args.workers} | {n} | {n / statistics.median(infer):,.0f} | "
-                        f"{n / statistics.median(plain):,.0f} | {n / statistics.median(loop):,.0f} | **{statistics.median(ratios):.2f}** "
-                        f"({', '.join(f'{x:.2f}' for x in ratios)}) | {statistics.median(a / b for a, b in zip(plain, loop)):.2f} | "
-                        f"{statistics.median(whole):.1f} |")
+            rows.append(
+                f"| {name} | {teacher.device} | {args.amp} | {args.workers} | {n} | {n / statistics.median(infer):,.0f} | "
+                f"{n / statistics.median(plain):,.0f} | {n / statistics.median(loop):,.0f} | **{statistics.median(ratios):.2f}** "
+                f"({', '.join(f'{x:.2f}' for x in ratios)}) | {statistics.median(a / b for a, b in zip(plain, loop)):.2f} | "
+                f"{statistics.median(whole):.1f} |"
+            )
             print(rows[-1], flush=True)
             mid = median_round(summaries)
             notes.append(f"{name}: {mid.where_time_went()} (the median round's {mid.seconds:.1f} s loop)")
@@ -171,17 +199,32 @@ def main() -> None:
             with free_teacher(ds.num_classes):
                 for r in range(args.repeats):
                     loader_rates.append(n / plain_pass(ds, recipe, teacher, items, args.batch_size, args.workers))
-                    summary = dump_logits(teacher=name, checkpoint=ckpt, dataset=ds.name, data_root=tmp, augment="cifar", views=args.views,
-                                          out=f"{tmp}/free-{r}.zarr", batch_size=args.batch_size, forward_block=args.forward_block,
-                                          workers=args.workers, device=args.device, progress=False)
+                    summary = dump_logits(
+                        teacher=name,
+                        checkpoint=ckpt,
+                        dataset=ds.name,
+                        data_root=tmp,
+                        augment="cifar",
+                        views=args.views,
+                        out=f"{tmp}/free-{r}.zarr",
+                        batch_size=args.batch_size,
+                        forward_block=args.forward_block,
+                        workers=args.workers,
+                        device=args.device,
+                        progress=False,
+                    )
                     rates.append(n / summary.seconds)
                     summaries.append(summary)
-            ceiling = (f"dump loop ceiling (teacher returning zeros, workers {args.workers}): median {statistics.median(rates):,.0f} "
-                       f"views/s ({', '.join(f'{x:,.0f}' for x in rates)}); the loader alone: median "
-                       f"{statistics.median(loader_rates):,.0f} views/s; median round's loop: "
-                       f"{median_round(summaries).where_time_went()}")
-    print("| teacher | device | amp | workers | views | inference only (views/s) | plain pass (views/s) | dump loop (views/s) | "
-          "inference/dump loop (median; rounds) | plain pass/dump loop | whole command (s) |")
+            ceiling = (
+                f"dump loop ceiling (teacher returning zeros, workers {args.workers}): median {statistics.median(rates):,.0f} "
+                f"views/s ({', '.join(f'{x:,.0f}' for x in rates)}); the loader alone: median "
+                f"{statistics.median(loader_rates):,.0f} views/s; median round's loop: "
+                f"{median_round(summaries).where_time_went()}"
+            )
+    print(
+        "| teacher | device | amp | workers | views | inference only (views/s) | plain pass (views/s) | dump loop (views/s) | "
+        "inference/dump loop (median; rounds) | plain pass/dump loop | whole command (s) |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     print("\nWhere each dump loop's time went (seconds of its main thread per stage):")

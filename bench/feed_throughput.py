@@ -23,8 +23,16 @@ from kdcache.store import create_store
 def run(classes: int, samples: int, views: int, batch: int, memory: int) -> float:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        store = create_store(f"{tmp}/c.zarr", num_views=views, labels=np.zeros(samples, np.int64), num_classes=classes,
-                             dtype="float16", kinds=1, param_fields=[[]], attrs={})
+        store = create_store(
+            f"{tmp}/c.zarr",
+            num_views=views,
+            labels=np.zeros(samples, np.int64),
+            num_classes=classes,
+            dtype="float16",
+            kinds=1,
+            param_fields=[[]],
+            attrs={},
+        )
         for v in range(views):
             store.group["logits"][v] = (rng.standard_normal((samples, classes)) * 3).astype(np.float16)
         feed = LogitFeed(store, ["logits"], memory)

@@ -63,22 +63,30 @@ def cases(args: argparse.Namespace) -> dict[str, tuple[tuple[str, Callable[[], N
     cuda = args.device == "cuda"
     logits = torch.randn(args.block, args.classes, device=args.device)
     if cuda:
+
         def alloc() -> object:
             logits.to("cpu", non_blocking=True)
             torch.cuda.current_stream().synchronize()
             return None
     else:
+
         def alloc() -> object:
             return torch.empty_like(logits)
+
     half = args.block // 2
     gen = torch.Generator().manual_seed(0)
-    parts = [torch.randint(0, 256, (1, n, 3, args.size, args.size), dtype=torch.uint8, generator=gen) for n in (half, args.block - half)]
+    parts = [
+        torch.randint(0, 256, (1, n, 3, args.size, args.size), dtype=torch.uint8, generator=gen)
+        for n in (half, args.block - half)
+    ]
     if cuda:
         parts = [p.pin_memory() for p in parts]
     return {
         "alloc": (("fill on", lambda: set_fill(True), alloc), ("fill off", lambda: set_fill(False), alloc)),
-        "join": (("torch.cat", lambda: set_fill(False), lambda: torch.cat(parts, 1)),
-                 ("numpy" + (" into pinned" if cuda else ""), lambda: set_fill(False), lambda: join_pixels(parts, cuda))),
+        "join": (
+            ("torch.cat", lambda: set_fill(False), lambda: torch.cat(parts, 1)),
+            ("numpy" + (" into pinned" if cuda else ""), lambda: set_fill(False), lambda: join_pixels(parts, cuda)),
+        ),
     }
 
 
@@ -110,12 +118,16 @@ def main() -> None:
         stop.set()
         for proc in procs:
             proc.join()
-    print(f"device {args.device}, block {args.block} ({args.classes} classes, {args.size}x{args.size} views), {args.busy} busy "
-          f"processes, torch threads {torch.get_num_threads()}, {args.repeats} x {args.calls} calls per way:")
+    print(
+        f"device {args.device}, block {args.block} ({args.classes} classes, {args.size}x{args.size} views), {args.busy} busy "
+        f"processes, torch threads {torch.get_num_threads()}, {args.repeats} x {args.calls} calls per way:"
+    )
     print("| case | way | median (us) | p90 (us) | worst (ms) |\n|---|---|---:|---:|---:|")
     for (case, label), t in times.items():
         us = np.asarray(t) * 1e6
-        print(f"| {case} | {label} | {statistics.median(us):,.0f} | {np.percentile(us, 90):,.0f} | {us.max() / 1e3:.1f} |")
+        print(
+            f"| {case} | {label} | {statistics.median(us):,.0f} | {np.percentile(us, 90):,.0f} | {us.max() / 1e3:.1f} |"
+        )
 
 
 if __name__ == "__main__":

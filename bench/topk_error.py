@@ -43,9 +43,14 @@ from kdcache.views import normalize
 NORM = Normalization((0.1, 0.1, 0.1), (0.25, 0.25, 0.25))
 LOSSES = {
     "KD T=4": (lambda s, t, y: kd_loss(s, t, 4.0), lambda s, k, y, tail: topk_kd_loss(s, k, y, 4.0, tail=tail)),
-    "KD+LS T=2": (lambda s, t, y: kd_loss(s, t, 2.0, True), lambda s, k, y, tail: topk_kd_loss(s, k, y, 2.0, True, tail)),
-    "DKD T=4": (lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0),
-                lambda s, k, y, tail: topk_dkd_loss(s, k, y, 1.0, 8.0, 4.0, tail=tail)),
+    "KD+LS T=2": (
+        lambda s, t, y: kd_loss(s, t, 2.0, True),
+        lambda s, k, y, tail: topk_kd_loss(s, k, y, 2.0, True, tail),
+    ),
+    "DKD T=4": (
+        lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0),
+        lambda s, k, y, tail: topk_dkd_loss(s, k, y, 1.0, 8.0, 4.0, tail=tail),
+    ),
 }
 TAILS = ("uniform", "bucket")
 
@@ -54,8 +59,9 @@ def composite_digits(digits: int, n: int, pool: np.ndarray, images: np.ndarray, 
     """``n`` 32x32 RGB canvases of ``digits`` side-by-side handwritten digits drawn from ``pool``; label = the number."""
     rng = np.random.default_rng(seed)
     side = 32 // digits
-    glyphs = F.interpolate(torch.from_numpy(images[:, None].astype(np.float32)), size=(side, side), mode="bilinear",
-                           align_corners=False)[:, 0].numpy()
+    glyphs = F.interpolate(
+        torch.from_numpy(images[:, None].astype(np.float32)), size=(side, side), mode="bilinear", align_corners=False
+    )[:, 0].numpy()
     glyphs = np.clip(glyphs * (255 / 16), 0, 255).astype(np.uint8)
     canvas = np.zeros((n, 32, 32), np.uint8)
     y = np.zeros(n, np.int64)
@@ -95,7 +101,9 @@ def logits_of(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
     return torch.cat([model(normalize(x[s : s + 512], NORM.mean, NORM.std)) for s in range(0, len(x), 512)])
 
 
-def compare(student: torch.Tensor, full: torch.Tensor, top: TopKTeacher, y: torch.Tensor, batch: int = 64) -> dict[tuple, tuple]:
+def compare(
+    student: torch.Tensor, full: torch.Tensor, top: TopKTeacher, y: torch.Tensor, batch: int = 64
+) -> dict[tuple, tuple]:
     """Per (loss, tail): mean relative batch-loss error and cosine of the gradient w.r.t. the student logits."""
     out = {}
     for name, (full_fn, top_fn) in LOSSES.items():
@@ -106,7 +114,9 @@ def compare(student: torch.Tensor, full: torch.Tensor, top: TopKTeacher, y: torc
                 a = student[sl].clone().requires_grad_(True)
                 b = student[sl].clone().requires_grad_(True)
                 la = full_fn(a, full[sl], y[sl])
-                lb = top_fn(b, TopKTeacher(top.values[sl], top.indices[sl], top.stats[sl], top.num_classes), y[sl], tail)
+                lb = top_fn(
+                    b, TopKTeacher(top.values[sl], top.indices[sl], top.stats[sl], top.num_classes), y[sl], tail
+                )
                 la.backward()
                 lb.backward()
                 rel.append(abs(lb.item() - la.item()) / la.item())
@@ -119,9 +129,13 @@ def compare(student: torch.Tensor, full: torch.Tensor, top: TopKTeacher, y: torc
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--samples", type=int, nargs=2, default=[20000, 30000], help="training canvases at 100 and 1000 classes")
+    p.add_argument(
+        "--samples", type=int, nargs=2, default=[20000, 30000], help="training canvases at 100 and 1000 classes"
+    )
     p.add_argument("--epochs", type=int, default=6, help="teacher epochs")
-    p.add_argument("--student-epochs", type=int, default=3, help="epochs of the (weaker) student whose loss is compared")
+    p.add_argument(
+        "--student-epochs", type=int, default=3, help="epochs of the (weaker) student whose loss is compared"
+    )
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
@@ -137,16 +151,27 @@ def main() -> None:
         student = train(x, y, classes, args.student_epochs, seed=1)
         t_acc = float((logits_of(teacher, xt).argmax(1).numpy() == yt).mean())
         s_acc = float((logits_of(student, xt).argmax(1).numpy() == yt).mean())
-        print(f"{classes} classes: teacher top-1 {100 * t_acc:.1f}%, student {100 * s_acc:.1f}% on held-out digits "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"{classes} classes: teacher top-1 {100 * t_acc:.1f}%, student {100 * s_acc:.1f}% on held-out digits "
+            f"({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
         ds = ArrayDataset(f"digits{digits}", "train", x, y, classes, NORM)
         s_logits = logits_of(student, x)
         yy = torch.from_numpy(y)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = f"{tmp}/teacher.pth"
             save_checkpoint(ckpt, teacher)
-            common = dict(teacher="resnet8", checkpoint=ckpt, dataset=ds.name, augment="none", views=1, data=ds, progress=False,
-                          forward_block=256)
+            common = dict(
+                teacher="resnet8",
+                checkpoint=ckpt,
+                dataset=ds.name,
+                augment="none",
+                views=1,
+                data=ds,
+                progress=False,
+                forward_block=256,
+            )
             dump_logits(out=f"{tmp}/full.zarr", **common)
             full_bytes = disk_bytes(f"{tmp}/full.zarr") / n
             g = zarr.open_group(f"{tmp}/full.zarr", mode="r")
@@ -155,14 +180,20 @@ def main() -> None:
             for k in args.ks:
                 dump_logits(out=f"{tmp}/top{k}.zarr", format=f"topk:{k}", **common)
                 gk = zarr.open_group(f"{tmp}/top{k}.zarr", mode="r")
-                top = TopKTeacher(torch.from_numpy(gk["topk_values"][0].astype(np.float32)),
-                                  torch.from_numpy(gk["topk_indices"][0].astype(np.int64)),
-                                  torch.from_numpy(gk["row_stats"][0]), classes)
+                top = TopKTeacher(
+                    torch.from_numpy(gk["topk_values"][0].astype(np.float32)),
+                    torch.from_numpy(gk["topk_indices"][0].astype(np.int64)),
+                    torch.from_numpy(gk["row_stats"][0]),
+                    classes,
+                )
                 result = compare(s_logits, full, top, yy)
                 rows.append((classes, f"topk:{k}", disk_bytes(f"{tmp}/top{k}.zarr") / n, result))
                 plot.setdefault(classes, []).append((k, result))
-                print(f"  topk:{k}: " + "  ".join(f"{m}/{t} err {100 * e:.2f}% cos {c:.4f}" for (m, t), (e, c) in result.items()),
-                      flush=True)
+                print(
+                    f"  topk:{k}: "
+                    + "  ".join(f"{m}/{t} err {100 * e:.2f}% cos {c:.4f}" for (m, t), (e, c) in result.items()),
+                    flush=True,
+                )
         rows.append((classes, "teacher", t_acc, s_acc))
     write(rows, plot, Path(args.out), args)
 
@@ -170,21 +201,30 @@ def main() -> None:
 def write(rows: list, plot: dict, out: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sizes = ["| classes | format | bytes per sample on disk (whole store) |", "|---:|---|---:|"]
-    errors = ["| classes | K | loss | uniform tail: loss error | uniform tail: grad cosine | bucket tail: loss error | "
-              "bucket tail: grad cosine |", "|---:|---:|---|---:|---:|---:|---:|"]
+    errors = [
+        "| classes | K | loss | uniform tail: loss error | uniform tail: grad cosine | bucket tail: loss error | "
+        "bucket tail: grad cosine |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
     notes = []
     for classes, fmt, value, result in rows:
         if fmt == "teacher":
-            notes.append(f"- {classes} classes: teacher top-1 {100 * value:.1f}%, student ({args.student_epochs} epochs) "
-                         f"{100 * result:.1f}% on held-out digits")
+            notes.append(
+                f"- {classes} classes: teacher top-1 {100 * value:.1f}%, student ({args.student_epochs} epochs) "
+                f"{100 * result:.1f}% on held-out digits"
+            )
             continue
         sizes.append(f"| {classes} | {fmt} | {value:,.1f} |")
         if result is not None:
             for m in LOSSES:
                 (eu, cu), (eb, cb) = result[m, "uniform"], result[m, "bucket"]
-                errors.append(f"| {classes} | {fmt[5:]} | {m} | {100 * eu:.2f}% | {cu:.4f} | {100 * eb:.2f}% | {cb:.4f} |")
-    cmd = (f"python bench/topk_error.py --samples {args.samples[0]} {args.samples[1]} --epochs {args.epochs} "
-           f"--student-epochs {args.student_epochs}")
+                errors.append(
+                    f"| {classes} | {fmt[5:]} | {m} | {100 * eu:.2f}% | {cu:.4f} | {100 * eb:.2f}% | {cb:.4f} |"
+                )
+    cmd = (
+        f"python bench/topk_error.py --samples {args.samples[0]} {args.samples[1]} --epochs {args.epochs} "
+        f"--student-epochs {args.student_epochs}"
+    )
     text = "\n".join([f"`{cmd}`", "", *sizes, "", *errors, "", *notes, ""])
     (out / "topk_error.md").write_text(text)
     print(text)
@@ -201,8 +241,12 @@ def write(rows: list, plot: dict, out: Path, args) -> None:
                 label = f"{m}, {tail} tail"
                 row[0].plot(ks, [100 * r[m, tail][0] for _, r in pts], style, marker="o", color=color, label=label)
                 row[1].plot(ks, [r[m, tail][1] for _, r in pts], style, marker="o", color=color, label=label)
-        row[0].set(xlabel="K kept logits", ylabel="relative loss error (%)", yscale="log",
-                   title=f"{classes} classes: batch loss vs full cache")
+        row[0].set(
+            xlabel="K kept logits",
+            ylabel="relative loss error (%)",
+            yscale="log",
+            title=f"{classes} classes: batch loss vs full cache",
+        )
         row[1].set(xlabel="K kept logits", ylabel="cosine", title=f"{classes} classes: gradient vs full cache")
         row[1].legend(fontsize=7)
         for ax in row:

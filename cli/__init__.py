@@ -48,25 +48,44 @@ def main() -> None:
 @click.option("--data-root", type=click.Path(), help="Dataset root (default data/).")
 @click.option("--split", default="train", show_default=True, help="Dataset split to dump.")
 @click.option("--augment", required=True, type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe.")
-@click.option("--views", required=True, help="Views per sample: N seeded views, or 'all' (the 162 CIFAR crop/flip views).")
-@click.option("--mix", default="none", show_default=True, type=click.Choice(["none", "mixup", "cutmix"]),
-              help="Mix each view with a partner sample's view (partner, λ and box drawn per view and stored).")
+@click.option(
+    "--views", required=True, help="Views per sample: N seeded views, or 'all' (the 162 CIFAR crop/flip views)."
+)
+@click.option(
+    "--mix",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "mixup", "cutmix"]),
+    help="Mix each view with a partner sample's view (partner, λ and box drawn per view and stored).",
+)
 @click.option("--mix-alpha", default=1.0, show_default=True, type=float, help="λ ~ Beta(alpha, alpha) for --mix.")
 @click.option("--out", required=True, help="Store: a directory or any fsspec URL zarr accepts.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Cache seed the views are derived from.")
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Views per loader batch.")
-@click.option("--forward-block", default=64, show_default=True, type=int,
-              help="Teacher runs in padded blocks of this many views, so logits do not depend on --batch-size.")
+@click.option(
+    "--forward-block",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Teacher runs in padded blocks of this many views, so logits do not depend on --batch-size.",
+)
 @click.option("--workers", default=0, show_default=True, type=int, help="DataLoader worker processes building views.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16", "fp16"]))
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
-@click.option("--format", "format", default="full", show_default=True,
-              help="full logits, or topk:K (the K largest with their classes plus exact row statistics; kd/dkd only).")
+@click.option(
+    "--format",
+    "format",
+    default="full",
+    show_default=True,
+    help="full logits, or topk:K (the K largest with their classes plus exact row statistics; kd/dkd only).",
+)
 @click.option("--download", is_flag=True, help="Download CIFAR-100 if it is missing (needs internet).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made with different settings.")
 @click.option("--scheduler", help="Run the chunks on an existing dask.distributed cluster (tcp://HOST:PORT).")
-@click.option("--local-cluster", type=int, help="Run the chunks on a new dask LocalCluster of N worker processes (one per GPU).")
+@click.option(
+    "--local-cluster", type=int, help="Run the chunks on a new dask LocalCluster of N worker processes (one per GPU)."
+)
 @_errors
 def dump_logits_cmd(**kw) -> None:
     """Stage one: run a teacher over replayable views and store its logits in a Zarr cache."""
@@ -77,25 +96,42 @@ def dump_logits_cmd(**kw) -> None:
 
 
 @main.command("train-student")
-@click.option("--cache", multiple=True, help="A cache written by dump-logits; repeat it to distill from several teachers at once.")
+@click.option(
+    "--cache", multiple=True, help="A cache written by dump-logits; repeat it to distill from several teachers at once."
+)
 @click.option("--teacher-weights", help="Several caches: one mixing weight per --cache, e.g. 0.5,0.5 (default equal).")
-@click.option("--teacher-mix", default="logits", show_default=True, type=click.Choice(["logits", "probs"]),
-              help="Several caches: average the logits, or the T=1 probabilities (used as log-probability logits).")
+@click.option(
+    "--teacher-mix",
+    default="logits",
+    show_default=True,
+    type=click.Choice(["logits", "probs"]),
+    help="Several caches: average the logits, or the T=1 probabilities (used as log-probability logits).",
+)
 @click.option("--teacher", help="Online teacher instead of a cache (zoo name or torchvision.<arch>).")
 @click.option("--checkpoint", type=click.Path(), help="Online teacher weights.")
 @click.option("--weights", help="torchvision weights name for an online torchvision teacher (e.g. IMAGENET1K_V1).")
-@click.option("--augment", type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe (online or CE runs).")
-@click.option("--mix", type=click.Choice(["none", "mixup", "cutmix"]), help="Online runs: mixed views, as dump-logits --mix.")
+@click.option(
+    "--augment", type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe (online or CE runs)."
+)
+@click.option(
+    "--mix", type=click.Choice(["none", "mixup", "cutmix"]), help="Online runs: mixed views, as dump-logits --mix."
+)
 @click.option("--mix-alpha", default=1.0, show_default=True, type=float, help="Online runs: λ ~ Beta(alpha, alpha).")
 @click.option("--views", help="Views per sample for online runs: N or all.")
-@click.option("--view-seed", default=0, show_default=True, type=int, help="Online runs: the cache seed whose views to replay.")
-@click.option("--forward-block", default=64, show_default=True, type=int, help="Online teacher block size (match the cache's).")
+@click.option(
+    "--view-seed", default=0, show_default=True, type=int, help="Online runs: the cache seed whose views to replay."
+)
+@click.option(
+    "--forward-block", default=64, show_default=True, type=int, help="Online teacher block size (match the cache's)."
+)
 @click.option("--cache-views", type=int, help="Draw only from the first N views of a seeded cache.")
 @click.option("--student", required=True, help="Student model name.")
 @click.option("--dataset", required=True, help="cifar100, imagenet, folder or digits.")
 @click.option("--data-root", type=click.Path())
 @click.option("--download", is_flag=True)
-@click.option("--loss", default="kd", show_default=True, type=click.Choice(["ce", "kd", "dkd", "mlkd", "nkd", "normkd"]))
+@click.option(
+    "--loss", default="kd", show_default=True, type=click.Choice(["ce", "kd", "dkd", "mlkd", "nkd", "normkd"])
+)
 @click.option("--logit-stand", is_flag=True, help="Z-score standardize teacher and student logits (LS, CVPR 2024).")
 @click.option("--temperature", type=float, help="Default 4 (2 with --logit-stand).")
 @click.option("--ce-weight", type=float, help="Default 0.1 for kd/mlkd, 1 for dkd and ce.")
@@ -106,8 +142,13 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--mlkd-variant", default="reference", show_default=True, type=click.Choice(["reference", "paper"]))
 @click.option("--gamma", type=float, help="NKD non-target weight (default 1.5).")
 @click.option("--t-norm", type=float, help="NormKD temperature factor (default 2).")
-@click.option("--teacher-fix", default="none", show_default=True, type=click.Choice(["none", "sort"]),
-              help="sort: give the target class the teacher's largest logit (Sort), with any loss.")
+@click.option(
+    "--teacher-fix",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "sort"]),
+    help="sort: give the target class the teacher's largest logit (Sort), with any loss.",
+)
 @click.option("--ctkd", is_flag=True, help="Learn a global temperature adversarially (CTKD), with --loss kd.")
 @click.option("--epochs", default=240, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
@@ -115,7 +156,9 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--lr-milestones", default="150,180,210", show_default=True, callback=_milestones)
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float)
 @click.option("--momentum", default=0.9, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int, help="Student init, sample order and per-epoch view draws.")
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Student init, sample order and per-epoch view draws."
+)
 @click.option("--workers", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(), help="Run directory (metrics.jsonl, last.pt, best.pt).")
@@ -130,13 +173,20 @@ def train_student_cmd(**kw) -> None:
     kw["cache"] = list(kw["cache"]) or None
     result = train_student(**kw)
     if result.main:
-        click.echo(f"best test top-1 {result.best_top1:.2f}%  last {result.last.get('test_top1', float('nan')):.2f}%  "
-                   f"-> {result.out}")
+        click.echo(
+            f"best test top-1 {result.best_top1:.2f}%  last {result.last.get('test_top1', float('nan')):.2f}%  "
+            f"-> {result.out}"
+        )
 
 
 @main.command("inspect")
 @click.argument("stores", nargs=-1, required=True)
-@click.option("--plot", "plot_path", type=click.Path(), help="Write per-view teacher accuracy and confidence (or agreement) as PNG.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(),
+    help="Write per-view teacher accuracy and confidence (or agreement) as PNG.",
+)
 @_errors
 def inspect_cmd(stores: tuple[str, ...], plot_path: str | None) -> None:
     """Show a cache's attributes, completion, size and per-view teacher accuracy.
@@ -228,8 +278,12 @@ def study_views_cmd(counts: str | None, **kw) -> None:
 
 
 @main.command("quickstart")
-@click.option("--out", default="data/quickstart", show_default=True, type=click.Path(), help="Where runs, caches and results go.")
-@click.option("--epochs", default=5, show_default=True, type=int, help="Student epochs (the teacher trains twice as long).")
+@click.option(
+    "--out", default="data/quickstart", show_default=True, type=click.Path(), help="Where runs, caches and results go."
+)
+@click.option(
+    "--epochs", default=5, show_default=True, type=int, help="Student epochs (the teacher trains twice as long)."
+)
 @_errors
 def quickstart_cmd(out: str, epochs: int) -> None:
     """Run the whole pipeline offline on the built-in digits data and compare KD methods."""

@@ -82,11 +82,21 @@ def _state(job: ChunkJob) -> _WorkerState:
     with _STATE_LOCK:
         if job not in _STATE:
             ds = build_dataset(job.dataset, job.data_root, job.split)
-            teacher = load_teacher(job.teacher, ds.num_classes, ds.norm, job.checkpoint, job.weights,
-                                   _worker_device(job.device), job.forward_block, job.amp)
+            teacher = load_teacher(
+                job.teacher,
+                ds.num_classes,
+                ds.norm,
+                job.checkpoint,
+                job.weights,
+                _worker_device(job.device),
+                job.forward_block,
+                job.amp,
+            )
             if teacher.checkpoint_sha256 != job.checkpoint_sha256:
-                raise KdcacheError(f"worker on {os.uname().nodename} sees a different {job.checkpoint} than the client "
-                                   "(sha256 differs): put the checkpoint on storage every worker shares")
+                raise KdcacheError(
+                    f"worker on {os.uname().nodename} sees a different {job.checkpoint} than the client "
+                    "(sha256 differs): put the checkpoint on storage every worker shares"
+                )
             store = open_store(job.location, "r+")
             _STATE[job] = _WorkerState(teacher, ds, recipe_from_attrs(store.attrs["recipe"]), store)
         return _STATE[job]
@@ -120,8 +130,12 @@ def dump_chunk(job: ChunkJob, v: int, c: int) -> tuple[int, int, int]:
             params[k].append(par[k])
             hashes[k].append(hsh[k])
     try:
-        rows_by_kind = [{name: np.concatenate([part[name] for part in parts]) for name in parts[0]} for parts in teacher]
-        write_chunk(st.store, v, c, rows_by_kind, [np.concatenate(p) for p in params], [np.concatenate(h) for h in hashes])
+        rows_by_kind = [
+            {name: np.concatenate([part[name] for part in parts]) for name in parts[0]} for parts in teacher
+        ]
+        write_chunk(
+            st.store, v, c, rows_by_kind, [np.concatenate(p) for p in params], [np.concatenate(h) for h in hashes]
+        )
     except OSError as exc:
         raise disk_error(v, c, exc) from None
     return v, c, len(rows)
@@ -140,13 +154,17 @@ def cluster_client(scheduler: str | None, local_cluster: int | None) -> Iterator
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        raise KdcacheError("--scheduler / --local-cluster need dask.distributed: pip install 'kdcache[distributed]'") from None
+        raise KdcacheError(
+            "--scheduler / --local-cluster need dask.distributed: pip install 'kdcache[distributed]'"
+        ) from None
     if local_cluster is None:
         try:
             client = Client(scheduler, timeout="5s")
         except OSError as exc:
-            raise KdcacheError(f"cannot reach the dask scheduler at {scheduler} ({exc}): start it with `dask scheduler` "
-                               "or pass --local-cluster N") from None
+            raise KdcacheError(
+                f"cannot reach the dask scheduler at {scheduler} ({exc}): start it with `dask scheduler` "
+                "or pass --local-cluster N"
+            ) from None
         try:
             yield client
         finally:
@@ -154,15 +172,21 @@ def cluster_client(scheduler: str | None, local_cluster: int | None) -> Iterator
         return
     environ = dict(os.environ)
     try:
-        with LocalCluster(n_workers=local_cluster, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-                Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=local_cluster, threads_per_worker=1, processes=True, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
     finally:
         os.environ.clear()
         os.environ.update(environ)
 
 
-def run_on_cluster(client, store: CacheStore, job: ChunkJob, todo: list[tuple[int, int]], progress: bool) -> tuple[int, float]:
+def run_on_cluster(
+    client, store: CacheStore, job: ChunkJob, todo: list[tuple[int, int]], progress: bool
+) -> tuple[int, float]:
     """Submit one task per chunk in ``todo``, mark each done as it returns; returns (chunks written, seconds)."""
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
@@ -174,16 +198,22 @@ def run_on_cluster(client, store: CacheStore, job: ChunkJob, todo: list[tuple[in
     n = store.num_samples
     total = sum(min(n, (c + 1) * CHUNK) - c * CHUNK for _, c in todo)
     start = time.perf_counter()
-    futures = [client.submit(dump_chunk, job, v, c, key=f"kdcache-chunk-{v}-{c}-{os.getpid()}", pure=False) for v, c in todo]
+    futures = [
+        client.submit(dump_chunk, job, v, c, key=f"kdcache-chunk-{v}-{c}-{os.getpid()}", pure=False) for v, c in todo
+    ]
     written = 0
-    bar = tqdm(total=total, unit="view", disable=None if progress else True, desc="dump-logits (cluster)", dynamic_ncols=True)
+    bar = tqdm(
+        total=total, unit="view", disable=None if progress else True, desc="dump-logits (cluster)", dynamic_ncols=True
+    )
     try:
         for fut in as_completed(futures):
             try:
                 v, c, rows = fut.result()
             except KilledWorker as exc:
-                raise KdcacheError(f"dask workers kept dying on {exc.task}: check worker memory and logs, then re-run the "
-                                   "same command to resume") from None
+                raise KdcacheError(
+                    f"dask workers kept dying on {exc.task}: check worker memory and logs, then re-run the "
+                    "same command to resume"
+                ) from None
             mark_done(store, v, c)
             written += 1
             bar.update(rows)

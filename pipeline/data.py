@@ -76,7 +76,9 @@ class ImageDataset:
 class ArrayDataset(ImageDataset):
     """A dataset held in memory as an (N, H, W, 3) uint8 array."""
 
-    def __init__(self, name: str, split: str, images: np.ndarray, labels: np.ndarray, num_classes: int, norm: Normalization):
+    def __init__(
+        self, name: str, split: str, images: np.ndarray, labels: np.ndarray, num_classes: int, norm: Normalization
+    ):
         self.name, self.split, self.num_classes, self.norm = name, split, num_classes, norm
         self.images = np.ascontiguousarray(images, dtype=np.uint8)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -117,7 +119,10 @@ class FolderDataset(ImageDataset):
 
     def _extra_fingerprint(self) -> dict[str, str]:
         rel = "\n".join(str(Path(p).relative_to(self.root)) for p in self.paths)
-        return {"files_sha256": hashlib.sha256(rel.encode()).hexdigest(), "classes_sha256": hashlib.sha256("\n".join(self.classes).encode()).hexdigest()}
+        return {
+            "files_sha256": hashlib.sha256(rel.encode()).hexdigest(),
+            "classes_sha256": hashlib.sha256("\n".join(self.classes).encode()).hexdigest(),
+        }
 
 
 def _digits(split: str) -> ArrayDataset:
@@ -166,7 +171,9 @@ def _cifar100(root: Path, split: str, download: bool) -> ArrayDataset:
     return ArrayDataset("cifar100", split, ds.data, np.asarray(ds.targets), 100, Normalization(CIFAR_MEAN, CIFAR_STD))
 
 
-def build_dataset(name: str, root: str | Path | None = None, split: str = "train", download: bool = False) -> ImageDataset:
+def build_dataset(
+    name: str, root: str | Path | None = None, split: str = "train", download: bool = False
+) -> ImageDataset:
     """Open dataset ``name`` (one of :data:`DATASETS`) for ``split``.
 
     ``cifar100`` reads torchvision's ``cifar-100-python`` folder under ``root``
@@ -189,7 +196,9 @@ def build_dataset(name: str, root: str | Path | None = None, split: str = "train
         base = Path(root or DEFAULT_ROOT / "imagenet")
         sub = base / ("train" if split == "train" else "val")
         if not sub.is_dir():
-            raise KdcacheError(f"ImageNet split folder {sub} not found: pass --data-root DIR holding train/ and val/ class folders")
+            raise KdcacheError(
+                f"ImageNet split folder {sub} not found: pass --data-root DIR holding train/ and val/ class folders"
+            )
         return FolderDataset("imagenet", split, sub, norm)
     if root is None:
         raise KdcacheError("dataset 'folder' needs --data-root pointing at an ImageFolder tree")

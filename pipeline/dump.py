@@ -35,8 +35,20 @@ from kdcache import __version__
 from kdcache.data import ImageDataset, build_dataset
 from kdcache.errors import KdcacheError
 from kdcache.store import (
-    CHUNK, CacheStore, array_names, check_writable_location, create_store, disk_bytes, extend_views,
-    identity_mismatch, local_path, num_chunks, open_store, remove_store, store_exists, writer_lock,
+    CHUNK,
+    CacheStore,
+    array_names,
+    check_writable_location,
+    create_store,
+    disk_bytes,
+    extend_views,
+    identity_mismatch,
+    local_path,
+    num_chunks,
+    open_store,
+    remove_store,
+    store_exists,
+    writer_lock,
 )
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.topk import LogitFormat, encode, parse_format
@@ -86,7 +98,9 @@ class ViewSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, ks: list[int]) -> tuple[np.ndarray, np.ndarray, torch.Tensor, list[np.ndarray], list[np.ndarray]]:
+    def __getitem__(
+        self, ks: list[int]
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, list[np.ndarray], list[np.ndarray]]:
         v, i = self.items[ks, 0], self.items[ks, 1]
         images = [self.dataset.image(int(s)) for s in i]
         hw = np.asarray([im.shape[:2] for im in images], dtype=np.int64)
@@ -130,9 +144,11 @@ class DumpSummary:
 
     def lines(self) -> list[str]:
         top = np.asarray(self.teacher_top1) * 100
-        out = [f"cache     {self.location}",
-               f"views     {self.num_views}  samples {self.num_samples}  classes {self.num_classes}",
-               f"written   {self.written_chunks} chunks in {self.seconds:.1f} s ({self.samples_per_second:,.0f} views/s)"]
+        out = [
+            f"cache     {self.location}",
+            f"views     {self.num_views}  samples {self.num_samples}  classes {self.num_classes}",
+            f"written   {self.written_chunks} chunks in {self.seconds:.1f} s ({self.samples_per_second:,.0f} views/s)",
+        ]
         if len(top):
             out.append(f"teacher   top-1 per view mean {top.mean():.2f}%  range {top.min():.2f}-{top.max():.2f}%")
         if self.disk_bytes is not None:
@@ -148,10 +164,16 @@ class DumpSummary:
         spent = "  ".join(f"{k} {v:.2f} s" for k, v in s.items())
         parts = {"views": s["views"], "teacher": s["teacher"] + s["gpu_wait"], "rows": s["rows"], "writer": s["writer"]}
         worst = max(parts, key=parts.get)
-        return spent + ": " + {"views": "waiting for views most (raise --workers)",
-                               "teacher": "the teacher is the bound, as it should be",
-                               "rows": "checking and buffering rows is the bound",
-                               "writer": "storage writes are the bound (a faster disk or store location helps)"}[worst]
+        return (
+            spent
+            + ": "
+            + {
+                "views": "waiting for views most (raise --workers)",
+                "teacher": "the teacher is the bound, as it should be",
+                "rows": "checking and buffering rows is the bound",
+                "writer": "storage writes are the bound (a faster disk or store location helps)",
+            }[worst]
+        )
 
 
 def library_versions() -> dict[str, str]:
@@ -165,8 +187,14 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def write_chunk(store: CacheStore, v: int, c: int, teacher: list[dict[str, np.ndarray]], params: list[np.ndarray],
-                hashes: list[np.ndarray]) -> None:
+def write_chunk(
+    store: CacheStore,
+    v: int,
+    c: int,
+    teacher: list[dict[str, np.ndarray]],
+    params: list[np.ndarray],
+    hashes: list[np.ndarray],
+) -> None:
     """Write chunk ``c`` of view ``v`` (per kind: teacher arrays by base name, parameters, pixel hashes) and fsync it; not yet marked done."""
     names = array_names(len(teacher), store.format)
     rows = slice(c * CHUNK, c * CHUNK + len(hashes[0]))
@@ -191,8 +219,10 @@ def mark_done(store: CacheStore, v: int, c: int) -> None:
 
 def disk_error(v: int, c: int, exc: OSError) -> KdcacheError:
     """The one-line error for a failed chunk write; the store stays resumable."""
-    return KdcacheError(f"writing view {v}, chunk {c} failed ({exc.strerror or exc}): free space or fix the "
-                        "store location, then re-run the same command to resume")
+    return KdcacheError(
+        f"writing view {v}, chunk {c} failed ({exc.strerror or exc}): free space or fix the "
+        "store location, then re-run the same command to resume"
+    )
 
 
 def _write(store: CacheStore, job: tuple) -> None:
@@ -277,8 +307,12 @@ class _ProcessWriter:
         self.jobs, self.results = ctx.Queue(max_pending), ctx.Queue()
         self.error: BaseException | None = None
         self.written, self.finished = 0, False
-        self.process = ctx.Process(target=_writer_process, args=(store.location, os.getpid(), self.jobs, self.results),
-                                   name="kdcache-writer", daemon=True)
+        self.process = ctx.Process(
+            target=_writer_process,
+            args=(store.location, os.getpid(), self.jobs, self.results),
+            name="kdcache-writer",
+            daemon=True,
+        )
         self.process.start()
 
     def _receive(self, timeout: float | None) -> bool:
@@ -296,8 +330,9 @@ class _ProcessWriter:
     def _check_alive(self) -> None:
         if not self.process.is_alive() and not self._receive(0.5):
             self.jobs.cancel_join_thread()  # nobody will read what is still queued
-            raise KdcacheError(f"the chunk writer process died (exit code {self.process.exitcode}): "
-                               "re-run the same command to resume")
+            raise KdcacheError(
+                f"the chunk writer process died (exit code {self.process.exitcode}): re-run the same command to resume"
+            )
 
     def _send(self, job: tuple | None) -> None:
         while True:
@@ -368,8 +403,15 @@ def view_batches(view_set: ViewSet, batch_size: int, workers: int, pin: bool) ->
 
     ``pin`` puts each batch's pixels in page-locked memory (for a GPU teacher) on the loader's pinning thread.
     """
-    loader = DataLoader(view_set, batch_size=None, sampler=BatchSampler(SequentialSampler(view_set), batch_size, drop_last=False),
-                        collate_fn=as_is, num_workers=workers, persistent_workers=False, pin_memory=pin)
+    loader = DataLoader(
+        view_set,
+        batch_size=None,
+        sampler=BatchSampler(SequentialSampler(view_set), batch_size, drop_last=False),
+        collate_fn=as_is,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=pin,
+    )
     return _prefetched(loader, depth=2) if workers == 0 else loader
 
 
@@ -393,12 +435,34 @@ def _teacher_top1(store: CacheStore) -> list[float]:
     return [store.top1(v, labels) for v in range(store.num_views)]
 
 
-def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, out: str, checkpoint: str | None = None,
-                weights: str | None = None, data_root: str | None = None, split: str = "train", seed: int = 0,
-                batch_size: int = 256, workers: int = 0, device: str = "auto", amp: str = "none", dtype: str = "float16",
-                forward_block: int = 64, download: bool = False, overwrite: bool = False, progress: bool = True,
-                data: ImageDataset | None = None, scheduler: str | None = None, local_cluster: int | None = None,
-                format: str = "full", mix: str = "none", mix_alpha: float = 1.0) -> DumpSummary:
+def dump_logits(
+    *,
+    teacher: str,
+    dataset: str,
+    augment: str,
+    views: str | int,
+    out: str,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+    data_root: str | None = None,
+    split: str = "train",
+    seed: int = 0,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str = "auto",
+    amp: str = "none",
+    dtype: str = "float16",
+    forward_block: int = 64,
+    download: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    data: ImageDataset | None = None,
+    scheduler: str | None = None,
+    local_cluster: int | None = None,
+    format: str = "full",
+    mix: str = "none",
+    mix_alpha: float = 1.0,
+) -> DumpSummary:
     """Write (or resume, or extend) the teacher-logit cache ``out``; see the module docstring.
 
     Everything is validated (dataset, teacher, checkpoint, store identity)
@@ -431,10 +495,18 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
     fmt = parse_format(format, ds.num_classes)
     check_writable_location(out)
     # A distributed dump's client only needs the teacher's identity; the workers run it on their own devices.
-    model = load_teacher(teacher, ds.num_classes, ds.norm, checkpoint, weights, "cpu" if distributed else device, forward_block, amp)
+    model = load_teacher(
+        teacher, ds.num_classes, ds.norm, checkpoint, weights, "cpu" if distributed else device, forward_block, amp
+    )
     identity = {
-        "teacher": model.identity(), "dataset": ds.fingerprint(), "split": ds.split, "recipe": recipe.to_attrs(),
-        "seed": seed, "dtype": dtype, "num_classes": ds.num_classes, "views_mode": views_mode,
+        "teacher": model.identity(),
+        "dataset": ds.fingerprint(),
+        "split": ds.split,
+        "recipe": recipe.to_attrs(),
+        "seed": seed,
+        "dtype": dtype,
+        "num_classes": ds.num_classes,
+        "views_mode": views_mode,
         "format": fmt.to_attrs(),
     }
     session = contextlib.nullcontext()
@@ -446,8 +518,24 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
         store, created = _prepare_store(out, overwrite, identity, num_views, str(views), ds, recipe, dtype, fmt)
         try:
             if client is not None:
-                job = ChunkJob(store.location, teacher, checkpoint, model.checkpoint_sha256, weights, dataset, data_root, split,
-                               augment, seed, views_mode == "all", forward_block, amp, dtype, device, batch_size)
+                job = ChunkJob(
+                    store.location,
+                    teacher,
+                    checkpoint,
+                    model.checkpoint_sha256,
+                    weights,
+                    dataset,
+                    data_root,
+                    split,
+                    augment,
+                    seed,
+                    views_mode == "all",
+                    forward_block,
+                    amp,
+                    dtype,
+                    device,
+                    batch_size,
+                )
                 return _run_cluster(store, job, client, progress)
             return _run_dump(store, ds, recipe, model, seed, views_mode == "all", batch_size, workers, dtype, progress)
         except BaseException:
@@ -456,8 +544,17 @@ def dump_logits(*, teacher: str, dataset: str, augment: str, views: str | int, o
             raise
 
 
-def _prepare_store(out: str, overwrite: bool, identity: dict, num_views: int, views_requested: str, ds: ImageDataset,
-                   recipe: Recipe, dtype: str, fmt: LogitFormat) -> tuple[CacheStore, bool]:
+def _prepare_store(
+    out: str,
+    overwrite: bool,
+    identity: dict,
+    num_views: int,
+    views_requested: str,
+    ds: ImageDataset,
+    recipe: Recipe,
+    dtype: str,
+    fmt: LogitFormat,
+) -> tuple[CacheStore, bool]:
     """Open the store for resuming or extending (refusing any identity mismatch), or create it; returns (store, created)."""
     exists = store_exists(out)
     if exists and overwrite:
@@ -467,22 +564,48 @@ def _prepare_store(out: str, overwrite: bool, identity: dict, num_views: int, vi
         store = open_store(out, "r+")
         diff = identity_mismatch(store.attrs, identity)
         if diff:
-            raise KdcacheError(f"{out} was made differently: {diff}; use the same settings to resume, or --overwrite / a new --out")
+            raise KdcacheError(
+                f"{out} was made differently: {diff}; use the same settings to resume, or --overwrite / a new --out"
+            )
         if num_views > store.num_views:
             extend_views(store, num_views)
         return store, False
     attrs = {**identity, "versions": library_versions(), "views_requested": views_requested}
-    store = create_store(out, num_views=num_views, labels=ds.labels, num_classes=ds.num_classes, dtype=dtype,
-                         kinds=len(recipe.kinds), param_fields=[list(recipe.fields(k)) for k in range(len(recipe.kinds))], attrs=attrs, fmt=fmt)
+    store = create_store(
+        out,
+        num_views=num_views,
+        labels=ds.labels,
+        num_classes=ds.num_classes,
+        dtype=dtype,
+        kinds=len(recipe.kinds),
+        param_fields=[list(recipe.fields(k)) for k in range(len(recipe.kinds))],
+        attrs=attrs,
+        fmt=fmt,
+    )
     return store, True
 
 
-def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teacher, seed: int, all_views: bool,
-              batch_size: int, workers: int, dtype: str, progress: bool) -> DumpSummary:
+def _run_dump(
+    store: CacheStore,
+    ds: ImageDataset,
+    recipe: Recipe,
+    teacher: Teacher,
+    seed: int,
+    all_views: bool,
+    batch_size: int,
+    workers: int,
+    dtype: str,
+    progress: bool,
+) -> DumpSummary:
     n, chunks = store.num_samples, num_chunks(store.num_samples)
     todo = _todo(store)
-    items = np.concatenate([np.stack(np.broadcast_arrays(v, np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))), 1) for v, c in todo]) \
-        if todo else np.zeros((0, 2), dtype=np.int64)
+    items = (
+        np.concatenate(
+            [np.stack(np.broadcast_arrays(v, np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))), 1) for v, c in todo]
+        )
+        if todo
+        else np.zeros((0, 2), dtype=np.int64)
+    )
     kinds = len(recipe.kinds)
     pin = teacher.device.type == "cuda"
     loader = view_batches(ViewSet(ds, recipe, seed, items, all_views), batch_size, workers, pin)
@@ -505,9 +628,16 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
         if take == 0:
             return
         # One loader batch is used as it is: its pinned pixels go to the GPU without a copy.
-        v_b, i_b, pix, par, hsh = pending[0] if len(pending) == 1 else (
-            np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending]), join_pixels([p[2] for p in pending], pin),
-            *([np.concatenate([p[j][k] for p in pending]) for k in range(kinds)] for j in (3, 4)))
+        v_b, i_b, pix, par, hsh = (
+            pending[0]
+            if len(pending) == 1
+            else (
+                np.concatenate([p[0] for p in pending]),
+                np.concatenate([p[1] for p in pending]),
+                join_pixels([p[2] for p in pending], pin),
+                *([np.concatenate([p[j][k] for p in pending]) for k in range(kinds)] for j in (3, 4)),
+            )
+        )
         pending.clear()
         if take < count:
             pending.append((v_b[take:], i_b[take:], pix[:, take:], [x[take:] for x in par], [x[take:] for x in hsh]))
@@ -534,9 +664,15 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
                 sel = np.flatnonzero(keys == key)
                 if (v, c) not in buf:
                     size = min(n, (c + 1) * CHUNK) - c * CHUNK
-                    buf[v, c] = [0, [{name: np.empty((size, *a.shape[1:]), a.dtype) for name, a in rows_np[k].items()} for k in range(kinds)],
-                                 [np.empty((size, par[k].shape[1]), np.float32) for k in range(kinds)],
-                                 [np.empty(size, np.uint64) for _ in range(kinds)]]
+                    buf[v, c] = [
+                        0,
+                        [
+                            {name: np.empty((size, *a.shape[1:]), a.dtype) for name, a in rows_np[k].items()}
+                            for k in range(kinds)
+                        ],
+                        [np.empty((size, par[k].shape[1]), np.float32) for k in range(kinds)],
+                        [np.empty(size, np.uint64) for _ in range(kinds)],
+                    ]
                 entry = buf[v, c]
                 r = samples_np[sel] - c * CHUNK
                 for k in range(kinds):
@@ -556,7 +692,9 @@ def _run_dump(store: CacheStore, ds: ImageDataset, recipe: Recipe, teacher: Teac
             stages["rows"] += clock() - t - waited
 
     start = time.perf_counter()
-    bar = tqdm(total=len(items), unit="view", disable=None if progress else True, desc="dump-logits", dynamic_ncols=True)
+    bar = tqdm(
+        total=len(items), unit="view", disable=None if progress else True, desc="dump-logits", dynamic_ncols=True
+    )
     try:
         batches = iter(loader)
         while True:
@@ -591,8 +729,9 @@ def _run_cluster(store: CacheStore, job, client, progress: bool) -> DumpSummary:
     return _finish(store, written, seconds, sum(min(n, (c + 1) * CHUNK) - c * CHUNK for _, c in todo), bool(todo))
 
 
-def _finish(store: CacheStore, written: int, seconds: float, items: int, had_work: bool,
-            stages: dict[str, float] | None = None) -> DumpSummary:
+def _finish(
+    store: CacheStore, written: int, seconds: float, items: int, had_work: bool, stages: dict[str, float] | None = None
+) -> DumpSummary:
     """Record per-view teacher accuracy once the store is complete and summarise the run."""
     store.refresh()
     top1 = _teacher_top1(store) if store.complete() else []
@@ -600,8 +739,19 @@ def _finish(store: CacheStore, written: int, seconds: float, items: int, had_wor
         store.group.attrs["teacher_top1"] = top1
         store.group.attrs["complete"] = True
     notes = [] if had_work else ["nothing to do: every chunk of every view was already written"]
-    return DumpSummary(store.location, store.num_views, store.num_samples, store.num_classes, written, top1,
-                       disk_bytes(store.location), seconds, items / max(seconds, 1e-9), notes, stages or {})
+    return DumpSummary(
+        store.location,
+        store.num_views,
+        store.num_samples,
+        store.num_classes,
+        written,
+        top1,
+        disk_bytes(store.location),
+        seconds,
+        items / max(seconds, 1e-9),
+        notes,
+        stages or {},
+    )
 
 
 def check_logits(logits: torch.Tensor, views: np.ndarray, samples: np.ndarray, dtype: str, kind: str) -> None:

@@ -58,8 +58,10 @@ def reuse_warning(epochs: int, num_views: int, uniform: bool) -> str | None:
     """A warning when a run has more epochs than stored views (views get reused)."""
     if uniform or epochs <= num_views:
         return None
-    return (f"the cache holds {num_views} views per sample but the run has {epochs} epochs: "
-            f"{epochs - num_views} epochs reuse views already seen (dump more with a larger --views)")
+    return (
+        f"the cache holds {num_views} views per sample but the run has {epochs} epochs: "
+        f"{epochs - num_views} epochs reuse views already seen (dump more with a larger --views)"
+    )
 
 
 def gather_rows(store: CacheStore, name: str, views: np.ndarray, start: int = 0) -> np.ndarray:
@@ -87,7 +89,9 @@ class LogitFeed:
     whole, and each epoch is an in-RAM gather.
     """
 
-    def __init__(self, store: CacheStore, names: list[str], memory_bytes: int = 4 << 30, rows: tuple[int, int] | None = None):
+    def __init__(
+        self, store: CacheStore, names: list[str], memory_bytes: int = 4 << 30, rows: tuple[int, int] | None = None
+    ):
         self.store, self.names = store, names
         self.lo, self.hi = rows if rows is not None else (0, store.num_samples)
         share = (self.hi - self.lo) / max(store.num_samples, 1)

@@ -38,8 +38,10 @@ class CacheReport:
             out.append(f"on disk    {self.disk_bytes / 2**20:.2f} MiB ({per:.1f} B per view-sample)")
         if self.top1:
             top = np.asarray(self.top1) * 100
-            out.append(f"teacher    top-1 per view mean {top.mean():.2f}%  min {top.min():.2f}%  max {top.max():.2f}%  "
-                       f"mean confidence {100 * np.mean(self.confidence):.1f}%")
+            out.append(
+                f"teacher    top-1 per view mean {top.mean():.2f}%  min {top.min():.2f}%  max {top.max():.2f}%  "
+                f"mean confidence {100 * np.mean(self.confidence):.1f}%"
+            )
         return out
 
 
@@ -70,13 +72,22 @@ class Agreement:
     def lines(self) -> list[str]:
         names = [f"T{j + 1}" for j in range(len(self.locations))]
         out = [f"{n}         {loc}" for n, loc in zip(names, self.locations)]
-        out.append("view   " + "  ".join(f"{n + ' top-1':>10}" for n in names) + "  all agree" + ("  mean JS" if self.js else ""))
+        out.append(
+            "view   "
+            + "  ".join(f"{n + ' top-1':>10}" for n in names)
+            + "  all agree"
+            + ("  mean JS" if self.js else "")
+        )
         for v in range(len(self.agree)):
-            row = f"{v:>4}   " + "  ".join(f"{100 * t[v]:>9.2f}%" for t in self.top1) + f"  {100 * self.agree[v]:>8.2f}%"
+            row = (
+                f"{v:>4}   " + "  ".join(f"{100 * t[v]:>9.2f}%" for t in self.top1) + f"  {100 * self.agree[v]:>8.2f}%"
+            )
             out.append(row + (f"  {self.js[v]:.4f}" if self.js else ""))
         if len(self.agree) > 1:
             a = np.asarray(self.agree) * 100
-            out.append(f"agreement  mean {a.mean():.2f}%  min {a.min():.2f}% (view {int(a.argmin())})  max {a.max():.2f}%")
+            out.append(
+                f"agreement  mean {a.mean():.2f}%  min {a.min():.2f}% (view {int(a.argmin())})  max {a.max():.2f}%"
+            )
         return out
 
 
@@ -93,8 +104,10 @@ def teacher_agreement(locations: list[str]) -> Agreement:
     for other in stores[1:]:
         diff = view_mismatch(stores[0], other)
         if diff:
-            raise KdcacheError(f"{stores[0].location} and {other.location} do not hold the same views ({diff}): "
-                               "teachers can only be compared on the same views")
+            raise KdcacheError(
+                f"{stores[0].location} and {other.location} do not hold the same views ({diff}): "
+                "teachers can only be compared on the same views"
+            )
         if not other.complete() or not stores[0].complete():
             raise KdcacheError("compare finished caches only: re-run the unfinished cache's dump-logits command")
     labels = stores[0].labels()

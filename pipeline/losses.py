@@ -56,7 +56,9 @@ def _kl_rows(log_p_t: torch.Tensor, log_p_s: torch.Tensor) -> torch.Tensor:
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float | torch.Tensor, logit_stand: bool = False) -> torch.Tensor:
+def kd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float | torch.Tensor, logit_stand: bool = False
+) -> torch.Tensor:
     """Hinton KD: ``τ² · mean_b KL(softmax(t/τ) ‖ softmax(s/τ))``.
 
     With ``logit_stand`` both logits are Z-scored first, each with its own
@@ -82,8 +84,15 @@ def _non_target_log_softmax(logits: torch.Tensor, target: torch.Tensor) -> torch
     return F.log_softmax(logits[keep].view(-1, k - 1), dim=1)
 
 
-def dkd_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float, beta: float,
-             temperature: float, logit_stand: bool = False) -> torch.Tensor:
+def dkd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float,
+    logit_stand: bool = False,
+) -> torch.Tensor:
     """Decoupled KD: ``α·TCKD + β·NCKD``, each ``τ²`` times the batch-mean KL.
 
     TCKD compares the binary (target, non-target) distributions and NCKD the
@@ -106,8 +115,14 @@ def _check_tail(tail: str) -> None:
         raise ValueError(f"unknown tail model {tail!r}: choose 'uniform' or 'bucket'")
 
 
-def topk_kd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, temperature: float | torch.Tensor,
-                 logit_stand: bool = False, tail: str = "bucket") -> torch.Tensor:
+def topk_kd_loss(
+    student: torch.Tensor,
+    teacher: TopKTeacher,
+    target: torch.Tensor,
+    temperature: float | torch.Tensor,
+    logit_stand: bool = False,
+    tail: str = "bucket",
+) -> torch.Tensor:
     """:func:`kd_loss` against a top-K cache: KL over the kept, target and tail buckets (plus, for ``tail="uniform"``,
     the teacher's tail mass times the student's divergence from uniform inside the tail), ``τ²`` times the batch mean."""
     _check_tail(tail)
@@ -119,8 +134,16 @@ def topk_kd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tens
     return kl.mean() * temperature**2
 
 
-def topk_dkd_loss(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, alpha: float, beta: float,
-                  temperature: float | torch.Tensor, logit_stand: bool = False, tail: str = "bucket") -> torch.Tensor:
+def topk_dkd_loss(
+    student: torch.Tensor,
+    teacher: TopKTeacher,
+    target: torch.Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float | torch.Tensor,
+    logit_stand: bool = False,
+    tail: str = "bucket",
+) -> torch.Tensor:
     """:func:`dkd_loss` against a top-K cache: TCKD is exact up to the tail estimate (the target logit is stored);
     NCKD compares the non-target buckets (kept classes and the tail), with the within-tail term as in :func:`topk_kd_loss`."""
     _check_tail(tail)
@@ -151,9 +174,15 @@ def _median_masks(teacher_weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return conf <= torch.quantile(conf, 0.5), class_conf <= torch.quantile(class_conf, 0.5)
 
 
-def mlkd_loss(student_weak: torch.Tensor, student_strong: torch.Tensor, teacher_weak: torch.Tensor,
-              teacher_strong: torch.Tensor, temperature: float, logit_stand: bool = False,
-              variant: str = "reference") -> torch.Tensor:
+def mlkd_loss(
+    student_weak: torch.Tensor,
+    student_strong: torch.Tensor,
+    teacher_weak: torch.Tensor,
+    teacher_strong: torch.Tensor,
+    temperature: float,
+    logit_stand: bool = False,
+    variant: str = "reference",
+) -> torch.Tensor:
     """Multi-level logit distillation (MLKD, CVPR 2023), optionally with LS Z-scores on the instance terms.
 
     ``variant="reference"`` is what the released MLKD (+LS) code computes,
@@ -199,8 +228,9 @@ def mlkd_loss(student_weak: torch.Tensor, student_strong: torch.Tensor, teacher_
     return total
 
 
-def nkd_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, temperature: float,
-             gamma: float) -> torch.Tensor:
+def nkd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, temperature: float, gamma: float
+) -> torch.Tensor:
     """Normalized KD (NKD, ICCV 2023): ``-q_y·log p_y`` at T=1 (q_y detached) plus ``γ·τ²`` times the
     cross-entropy between teacher and student distributions over the non-target classes at ``τ``.
 

@@ -90,9 +90,7 @@ class CifarResNet(nn.Module):
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
         layers = [_CifarBasicBlock(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes
         layers += [_CifarBasicBlock(planes, planes) for _ in range(1, blocks)]
@@ -249,7 +247,15 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, t: int, num_classes: int, width_mult: float = 0.5):
         super().__init__()
-        setting = [[1, 16, 1, 1], [t, 24, 2, 1], [t, 32, 3, 2], [t, 64, 4, 2], [t, 96, 3, 1], [t, 160, 3, 2], [t, 320, 1, 1]]
+        setting = [
+            [1, 16, 1, 1],
+            [t, 24, 2, 1],
+            [t, 32, 3, 2],
+            [t, 64, 4, 2],
+            [t, 96, 3, 1],
+            [t, 160, 3, 2],
+            [t, 320, 1, 1],
+        ]
         cin = int(32 * width_mult)
         self.conv1 = _conv_bn_relu(3, cin, 3, 2)
         self.blocks = nn.ModuleList()
@@ -518,7 +524,7 @@ def create_model(name: str, num_classes: int, weights: str | None = None) -> nn.
     if num_classes < 1:
         raise KdcacheError(f"num_classes must be positive, got {num_classes}")
     if name.startswith(TORCHVISION_PREFIX):
-        return _torchvision_model(name[len(TORCHVISION_PREFIX):], num_classes, weights)
+        return _torchvision_model(name[len(TORCHVISION_PREFIX) :], num_classes, weights)
     if name not in _REGISTRY:
         raise _unknown_model(name)
     if weights:
@@ -569,9 +575,11 @@ def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
                 sd = obj[key]
                 break
     if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise KdcacheError("checkpoint holds no state dict: expected {'model': ...}, {'state_dict': ...} or a bare state dict")
+        raise KdcacheError(
+            "checkpoint holds no state dict: expected {'model': ...}, {'state_dict': ...} or a bare state dict"
+        )
     prefix = "module."
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
 def guess_architecture(sd: Mapping[str, torch.Tensor]) -> str | None:
@@ -600,12 +608,16 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a garbled or foreign file
-        raise KdcacheError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}; is it a torch .pth file?") from None
+        raise KdcacheError(
+            f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}; is it a torch .pth file?"
+        ) from None
     sd = extract_state_dict(obj)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -619,7 +631,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         raise KdcacheError(f"checkpoint {path} does not fit {type(model).__name__}: {', '.join(parts)}; {fits}")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise KdcacheError(f"checkpoint {path} has non-finite weights in {', '.join(bad[:3])}: the training run that wrote it diverged")
+        raise KdcacheError(
+            f"checkpoint {path} has non-finite weights in {', '.join(bad[:3])}: the training run that wrote it diverged"
+        )
     model.load_state_dict(sd, strict=True)
     return model
 

@@ -44,14 +44,28 @@ def _run(args: list[str], log: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def _train(out: Path, name: str, extra: list[str], epochs: int, log: list[str], milestones: str) -> tuple[list[dict], float]:
+def _train(
+    out: Path, name: str, extra: list[str], epochs: int, log: list[str], milestones: str
+) -> tuple[list[dict], float]:
     run_dir = out / name
     done = finished_run(run_dir, epochs)
     if done is not None:
         click.echo(f"\n# {name}: finished earlier, reused ({run_dir})")
         return done, sum(r["seconds"] for r in done)
-    args = ["train-student", *extra, "--dataset", "digits", "--epochs", str(epochs), "--lr-milestones", milestones,
-            "--batch-size", "64", "--out", str(run_dir)]
+    args = [
+        "train-student",
+        *extra,
+        "--dataset",
+        "digits",
+        "--epochs",
+        str(epochs),
+        "--lr-milestones",
+        milestones,
+        "--batch-size",
+        "64",
+        "--out",
+        str(run_dir),
+    ]
     if (run_dir / "last.pt").exists():
         args.append("--resume")
     seconds = _run(args, log)
@@ -63,11 +77,28 @@ def quickstart(out: str | Path = "data/quickstart", epochs: int = 5, teacher_epo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
-    t_hist, _ = _train(out, "teacher", ["--student", TEACHER, "--loss", "ce", "--augment", "cifar"], teacher_epochs, log,
-                       f"{int(teacher_epochs * 0.6)},{int(teacher_epochs * 0.85)}")
+    t_hist, _ = _train(
+        out,
+        "teacher",
+        ["--student", TEACHER, "--loss", "ce", "--augment", "cifar"],
+        teacher_epochs,
+        log,
+        f"{int(teacher_epochs * 0.6)},{int(teacher_epochs * 0.85)}",
+    )
     ckpt = str(out / "teacher" / "last.pt")
-    dump = ["dump-logits", "--teacher", TEACHER, "--checkpoint", ckpt, "--dataset", "digits", "--forward-block", "256",
-            "--batch-size", "256"]
+    dump = [
+        "dump-logits",
+        "--teacher",
+        TEACHER,
+        "--checkpoint",
+        ckpt,
+        "--dataset",
+        "digits",
+        "--forward-block",
+        "256",
+        "--batch-size",
+        "256",
+    ]
     cache, mlkd_cache = out / "cache-cifar-all.zarr", out / "cache-mlkd.zarr"
     _run([*dump, "--augment", "cifar", "--views", "all", "--out", str(cache)], log)
     _run([*dump, "--augment", "mlkd", "--views", str(epochs), "--out", str(mlkd_cache), "--workers", "2"], log)
@@ -78,20 +109,58 @@ def quickstart(out: str | Path = "data/quickstart", epochs: int = 5, teacher_epo
         ("CE only", [*student, "--loss", "ce", "--augment", "cifar"], "ce"),
         ("KD (cache)", [*student, "--cache", str(cache), "--loss", "kd"], "kd"),
         ("KD + Z-score (cache)", [*student, "--cache", str(cache), "--loss", "kd", "--logit-stand"], "kd-ls"),
-        ("DKD + Z-score (cache)", [*student, "--cache", str(cache), "--loss", "dkd", "--logit-stand", "--kd-weight", "1",
-                                   "--warmup", "2"], "dkd-ls"),
-        ("MLKD + Z-score (cache)", [*student, "--cache", str(mlkd_cache), "--loss", "mlkd", "--logit-stand", "--kd-weight", "1"],
-         "mlkd-ls"),
-        ("KD (online teacher)", [*student, "--teacher", TEACHER, "--checkpoint", ckpt, "--augment", "cifar", "--views", "all",
-                                 "--forward-block", "256", "--loss", "kd"], "kd-online"),
+        (
+            "DKD + Z-score (cache)",
+            [*student, "--cache", str(cache), "--loss", "dkd", "--logit-stand", "--kd-weight", "1", "--warmup", "2"],
+            "dkd-ls",
+        ),
+        (
+            "MLKD + Z-score (cache)",
+            [*student, "--cache", str(mlkd_cache), "--loss", "mlkd", "--logit-stand", "--kd-weight", "1"],
+            "mlkd-ls",
+        ),
+        (
+            "KD (online teacher)",
+            [
+                *student,
+                "--teacher",
+                TEACHER,
+                "--checkpoint",
+                ckpt,
+                "--augment",
+                "cifar",
+                "--views",
+                "all",
+                "--forward-block",
+                "256",
+                "--loss",
+                "kd",
+            ],
+            "kd-online",
+        ),
     ]
-    rows = [Row("teacher (CE, " + str(teacher_epochs) + " epochs)", t_hist[-1]["test_top1"], t_hist[-1]["test_nll"],
-                t_hist[-1]["test_ece"], sum(r["seconds"] for r in t_hist))]
+    rows = [
+        Row(
+            "teacher (CE, " + str(teacher_epochs) + " epochs)",
+            t_hist[-1]["test_top1"],
+            t_hist[-1]["test_nll"],
+            t_hist[-1]["test_ece"],
+            sum(r["seconds"] for r in t_hist),
+        )
+    ]
     curves = {}
     for label, args, name in methods:
         hist, seconds = _train(out, name, args, epochs, log, milestones)
         curves[label] = hist
-        rows.append(Row(label, hist[-1]["test_top1"], hist[-1]["test_nll"], hist[-1]["test_ece"], sum(r["seconds"] for r in hist)))
+        rows.append(
+            Row(
+                label,
+                hist[-1]["test_top1"],
+                hist[-1]["test_nll"],
+                hist[-1]["test_ece"],
+                sum(r["seconds"] for r in hist),
+            )
+        )
     table = format_table(rows)
     click.echo("\n" + table)
     (out / "results.md").write_text(table + "\n")

@@ -86,8 +86,10 @@ def init_ranks(device: str) -> tuple[Ranks, torch.device]:
     if dev.type == "cuda":
         per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), torch.cuda.device_count()
         if per_node > gpus:
-            raise KdcacheError(f"torchrun started {per_node} processes on this node but only {gpus} GPU(s) are visible, and "
-                               f"NCCL needs one GPU per process: use --nproc-per-node {gpus}, or --device cpu")
+            raise KdcacheError(
+                f"torchrun started {per_node} processes on this node but only {gpus} GPU(s) are visible, and "
+                f"NCCL needs one GPU per process: use --nproc-per-node {gpus}, or --device cpu"
+            )
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():

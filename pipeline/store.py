@@ -56,7 +56,7 @@ def local_path(store: str | os.PathLike) -> Path | None:
     """The filesystem path of a local store (``file://`` URLs included), else None."""
     s = str(store)
     if s.startswith("file://"):
-        return Path(s[len("file://"):])
+        return Path(s[len("file://") :])
     return None if _is_url(s) else Path(s)
 
 
@@ -68,8 +68,11 @@ def num_chunks(num_samples: int) -> int:
 def array_names(kinds: int, fmt: LogitFormat = LogitFormat()) -> dict[str, list]:
     """Per view kind, the names of its teacher arrays (a list per kind), params and hash arrays."""
     suffix = ["", "_strong"][:kinds]
-    return {"teacher": [[f"{a}{s}" for a in fmt.arrays()] for s in suffix], "params": [f"params{s}" for s in suffix],
-            "view_hash": [f"view_hash{s}" for s in suffix]}
+    return {
+        "teacher": [[f"{a}{s}" for a in fmt.arrays()] for s in suffix],
+        "params": [f"params{s}" for s in suffix],
+        "view_hash": [f"view_hash{s}" for s in suffix],
+    }
 
 
 class CacheStore:
@@ -80,7 +83,9 @@ class CacheStore:
         self.location = location
         attrs = dict(group.attrs)
         if "kdcache_format" not in attrs:
-            raise KdcacheError(f"{location} is not a kdcache store (no kdcache_format attribute): pass a store made by `kdcache dump-logits`")
+            raise KdcacheError(
+                f"{location} is not a kdcache store (no kdcache_format attribute): pass a store made by `kdcache dump-logits`"
+            )
         if int(attrs["kdcache_format"]) > FORMAT_VERSION:
             raise KdcacheError(
                 f"{location} has store format {attrs['kdcache_format']}, newer than this kdcache reads ({FORMAT_VERSION}): upgrade kdcache"
@@ -257,13 +262,25 @@ def remove_store(location: str | os.PathLike) -> None:
     zarr.open_group(store=str(location), mode="w")
 
 
-def _row_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, last_axis: str, **attrs: object) -> None:
+def _row_array(
+    group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, last_axis: str, **attrs: object
+) -> None:
     fill = 0 if np.dtype(dtype).kind == "i" else float("nan")
-    group.create_array(name, shape=shape, dtype=dtype, chunks=(1, CHUNK, shape[2]), compressors=[ZstdCodec(level=1), Crc32cCodec()],
-                       fill_value=fill, dimension_names=("view", "sample", last_axis), attributes=attrs)
+    group.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=(1, CHUNK, shape[2]),
+        compressors=[ZstdCodec(level=1), Crc32cCodec()],
+        fill_value=fill,
+        dimension_names=("view", "sample", last_axis),
+        attributes=attrs,
+    )
 
 
-def _teacher_arrays(group: zarr.Group, names: list[str], fmt: LogitFormat, views: int, n: int, num_classes: int, dtype: str) -> None:
+def _teacher_arrays(
+    group: zarr.Group, names: list[str], fmt: LogitFormat, views: int, n: int, num_classes: int, dtype: str
+) -> None:
     if not fmt.is_topk:
         _row_array(group, names[0], (views, n, num_classes), dtype, "class")
         return
@@ -272,8 +289,18 @@ def _teacher_arrays(group: zarr.Group, names: list[str], fmt: LogitFormat, views
     _row_array(group, names[2], (views, n, len(STAT_FIELDS)), "float32", "field", fields=list(STAT_FIELDS))
 
 
-def create_store(location: str | os.PathLike, *, num_views: int, labels: np.ndarray, num_classes: int, dtype: str,
-                 kinds: int, param_fields: list[list[str]], attrs: dict[str, object], fmt: LogitFormat = LogitFormat()) -> CacheStore:
+def create_store(
+    location: str | os.PathLike,
+    *,
+    num_views: int,
+    labels: np.ndarray,
+    num_classes: int,
+    dtype: str,
+    kinds: int,
+    param_fields: list[list[str]],
+    attrs: dict[str, object],
+    fmt: LogitFormat = LogitFormat(),
+) -> CacheStore:
     """Create an empty cache with every array allocated (NaN-filled) and the identity attributes written."""
     n = len(labels)
     loc = str(location)
@@ -284,18 +311,52 @@ def create_store(location: str | os.PathLike, *, num_views: int, labels: np.ndar
         _teacher_arrays(group, names["teacher"][k], fmt, num_views, n, num_classes, dtype)
         fields = param_fields[k]
         if fields:
-            group.create_array(names["params"][k], shape=(num_views, n, len(fields)), dtype="float32",
-                               chunks=(1, CHUNK, len(fields)), fill_value=float("nan"), compressors=[ZstdCodec(level=1), Crc32cCodec()],
-                               dimension_names=("view", "sample", "field"), attributes={"fields": list(fields)})
-        group.create_array(names["view_hash"][k], shape=(num_views, n), dtype="uint64", chunks=(1, CHUNK), fill_value=0,
-                           compressors=[ZstdCodec(level=1), Crc32cCodec()], dimension_names=("view", "sample"))
-    group.create_array("labels", shape=(n,), dtype="int64", chunks=(max(n, 1),), compressors=[ZstdCodec(level=1), Crc32cCodec()],
-                       dimension_names=("sample",))
+            group.create_array(
+                names["params"][k],
+                shape=(num_views, n, len(fields)),
+                dtype="float32",
+                chunks=(1, CHUNK, len(fields)),
+                fill_value=float("nan"),
+                compressors=[ZstdCodec(level=1), Crc32cCodec()],
+                dimension_names=("view", "sample", "field"),
+                attributes={"fields": list(fields)},
+            )
+        group.create_array(
+            names["view_hash"][k],
+            shape=(num_views, n),
+            dtype="uint64",
+            chunks=(1, CHUNK),
+            fill_value=0,
+            compressors=[ZstdCodec(level=1), Crc32cCodec()],
+            dimension_names=("view", "sample"),
+        )
+    group.create_array(
+        "labels",
+        shape=(n,),
+        dtype="int64",
+        chunks=(max(n, 1),),
+        compressors=[ZstdCodec(level=1), Crc32cCodec()],
+        dimension_names=("sample",),
+    )
     group["labels"][...] = labels
-    group.create_array("done", shape=(num_views, num_chunks(n)), dtype="uint8", chunks=(1, num_chunks(n)), fill_value=0,
-                       compressors=[Crc32cCodec()], dimension_names=("view", "chunk"))
-    meta = {"kdcache_format": 2 if fmt.is_topk else 1, "format": fmt.to_attrs(), "num_samples": n, "num_classes": num_classes, "chunk_samples": CHUNK,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **attrs}
+    group.create_array(
+        "done",
+        shape=(num_views, num_chunks(n)),
+        dtype="uint8",
+        chunks=(1, num_chunks(n)),
+        fill_value=0,
+        compressors=[Crc32cCodec()],
+        dimension_names=("view", "chunk"),
+    )
+    meta = {
+        "kdcache_format": 2 if fmt.is_topk else 1,
+        "format": fmt.to_attrs(),
+        "num_samples": n,
+        "num_classes": num_classes,
+        "chunk_samples": CHUNK,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **attrs,
+    }
     group.attrs.update(json.loads(json.dumps(meta)))
     return CacheStore(group, loc)
 
@@ -329,8 +390,10 @@ def view_mismatch(a: CacheStore, b: CacheStore) -> str | None:
         if json.dumps(a.attrs.get(key), sort_keys=True) != json.dumps(b.attrs.get(key), sort_keys=True):
             return f"{key} differs ({a.attrs.get(key)!r} vs {b.attrs.get(key)!r})"
     if a.num_views != b.num_views:
-        return (f"{a.num_views} vs {b.num_views} views per sample (extend the smaller one: re-run its dump-logits with "
-                f"--views {max(a.num_views, b.num_views)})")
+        return (
+            f"{a.num_views} vs {b.num_views} views per sample (extend the smaller one: re-run its dump-logits with "
+            f"--views {max(a.num_views, b.num_views)})"
+        )
     for name in array_names(a.num_kinds)["view_hash"]:
         for v in range(a.num_views):
             if not np.array_equal(a.read(name, v), b.read(name, v)):

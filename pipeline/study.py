@@ -48,9 +48,21 @@ def _point(views: int | None, run: Path, epochs: int, **kwargs) -> StudyPoint:
     return StudyPoint(views, history[-1]["test_top1"], max(h["test_top1"] for h in history), str(run))
 
 
-def study_views(*, cache: str, student: str, dataset: str, out: str | Path, teacher: str | None = None,
-                checkpoint: str | None = None, weights: str | None = None, counts: list[int] | None = None, epochs: int = 240,
-                data_root: str | None = None, progress: bool = True, **train_kwargs) -> list[StudyPoint]:
+def study_views(
+    *,
+    cache: str,
+    student: str,
+    dataset: str,
+    out: str | Path,
+    teacher: str | None = None,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+    counts: list[int] | None = None,
+    epochs: int = 240,
+    data_root: str | None = None,
+    progress: bool = True,
+    **train_kwargs,
+) -> list[StudyPoint]:
     """Train ``student`` from the first ``counts`` views of ``cache`` (and online from ``teacher``); write ``study.json`` and ``views.png``.
 
     ``train_kwargs`` go to :func:`kdcache.train.train_student` unchanged (loss,
@@ -59,7 +71,9 @@ def study_views(*, cache: str, student: str, dataset: str, out: str | Path, teac
     """
     store = open_store(cache)
     if store.attrs["views_mode"] == "all":
-        raise KdcacheError(f"{cache} enumerates all views in a fixed order: the study needs a cache of seeded views (--views N)")
+        raise KdcacheError(
+            f"{cache} enumerates all views in a fixed order: the study needs a cache of seeded views (--views N)"
+        )
     counts = sorted(set(counts)) if counts else default_counts(store.num_views)
     if counts[0] < 1 or counts[-1] > store.num_views:
         raise KdcacheError(f"--counts must lie in 1..{store.num_views} (the views the cache holds), got {counts}")
@@ -74,11 +88,25 @@ def study_views(*, cache: str, student: str, dataset: str, out: str | Path, teac
     if teacher is not None:
         if progress:
             print(f"study: training with the online teacher {teacher} on fresh views", flush=True)
-        points.append(_point(None, out / "online", epochs, teacher=teacher, checkpoint=checkpoint, weights=weights,
-                             augment=store.attrs["recipe"]["name"], mix=store.attrs["recipe"].get("mix", "none"),
-                             mix_alpha=float(store.attrs["recipe"].get("mix_alpha", 1.0)), view_seed=int(store.attrs["seed"]),
-                             forward_block=int(store.attrs["teacher"]["forward_block"]), **common))
-    (out / "study.json").write_text(json.dumps({"cache": cache, "epochs": epochs, "points": [asdict(p) for p in points]}, indent=2))
+        points.append(
+            _point(
+                None,
+                out / "online",
+                epochs,
+                teacher=teacher,
+                checkpoint=checkpoint,
+                weights=weights,
+                augment=store.attrs["recipe"]["name"],
+                mix=store.attrs["recipe"].get("mix", "none"),
+                mix_alpha=float(store.attrs["recipe"].get("mix_alpha", 1.0)),
+                view_seed=int(store.attrs["seed"]),
+                forward_block=int(store.attrs["teacher"]["forward_block"]),
+                **common,
+            )
+        )
+    (out / "study.json").write_text(
+        json.dumps({"cache": cache, "epochs": epochs, "points": [asdict(p) for p in points]}, indent=2)
+    )
     from kdcache.plots import plot_views_study
 
     plot_views_study(points, out / "views.png", epochs)

@@ -162,19 +162,34 @@ class Teacher:
 
     def identity(self) -> dict[str, object]:
         """What a cache records about its teacher and that a resume must match."""
-        return {"name": self.name, "checkpoint_sha256": self.checkpoint_sha256, "weights": self.weights,
-                "forward_block": self.forward_block, "amp": self.amp}
+        return {
+            "name": self.name,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "weights": self.weights,
+            "forward_block": self.forward_block,
+            "amp": self.amp,
+        }
 
 
-def load_teacher(name: str, num_classes: int, norm: Normalization, checkpoint: str | None = None,
-                 weights: str | None = None, device: str = "auto", forward_block: int = 64, amp: str = "none") -> Teacher:
+def load_teacher(
+    name: str,
+    num_classes: int,
+    norm: Normalization,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    forward_block: int = 64,
+    amp: str = "none",
+) -> Teacher:
     """Build, load and freeze a teacher for ``num_classes`` classes."""
     if forward_block < 1:
         raise KdcacheError(f"--forward-block must be at least 1, got {forward_block}")
     if amp not in AMP_MODES:
         raise KdcacheError(f"unknown --amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
     if not checkpoint and not weights:
-        raise KdcacheError(f"teacher {name} has no trained weights: pass --checkpoint PATH (or --weights NAME for torchvision.<arch>)")
+        raise KdcacheError(
+            f"teacher {name} has no trained weights: pass --checkpoint PATH (or --weights NAME for torchvision.<arch>)"
+        )
     dev = resolve_device(device)
     model = create_model(name, num_classes, weights)
     sha = None

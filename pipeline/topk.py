@@ -71,10 +71,14 @@ def parse_format(text: str, num_classes: int | None = None) -> LogitFormat:
         raise KdcacheError(f"unknown --format {text!r}: use full or topk:K with K a positive integer (e.g. topk:10)")
     fmt = LogitFormat("topk", int(k))
     if num_classes is not None and fmt.k > num_classes - 2:
-        raise KdcacheError(f"--format {text} keeps too many of {num_classes} classes (at most {num_classes - 2}, so a tail "
-                           "remains): use a smaller K or --format full")
+        raise KdcacheError(
+            f"--format {text} keeps too many of {num_classes} classes (at most {num_classes - 2}, so a tail "
+            "remains): use a smaller K or --format full"
+        )
     if num_classes is not None and num_classes > 32767:
-        raise KdcacheError(f"--format topk stores int16 class indices; {num_classes} classes do not fit: use --format full")
+        raise KdcacheError(
+            f"--format topk stores int16 class indices; {num_classes} classes do not fit: use --format full"
+        )
     return fmt
 
 
@@ -88,10 +92,22 @@ def encode(logits: torch.Tensor, targets: torch.Tensor, fmt: LogitFormat, np_dty
     exact = torch.zeros_like(x, dtype=torch.bool).scatter_(1, indices, True).scatter_(1, y, True)
     tail = x.masked_fill(exact, float("-inf"))
     m = (~exact).sum(dim=1)
-    stats = torch.stack([x.mean(dim=1), x.std(dim=1), torch.logsumexp(x, dim=1), x.gather(1, y).squeeze(1),
-                         torch.logsumexp(tail, dim=1), x.masked_fill(exact, 0.0).sum(dim=1) / m], dim=1)
-    return {"topk_values": values.numpy().astype(np_dtype), "topk_indices": indices.numpy().astype(np.int16),
-            "row_stats": stats.numpy().astype(np.float32)}
+    stats = torch.stack(
+        [
+            x.mean(dim=1),
+            x.std(dim=1),
+            torch.logsumexp(x, dim=1),
+            x.gather(1, y).squeeze(1),
+            torch.logsumexp(tail, dim=1),
+            x.masked_fill(exact, 0.0).sum(dim=1) / m,
+        ],
+        dim=1,
+    )
+    return {
+        "topk_values": values.numpy().astype(np_dtype),
+        "topk_indices": indices.numpy().astype(np.int16),
+        "row_stats": stats.numpy().astype(np.float32),
+    }
 
 
 @dataclass
@@ -104,8 +120,14 @@ class TopKTeacher:
     num_classes: int
 
 
-def buckets(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, temperature: float | torch.Tensor,
-            logit_stand: bool = False, eps: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def buckets(
+    student: torch.Tensor,
+    teacher: TopKTeacher,
+    target: torch.Tensor,
+    temperature: float | torch.Tensor,
+    logit_stand: bool = False,
+    eps: float = 1e-7,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Student and teacher logits over K + 2 buckets, already divided by the temperature, the target's bucket, and
     per row ``KL(uniform || student within the tail)``.
 
@@ -139,7 +161,9 @@ def buckets(student: torch.Tensor, teacher: TopKTeacher, target: torch.Tensor, t
     s_b = torch.cat([s_scaled.gather(1, idx), s_target, s_tail], dim=1)
     # KL(uniform || student's distribution inside the tail), per row: the within-tail term for TAILS "uniform".
     within = -torch.log(m.squeeze(1)) - ((s_scaled * (~exact)).sum(dim=1) / m.squeeze(1) - s_tail.squeeze(1))
-    slot = torch.where(in_topk.squeeze(1), (idx == y).float().argmax(dim=1), torch.full_like(y.squeeze(1), idx.shape[1]))
+    slot = torch.where(
+        in_topk.squeeze(1), (idx == y).float().argmax(dim=1), torch.full_like(y.squeeze(1), idx.shape[1])
+    )
     return s_b, t_b, slot, within
 
 
@@ -153,4 +177,13 @@ def top1_and_confidence(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.n
     return arrays["topk_indices"][:, 0].astype(np.int64), np.exp(arrays["topk_values"][:, 0].astype(np.float32) - lse)
 
 
-__all__ = ["LogitFormat", "parse_format", "encode", "TopKTeacher", "buckets", "STAT_FIELDS", "top1_and_confidence", "TAILS"]
+__all__ = [
+    "LogitFormat",
+    "parse_format",
+    "encode",
+    "TopKTeacher",
+    "buckets",
+    "STAT_FIELDS",
+    "top1_and_confidence",
+    "TAILS",
+]

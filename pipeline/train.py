@@ -26,8 +26,18 @@ from kdcache.dump import parse_views
 from kdcache.errors import KdcacheError
 from kdcache.feed import LogitFeed, epoch_order, epoch_views, reuse_warning
 from kdcache.losses import (
-    TEACHER_MIXES, CTKDTemperature, dkd_loss, ensemble_teachers, kd_loss, mlkd_loss, nkd_loss, normkd_loss, sort_teacher,
-    topk_dkd_loss, topk_kd_loss, zscore,
+    TEACHER_MIXES,
+    CTKDTemperature,
+    dkd_loss,
+    ensemble_teachers,
+    kd_loss,
+    mlkd_loss,
+    nkd_loss,
+    normkd_loss,
+    sort_teacher,
+    topk_dkd_loss,
+    topk_kd_loss,
+    zscore,
 )
 from kdcache.models import create_model, load_checkpoint, save_checkpoint
 from kdcache.ranks import init_ranks
@@ -73,8 +83,16 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` replaced by the loss's published default (see the README table)."""
         ls = self.logit_stand
-        d: dict[str, float] = {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20,
-                               "gamma": 1.5, "t_norm": 2.0}
+        d: dict[str, float] = {
+            "ce_weight": 1.0,
+            "kd_weight": 0.0,
+            "temperature": 4.0,
+            "alpha": 1.0,
+            "beta": 8.0,
+            "warmup": 20,
+            "gamma": 1.5,
+            "t_norm": 2.0,
+        }
         if self.loss in ("kd", "mlkd", "normkd"):
             d.update(ce_weight=0.1, kd_weight=9.0 if ls else 0.9, temperature=2.0 if ls else 4.0)
         elif self.loss == "dkd":
@@ -90,13 +108,21 @@ class TrainConfig:
         """Refuse nonsense numbers with a one-line message."""
         if self.loss not in LOSSES:
             raise KdcacheError(f"unknown --loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
-        checks = [("epochs", self.epochs >= 1), ("batch-size", self.batch_size >= 1), ("lr", (self.lr or 1) > 0),
-                  ("temperature", (self.temperature or 1) > 0), ("weight-decay", self.weight_decay >= 0),
-                  ("momentum", 0 <= self.momentum < 1), ("warmup", (self.warmup if self.warmup is not None else 1) >= 0),
-                  ("seed", self.seed >= 0)]
+        checks = [
+            ("epochs", self.epochs >= 1),
+            ("batch-size", self.batch_size >= 1),
+            ("lr", (self.lr or 1) > 0),
+            ("temperature", (self.temperature or 1) > 0),
+            ("weight-decay", self.weight_decay >= 0),
+            ("momentum", 0 <= self.momentum < 1),
+            ("warmup", (self.warmup if self.warmup is not None else 1) >= 0),
+            ("seed", self.seed >= 0),
+        ]
         for name, ok in checks:
             if not ok:
-                raise KdcacheError(f"--{name} {getattr(self, name.replace('-', '_'))} is out of range: see `kdcache train-student --help`")
+                raise KdcacheError(
+                    f"--{name} {getattr(self, name.replace('-', '_'))} is out of range: see `kdcache train-student --help`"
+                )
         if self.mlkd_variant not in ("reference", "paper"):
             raise KdcacheError(f"unknown --mlkd-variant {self.mlkd_variant!r}: choose reference or paper")
         if self.teacher_fix not in TEACHER_FIXES:
@@ -115,8 +141,15 @@ class StudentViews(Dataset):
         self.view_seed, self.all_views, self.offset = 0, False, 0
         self.check = np.zeros(len(dataset), dtype=bool)
 
-    def set_epoch(self, views: np.ndarray, check: np.ndarray, params: list[np.ndarray] | None = None,
-                  view_seed: int = 0, all_views: bool = False, offset: int = 0) -> None:
+    def set_epoch(
+        self,
+        views: np.ndarray,
+        check: np.ndarray,
+        params: list[np.ndarray] | None = None,
+        view_seed: int = 0,
+        all_views: bool = False,
+        offset: int = 0,
+    ) -> None:
         """The epoch's view per sample; stored ``params`` (row ``i - offset`` for sample ``i``) or online sampling."""
         self.views, self.check, self.params, self.view_seed, self.all_views = views, check, params, view_seed, all_views
         self.offset = offset
@@ -138,8 +171,16 @@ class StudentViews(Dataset):
                 v = np.asarray([self.views[i]])
                 partner = int(self.recipe.partners(self.view_seed, v, np.asarray([i]), len(self.dataset))[0])
                 partner_img = self.dataset.image(partner)
-                p = self.recipe.params_batch(self.view_seed, v, np.asarray([i]), k, np.asarray([img.shape[:2]]), self.all_views,
-                                             np.asarray([partner]), np.asarray([partner_img.shape[:2]]))[0]
+                p = self.recipe.params_batch(
+                    self.view_seed,
+                    v,
+                    np.asarray([i]),
+                    k,
+                    np.asarray([img.shape[:2]]),
+                    self.all_views,
+                    np.asarray([partner]),
+                    np.asarray([partner_img.shape[:2]]),
+                )[0]
             else:
                 p = self.recipe.params(self.view_seed, int(self.views[i]), i, k, img.shape[:2], self.all_views)
             if partner is not None:
@@ -164,7 +205,9 @@ class EvalViews(Dataset):
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader: DataLoader, norm, device: torch.device, num_classes: int) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, loader: DataLoader, norm, device: torch.device, num_classes: int
+) -> dict[str, float]:
     """Top-1, top-5, NLL and 15-bin ECE of ``model`` on ``loader``."""
     model.eval()
     logits, labels = [], []
@@ -175,7 +218,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, norm, device: torch.dev
     return classification_metrics(z, y, num_classes)
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, bins: int = 15) -> dict[str, float]:
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int, bins: int = 15
+) -> dict[str, float]:
     """Accuracy (top-1, top-5), mean NLL and expected calibration error of a set of predictions."""
     prob = logits.softmax(dim=1)
     conf, pred = prob.max(dim=1)
@@ -188,8 +233,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
         m = (conf > lo) & (conf <= hi)
         if m.any():
             ece += m.float().mean() * (conf[m].mean() - correct[m].mean()).abs()
-    return {"test_top1": float(correct.mean() * 100), "test_top5": float(top5 * 100),
-            "test_nll": float(F.cross_entropy(logits, labels)), "test_ece": float(ece)}
+    return {
+        "test_top1": float(correct.mean() * 100),
+        "test_top5": float(top5 * 100),
+        "test_nll": float(F.cross_entropy(logits, labels)),
+        "test_ece": float(ece),
+    }
 
 
 @dataclass
@@ -203,14 +252,23 @@ class TrainResult:
     main: bool = True  # False on torchrun ranks other than 0, which report nothing
 
 
-def _distill(cfg: TrainConfig, epoch: int, y: torch.Tensor, student: list[torch.Tensor], teacher: list[torch.Tensor],
-             temperature: float | torch.Tensor, mixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def _distill(
+    cfg: TrainConfig,
+    epoch: int,
+    y: torch.Tensor,
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    temperature: float | torch.Tensor,
+    mixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     if mixed is None:
         ce = F.cross_entropy(student[0], y)
     else:  # a mixed view's label is the λ-weighted pair (sample, partner)
         y2, lam = mixed
-        ce = (lam * F.cross_entropy(student[0], y, reduction="none")
-              + (1 - lam) * F.cross_entropy(student[0], y2, reduction="none")).mean()
+        ce = (
+            lam * F.cross_entropy(student[0], y, reduction="none")
+            + (1 - lam) * F.cross_entropy(student[0], y2, reduction="none")
+        ).mean()
     if cfg.loss == "ce":
         return cfg.ce_weight * ce
     if cfg.teacher_fix == "sort":
@@ -220,12 +278,16 @@ def _distill(cfg: TrainConfig, epoch: int, y: torch.Tensor, student: list[torch.
         if cfg.loss == "kd":
             return cfg.ce_weight * ce + cfg.kd_weight * topk_kd_loss(s, t, y, temperature, cfg.logit_stand)
         warm = min(epoch / cfg.warmup, 1.0) if cfg.warmup else 1.0
-        return cfg.ce_weight * ce + warm * cfg.kd_weight * topk_dkd_loss(s, t, y, cfg.alpha, cfg.beta, temperature, cfg.logit_stand)
+        return cfg.ce_weight * ce + warm * cfg.kd_weight * topk_dkd_loss(
+            s, t, y, cfg.alpha, cfg.beta, temperature, cfg.logit_stand
+        )
     if cfg.loss == "kd":
         return cfg.ce_weight * ce + cfg.kd_weight * kd_loss(s, t, temperature, cfg.logit_stand)
     if cfg.loss == "dkd":
         warm = min(epoch / cfg.warmup, 1.0) if cfg.warmup else 1.0
-        return cfg.ce_weight * ce + warm * cfg.kd_weight * dkd_loss(s, t, y, cfg.alpha, cfg.beta, temperature, cfg.logit_stand)
+        return cfg.ce_weight * ce + warm * cfg.kd_weight * dkd_loss(
+            s, t, y, cfg.alpha, cfg.beta, temperature, cfg.logit_stand
+        )
     if cfg.loss in ("nkd", "normkd"):
         if cfg.logit_stand:
             s, t = zscore(s), zscore(t)
@@ -233,30 +295,45 @@ def _distill(cfg: TrainConfig, epoch: int, y: torch.Tensor, student: list[torch.
         return cfg.ce_weight * ce + cfg.kd_weight * term
     ce = ce + F.cross_entropy(student[1], y)
     return cfg.ce_weight * ce + cfg.kd_weight * mlkd_loss(
-        student[0], student[1], teacher[0], teacher[1], temperature, cfg.logit_stand, cfg.mlkd_variant)
+        student[0], student[1], teacher[0], teacher[1], temperature, cfg.logit_stand, cfg.mlkd_variant
+    )
 
 
 def _cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None, mix: str | None = None) -> Recipe:
     """Fail closed: the cache must be complete and made from this dataset, split and recipe."""
     if not store.complete():
         missing = int((~store.done()).sum())
-        raise KdcacheError(f"cache {store.location} is incomplete ({missing} chunks missing): re-run its dump-logits command to finish it")
+        raise KdcacheError(
+            f"cache {store.location} is incomplete ({missing} chunks missing): re-run its dump-logits command to finish it"
+        )
     fp = ds.fingerprint()
     stored = store.attrs["dataset"]
     for key in ("name", "split", "length", "num_classes", "labels_sha256", "images_sha256", "files_sha256"):
         if stored.get(key) != fp.get(key):
-            raise KdcacheError(f"cache {store.location} was made for other data: dataset {key} is {stored.get(key)!r} there, "
-                               f"{fp.get(key)!r} here; pass the matching --dataset/--data-root or dump a new cache")
+            raise KdcacheError(
+                f"cache {store.location} was made for other data: dataset {key} is {stored.get(key)!r} there, "
+                f"{fp.get(key)!r} here; pass the matching --dataset/--data-root or dump a new cache"
+            )
     recipe = recipe_from_attrs(store.attrs["recipe"])
     if augment is not None and augment != recipe.name:
-        raise KdcacheError(f"cache {store.location} holds --augment {recipe.name} views, not {augment}: drop --augment or use another cache")
+        raise KdcacheError(
+            f"cache {store.location} holds --augment {recipe.name} views, not {augment}: drop --augment or use another cache"
+        )
     if mix is not None and mix != recipe.mix:
-        raise KdcacheError(f"cache {store.location} holds --mix {recipe.mix} views, not {mix}: drop --mix or use another cache")
+        raise KdcacheError(
+            f"cache {store.location} holds --mix {recipe.mix} views, not {mix}: drop --mix or use another cache"
+        )
     return recipe
 
 
-def _open_caches(caches: list[str], ds: ImageDataset, augment: str | None, mix: str | None, teacher_weights: str | list[float] | None,
-                 teacher_mix: str) -> tuple[list[CacheStore], Recipe, list[float]]:
+def _open_caches(
+    caches: list[str],
+    ds: ImageDataset,
+    augment: str | None,
+    mix: str | None,
+    teacher_weights: str | list[float] | None,
+    teacher_mix: str,
+) -> tuple[list[CacheStore], Recipe, list[float]]:
     """Open every ``--cache``, check each against the data, and check they hold the same views; returns the mixing weights."""
     stores = [open_store(c) for c in caches]
     recipe = [_cache_matches(st, ds, augment, mix) for st in stores][0]
@@ -268,31 +345,59 @@ def _open_caches(caches: list[str], ds: ImageDataset, augment: str | None, mix: 
         try:
             weights = [float(w) for w in teacher_weights.split(",")]
         except ValueError:
-            raise KdcacheError(f"--teacher-weights takes one number per --cache, such as 0.5,0.5, not {teacher_weights!r} "
-                               "(an online teacher's torchvision weights name goes to --weights)") from None
+            raise KdcacheError(
+                f"--teacher-weights takes one number per --cache, such as 0.5,0.5, not {teacher_weights!r} "
+                "(an online teacher's torchvision weights name goes to --weights)"
+            ) from None
     else:
         weights = [float(w) for w in teacher_weights]
     if len(weights) != len(stores) or min(weights) < 0 or sum(weights) <= 0:
-        raise KdcacheError(f"--teacher-weights needs {len(stores)} non-negative numbers (one per --cache) with a positive sum, "
-                           f"got {teacher_weights!r}")
+        raise KdcacheError(
+            f"--teacher-weights needs {len(stores)} non-negative numbers (one per --cache) with a positive sum, "
+            f"got {teacher_weights!r}"
+        )
     for other in stores[1:]:
         if stores[0].format.is_topk or other.format.is_topk:
             raise KdcacheError("several teachers need full-logit caches (--format full), not top-K ones")
         diff = view_mismatch(stores[0], other)
         if diff:
-            raise KdcacheError(f"caches {stores[0].location} and {other.location} do not hold the same views: {diff}; "
-                               "dump every teacher with the same --dataset, --augment, --views and --seed")
+            raise KdcacheError(
+                f"caches {stores[0].location} and {other.location} do not hold the same views: {diff}; "
+                "dump every teacher with the same --dataset, --augment, --views and --seed"
+            )
     return stores, recipe, [w / sum(weights) for w in weights]
 
 
-def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "kd", cache: str | list[str] | None = None,
-                  teacher_weights: str | list[float] | None = None, teacher_mix: str = "logits", cache_views: int | None = None,
-                  teacher: str | None = None, checkpoint: str | None = None, weights: str | None = None,
-                  augment: str | None = None, mix: str | None = None, mix_alpha: float = 1.0, views: str | int | None = None,
-                  view_seed: int = 0, forward_block: int = 64,
-                  data_root: str | None = None, download: bool = False, workers: int = 0, device: str = "auto",
-                  resume: bool = False, verify_views: bool = False, plot: bool = False, progress: bool = True,
-                  cache_memory: int = 4 << 30, **hyper) -> TrainResult:
+def train_student(
+    *,
+    student: str,
+    dataset: str,
+    out: str | Path,
+    loss: str = "kd",
+    cache: str | list[str] | None = None,
+    teacher_weights: str | list[float] | None = None,
+    teacher_mix: str = "logits",
+    cache_views: int | None = None,
+    teacher: str | None = None,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+    augment: str | None = None,
+    mix: str | None = None,
+    mix_alpha: float = 1.0,
+    views: str | int | None = None,
+    view_seed: int = 0,
+    forward_block: int = 64,
+    data_root: str | None = None,
+    download: bool = False,
+    workers: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    verify_views: bool = False,
+    plot: bool = False,
+    progress: bool = True,
+    cache_memory: int = 4 << 30,
+    **hyper,
+) -> TrainResult:
     """Train ``student`` and write ``metrics.jsonl``, ``last.pt`` and ``best.pt`` into ``out``.
 
     Teacher signal comes from ``cache`` (a dump-logits store, or a list of
@@ -312,15 +417,19 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     cfg = cfg.resolved()
     caches = [] if cache is None else [str(cache)] if isinstance(cache, (str, Path)) else [str(c) for c in cache]
     if cfg.loss != "ce" and not caches and teacher is None:
-        raise KdcacheError(f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH")
+        raise KdcacheError(
+            f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH"
+        )
     if teacher_weights is not None and len(caches) < 2:
         raise KdcacheError("--teacher-weights mixes several teachers: pass one --cache per teacher (two or more)")
     if caches and teacher is not None:
         raise KdcacheError("pass either --cache or --teacher, not both")
     ranks, dev = init_ranks(device)
     if cfg.batch_size % ranks.world:
-        raise KdcacheError(f"--batch-size {cfg.batch_size} is the global batch and must divide among {ranks.world} processes: "
-                           f"use a multiple of {ranks.world}")
+        raise KdcacheError(
+            f"--batch-size {cfg.batch_size} is the global batch and must divide among {ranks.world} processes: "
+            f"use a multiple of {ranks.world}"
+        )
     progress = progress and ranks.main
     train_ds = build_dataset(dataset, data_root, "train", download)
     test_ds = build_dataset(dataset, data_root, test_split(dataset), download)
@@ -334,38 +443,67 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         uniform = store.attrs["views_mode"] == "all"
         if cache_views is not None:
             if uniform:
-                raise KdcacheError(f"{caches[0]} enumerates all views in a fixed order, so its first views are not a random "
-                                   "sample: use a cache of seeded views (--views N)")
+                raise KdcacheError(
+                    f"{caches[0]} enumerates all views in a fixed order, so its first views are not a random "
+                    "sample: use a cache of seeded views (--views N)"
+                )
             if not 1 <= cache_views <= num_views:
-                raise KdcacheError(f"--cache-views {cache_views} is out of range: the cache holds {num_views} views per sample")
+                raise KdcacheError(
+                    f"--cache-views {cache_views} is out of range: the cache holds {num_views} views per sample"
+                )
             num_views = cache_views
     else:
-        recipe = make_recipe(augment or ("cifar" if train_ds.small else "imagenet"), train_ds.small, mix or "none", mix_alpha)
-        num_views, mode = parse_views(views if views is not None else ("all" if recipe.num_discrete_views else cfg.epochs), recipe)
+        recipe = make_recipe(
+            augment or ("cifar" if train_ds.small else "imagenet"), train_ds.small, mix or "none", mix_alpha
+        )
+        num_views, mode = parse_views(
+            views if views is not None else ("all" if recipe.num_discrete_views else cfg.epochs), recipe
+        )
         uniform = mode == "all"
     kinds = 2 if cfg.loss == "mlkd" else 1
     if kinds > len(recipe.kinds):
-        raise KdcacheError("--loss mlkd needs weak and strong views: use a cache dumped with --augment mlkd (or --augment mlkd online)")
+        raise KdcacheError(
+            "--loss mlkd needs weak and strong views: use a cache dumped with --augment mlkd (or --augment mlkd online)"
+        )
     online: Teacher | None = None
     if teacher is not None and cfg.loss != "ce":
-        online = load_teacher(teacher, train_ds.num_classes, train_ds.norm, checkpoint, weights, str(dev), forward_block)
-    if store is not None and store.format.is_topk and cfg.loss != "ce" and (
-            cfg.loss not in ("kd", "dkd") or cfg.teacher_fix != "none"):
+        online = load_teacher(
+            teacher, train_ds.num_classes, train_ds.norm, checkpoint, weights, str(dev), forward_block
+        )
+    if (
+        store is not None
+        and store.format.is_topk
+        and cfg.loss != "ce"
+        and (cfg.loss not in ("kd", "dkd") or cfg.teacher_fix != "none")
+    ):
         what = f"--teacher-fix {cfg.teacher_fix}" if cfg.loss in ("kd", "dkd") else f"--loss {cfg.loss}"
-        raise KdcacheError(f"{what} needs every teacher logit, but {caches[0]} is a {store.format} cache: use --loss kd or dkd with it, "
-                           "or dump with --format full")
+        raise KdcacheError(
+            f"{what} needs every teacher logit, but {caches[0]} is a {store.format} cache: use --loss kd or dkd with it, "
+            "or dump with --format full"
+        )
     if recipe.mix != "none" and (cfg.loss not in ("ce", "kd") or cfg.teacher_fix != "none"):
-        raise KdcacheError(f"{recipe.mix} views have two target classes, so --loss {cfg.loss}"
-                           f"{' --teacher-fix ' + cfg.teacher_fix if cfg.teacher_fix != 'none' else ''} is undefined on them: "
-                           "use --loss kd (or ce), or views without --mix")
+        raise KdcacheError(
+            f"{recipe.mix} views have two target classes, so --loss {cfg.loss}"
+            f"{' --teacher-fix ' + cfg.teacher_fix if cfg.teacher_fix != 'none' else ''} is undefined on them: "
+            "use --loss kd (or ce), or views without --mix"
+        )
     if store is not None and store.num_classes != train_ds.num_classes:
-        raise KdcacheError(f"cache has {store.num_classes} classes but {dataset} has {train_ds.num_classes}: use a cache of this dataset")
+        raise KdcacheError(
+            f"cache has {store.num_classes} classes but {dataset} has {train_ds.num_classes}: use a cache of this dataset"
+        )
 
     out = Path(out)
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-    config_record = {**dataclasses.asdict(cfg), "dataset": dataset, "cache": caches[0] if len(caches) == 1 else caches or None,
-                     "teacher": teacher, "augment": recipe.name, "num_views": num_views, "view_seed": view_seed}
+    config_record = {
+        **dataclasses.asdict(cfg),
+        "dataset": dataset,
+        "cache": caches[0] if len(caches) == 1 else caches or None,
+        "teacher": teacher,
+        "augment": recipe.name,
+        "num_views": num_views,
+        "view_seed": view_seed,
+    }
     if len(caches) > 1:
         config_record.update(teacher_weights=mix_weights, teacher_mix=teacher_mix)
     if cache_views is not None:
@@ -377,8 +515,9 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     net = model
     if ranks.world > 1:
         # static_graph: MLKD runs the student twice (weak, strong) before one backward.
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                                        static_graph=True)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None, static_graph=True
+        )
     ctkd = CTKDTemperature(cfg.ctkd_t_start, cfg.ctkd_t_end).to(dev) if cfg.ctkd else None
     params = list(model.parameters()) + (list(ctkd.parameters()) if ctkd is not None else [])
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -396,7 +535,11 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             ctkd.load_state_dict(state["ctkd"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best_top1"])
-        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.exists() else []
+        history = (
+            [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            if metrics_path.exists()
+            else []
+        )
         history = [h for h in history if h["epoch"] < start_epoch]
         if ranks.main:
             metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -414,8 +557,15 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             feed_arrays += [a for k in range(kinds) for a in names["teacher"][k]]
     n = len(train_ds)
     lo, hi = ranks.shard(n)
-    feeds = [LogitFeed(st, feed_arrays if j == 0 else [a for a in feed_arrays if a.startswith("logits")], cache_memory, rows=(lo, hi))
-             for j, st in enumerate(stores)]
+    feeds = [
+        LogitFeed(
+            st,
+            feed_arrays if j == 0 else [a for a in feed_arrays if a.startswith("logits")],
+            cache_memory,
+            rows=(lo, hi),
+        )
+        for j, st in enumerate(stores)
+    ]
     train_views = StudentViews(train_ds, recipe, kinds)
     test_loader = DataLoader(EvalViews(test_ds, recipe), batch_size=256, num_workers=workers)
     batch = cfg.batch_size // ranks.world
@@ -446,16 +596,25 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             if epoch < cfg.epochs:
                 for f in feeds:
                     f.prefetch(epoch + 1, epoch_views_of(epoch + 1)[lo:hi])
-            params = [rows[names["params"][k]] if names["params"][k] in rows else np.zeros((hi - lo, 0), np.float32)
-                      for k in range(kinds)]
+            params = [
+                rows[names["params"][k]] if names["params"][k] in rows else np.zeros((hi - lo, 0), np.float32)
+                for k in range(kinds)
+            ]
             train_views.set_epoch(views_e, check, params, offset=lo)
         else:
             train_views.set_epoch(views_e, check, None, view_seed, uniform)
         loader = DataLoader(train_views, batch_sampler=batches, num_workers=workers)
         net.train()
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=None if progress else True,
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            loader,
+            total=len(batches),
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            unit="batch",
+            disable=None if progress else True,
+            dynamic_ncols=True,
+            leave=False,
+        )
         for idx, y, pixels, hashes, mix in bar:
             if rows is not None:
                 _verify_hashes(rows, names, idx, hashes, views_e, kinds, lo)
@@ -469,10 +628,18 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             else:
                 at = idx.numpy() - lo
                 if len(every) > 1:
-                    t_logits = [ensemble_teachers([torch.from_numpy(r[names["teacher"][k][0]][at]).to(dev) for r in every],
-                                                  mix_weights, teacher_mix) for k in range(kinds)]
+                    t_logits = [
+                        ensemble_teachers(
+                            [torch.from_numpy(r[names["teacher"][k][0]][at]).to(dev) for r in every],
+                            mix_weights,
+                            teacher_mix,
+                        )
+                        for k in range(kinds)
+                    ]
                 else:
-                    t_logits = [_teacher_rows(rows, names["teacher"][k], at, store.num_classes, dev) for k in range(kinds)]
+                    t_logits = [
+                        _teacher_rows(rows, names["teacher"][k], at, store.num_classes, dev) for k in range(kinds)
+                    ]
             temperature = ctkd(epoch - 1) if ctkd is not None else cfg.temperature
             mixed = None
             if recipe.mix != "none":
@@ -480,7 +647,9 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
                 mixed = (torch.from_numpy(train_ds.labels[partner]).long().to(dev), mix[:, 1].float().to(dev))
             total = _distill(cfg, epoch, y, s_logits, t_logits, temperature, mixed)
             if not torch.isfinite(total):
-                raise KdcacheError(f"training diverged at epoch {epoch} (loss {float(total)}): lower --lr or --kd-weight")
+                raise KdcacheError(
+                    f"training diverged at epoch {epoch} (loss {float(total)}): lower --lr or --kd-weight"
+                )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             if ctkd is not None:
@@ -492,9 +661,16 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
         bar.close()
         loss_sum, seen = ranks.sum([loss_sum, seen])
         # Rank 0's weights and BatchNorm statistics are the run's; it evaluates and tells the others.
-        metrics = ranks.broadcast(evaluate(model, test_loader, test_ds.norm, dev, test_ds.num_classes) if ranks.main else None)
-        record = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / max(seen, 1), **metrics,
-                  "seconds": time.perf_counter() - t0}
+        metrics = ranks.broadcast(
+            evaluate(model, test_loader, test_ds.norm, dev, test_ds.num_classes) if ranks.main else None
+        )
+        record = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": loss_sum / max(seen, 1),
+            **metrics,
+            "seconds": time.perf_counter() - t0,
+        }
         if ctkd is not None:
             record["temperature"] = ctkd(epoch - 1).detach().item()
         history.append(record)
@@ -506,12 +682,21 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
             if improved:
                 save_checkpoint(out / "best.pt", model, epoch=epoch, test_top1=best)
             extra = {"ctkd": ctkd.state_dict()} if ctkd is not None else {}
-            save_checkpoint(last_path, model, optimizer=optimizer.state_dict(), epoch=epoch, best_top1=best, config=config_record,
-                            **extra)
+            save_checkpoint(
+                last_path,
+                model,
+                optimizer=optimizer.state_dict(),
+                epoch=epoch,
+                best_top1=best,
+                config=config_record,
+                **extra,
+            )
         ranks.barrier()
         if progress:
-            tqdm.write(f"epoch {epoch:>3}  lr {lr:.4g}  loss {record['train_loss']:.4f}  top-1 {metrics['test_top1']:.2f}  "
-                       f"nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  {record['seconds']:.1f}s")
+            tqdm.write(
+                f"epoch {epoch:>3}  lr {lr:.4g}  loss {record['train_loss']:.4f}  top-1 {metrics['test_top1']:.2f}  "
+                f"nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  {record['seconds']:.1f}s"
+            )
     for f in feeds:
         f.close()
     ranks.close()
@@ -522,15 +707,23 @@ def train_student(*, student: str, dataset: str, out: str | Path, loss: str = "k
     return TrainResult(out, best, history[-1] if history else {}, history, ranks.main)
 
 
-def _teacher_rows(rows: dict[str, np.ndarray], arrays: list[str], at: np.ndarray, num_classes: int,
-                  dev: torch.device) -> torch.Tensor | TopKTeacher:
+def _teacher_rows(
+    rows: dict[str, np.ndarray], arrays: list[str], at: np.ndarray, num_classes: int, dev: torch.device
+) -> torch.Tensor | TopKTeacher:
     """One kind's teacher outputs for a batch: a logit tensor, or a :class:`TopKTeacher` from a top-K cache."""
     parts = [torch.from_numpy(rows[a][at]).to(dev) for a in arrays]
     return parts[0] if len(parts) == 1 else TopKTeacher(*parts, num_classes)
 
 
-def _verify_hashes(rows: dict[str, np.ndarray], names: dict[str, list[str]], idx: torch.Tensor, hashes: list[torch.Tensor],
-                   views: np.ndarray, kinds: int, offset: int) -> None:
+def _verify_hashes(
+    rows: dict[str, np.ndarray],
+    names: dict[str, list[str]],
+    idx: torch.Tensor,
+    hashes: list[torch.Tensor],
+    views: np.ndarray,
+    kinds: int,
+    offset: int,
+) -> None:
     """Compare the pixel hashes the workers computed with the ones the teacher's views had (``rows`` start at sample ``offset``)."""
     ids = idx.numpy()
     for k in range(kinds):
@@ -562,4 +755,12 @@ def load_student(path: str | Path, name: str, num_classes: int) -> torch.nn.Modu
     return load_checkpoint(create_model(name, num_classes), path)
 
 
-__all__ = ["TrainConfig", "TrainResult", "train_student", "evaluate", "classification_metrics", "load_student", "finished_run"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train_student",
+    "evaluate",
+    "classification_metrics",
+    "load_student",
+    "finished_run",
+]

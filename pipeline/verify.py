@@ -42,7 +42,9 @@ def _check_chunks(store: CacheStore, report: VerifyReport) -> None:
     missing = np.argwhere(~done)
     if len(missing):
         v, c = missing[0]
-        report.problems.append(f"incomplete: {len(missing)} chunks not written (first: view {v}, chunk {c}); re-run the dump command")
+        report.problems.append(
+            f"incomplete: {len(missing)} chunks not written (first: view {v}, chunk {c}); re-run the dump command"
+        )
     names = [name for name in store.group.array_keys() if name not in ("labels", "done")]
     for name in sorted(names):
         arr = store.group[name]
@@ -54,10 +56,15 @@ def _check_chunks(store: CacheStore, report: VerifyReport) -> None:
                 try:
                     block = np.asarray(arr[v, rows])
                 except Exception as exc:  # the codec pipeline raises on a checksum mismatch
-                    report.problems.append(f"corrupt: array {name}, view {v}, chunk {c} does not decode ({exc.__class__.__name__}: "
-                                           f"{str(exc)[:80]}); re-dump that view with --overwrite or restore the file")
+                    report.problems.append(
+                        f"corrupt: array {name}, view {v}, chunk {c} does not decode ({exc.__class__.__name__}: "
+                        f"{str(exc)[:80]}); re-dump that view with --overwrite or restore the file"
+                    )
                     continue
-                if name.startswith(("logits", "topk_values", "row_stats")) and not np.isfinite(block.astype(np.float32)).all():
+                if (
+                    name.startswith(("logits", "topk_values", "row_stats"))
+                    and not np.isfinite(block.astype(np.float32)).all()
+                ):
                     report.problems.append(f"non-finite: array {name}, view {v}, chunk {c} holds NaN or inf")
     report.checked.append(f"{int(done.sum())} chunks x {len(names)} arrays decoded")
 
@@ -68,9 +75,13 @@ def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
     main = store.group[fmt.arrays()[0]]
     width = fmt.k if fmt.is_topk else a["num_classes"]
     if main.shape[1] != a["num_samples"] or store.group["labels"].shape[0] != a["num_samples"]:
-        report.problems.append(f"attributes: num_samples {a['num_samples']} but {fmt.arrays()[0]} has {main.shape[1]} rows")
+        report.problems.append(
+            f"attributes: num_samples {a['num_samples']} but {fmt.arrays()[0]} has {main.shape[1]} rows"
+        )
     if main.shape[2] != width:
-        report.problems.append(f"attributes: format {fmt} with {a['num_classes']} classes but {fmt.arrays()[0]} has {main.shape[2]} columns")
+        report.problems.append(
+            f"attributes: format {fmt} with {a['num_classes']} classes but {fmt.arrays()[0]} has {main.shape[2]} columns"
+        )
     if str(main.dtype) != a["dtype"]:
         report.problems.append(f"attributes: dtype {a['dtype']} but {fmt.arrays()[0]} is {main.dtype}")
     recipe = recipe_from_attrs(a["recipe"])
@@ -86,20 +97,32 @@ def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
             for v in range(store.num_views):
                 acc = store.top1(v, labels)
                 if abs(acc - top1[v]) > 1e-9:
-                    report.problems.append(f"attributes: teacher_top1[{v}] is {top1[v]:.6f} but the logits give {acc:.6f}")
+                    report.problems.append(
+                        f"attributes: teacher_top1[{v}] is {top1[v]:.6f} but the logits give {acc:.6f}"
+                    )
                     break
     report.checked.append("attributes consistent with arrays")
 
 
-def _check_replay(store: CacheStore, report: VerifyReport, teacher: str, checkpoint: str | None, weights: str | None,
-                  sample: int, data_root: str | None, device: str) -> None:
+def _check_replay(
+    store: CacheStore,
+    report: VerifyReport,
+    teacher: str,
+    checkpoint: str | None,
+    weights: str | None,
+    sample: int,
+    data_root: str | None,
+    device: str,
+) -> None:
     a = store.attrs
     ds = build_dataset(a["dataset"]["name"], data_root, a["split"])
     if ds.fingerprint() != a["dataset"]:
         report.problems.append("dataset: the data under --data-root differs from the data this cache was made from")
         return
     t = a["teacher"]
-    model = load_teacher(teacher, ds.num_classes, ds.norm, checkpoint, weights, device, int(t["forward_block"]), t["amp"])
+    model = load_teacher(
+        teacher, ds.num_classes, ds.norm, checkpoint, weights, device, int(t["forward_block"]), t["amp"]
+    )
     if model.checkpoint_sha256 != t["checkpoint_sha256"]:
         report.problems.append("teacher: --checkpoint is not the checkpoint this cache was made with (sha256 differs)")
     recipe = recipe_from_attrs(a["recipe"])
@@ -127,15 +150,26 @@ def _check_replay(store: CacheStore, report: VerifyReport, teacher: str, checkpo
             if diff > 1e-3 * max(1.0, float(np.abs(stored).max())):
                 bad_logits += 1
     if bad_hash:
-        report.problems.append(f"replay: {bad_hash} of {sample} rebuilt views have different pixels than the teacher saw "
-                               "(augmentation drift after a torch/torchvision upgrade?)")
+        report.problems.append(
+            f"replay: {bad_hash} of {sample} rebuilt views have different pixels than the teacher saw "
+            "(augmentation drift after a torch/torchvision upgrade?)"
+        )
     if bad_logits:
-        report.problems.append(f"replay: {bad_logits} of {sample} re-run teacher logits differ from the cache (max |diff| {worst:.3g})")
+        report.problems.append(
+            f"replay: {bad_logits} of {sample} re-run teacher logits differ from the cache (max |diff| {worst:.3g})"
+        )
     report.checked.append(f"{sample} random views rebuilt and re-run through {teacher} (max |logit diff| {worst:.3g})")
 
 
-def verify_cache(location: str, teacher: str | None = None, checkpoint: str | None = None, weights: str | None = None,
-                 sample: int = 0, data_root: str | None = None, device: str = "auto") -> VerifyReport:
+def verify_cache(
+    location: str,
+    teacher: str | None = None,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+    sample: int = 0,
+    data_root: str | None = None,
+    device: str = "auto",
+) -> VerifyReport:
     """Check a cache and return every problem found (see the module docstring)."""
     if sample < 0:
         raise KdcacheError(f"--sample must be 0 or more, got {sample}")

@@ -30,8 +30,20 @@ KINDS = ("weak", "strong")
 CIFAR_ALL_VIEWS = 9 * 9 * 2
 CUTOUT_FILL = (125, 123, 114)
 RANDAUGMENT_OPS = (
-    "AutoContrast", "Brightness", "Color", "Contrast", "Equalize", "Identity", "Posterize",
-    "Rotate", "Sharpness", "ShearX", "ShearY", "Solarize", "TranslateX", "TranslateY",
+    "AutoContrast",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Equalize",
+    "Identity",
+    "Posterize",
+    "Rotate",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "Solarize",
+    "TranslateX",
+    "TranslateY",
 )
 
 
@@ -131,7 +143,9 @@ def _sample_rrc(words: np.ndarray, hw: np.ndarray, scale=(0.08, 1.0), ratio=(3 /
     ch, cw = ch[rows, first].astype(np.int64), cw[rows, first].astype(np.int64)
     hh, ww = hw[:, 0].astype(np.int64), hw[:, 1].astype(np.int64)
     in_ratio = ww / hh
-    fb_w = np.where(in_ratio < ratio[0], ww, np.where(in_ratio > ratio[1], np.round(hh * ratio[1]).astype(np.int64), ww))
+    fb_w = np.where(
+        in_ratio < ratio[0], ww, np.where(in_ratio > ratio[1], np.round(hh * ratio[1]).astype(np.int64), ww)
+    )
     fb_h = np.where(in_ratio < ratio[0], np.round(ww / ratio[0]).astype(np.int64), hh)
     found = ok.any(axis=1)
     ch, cw = np.where(found, ch, fb_h), np.where(found, cw, fb_w)
@@ -236,8 +250,13 @@ class Recipe:
     def to_attrs(self) -> dict[str, object]:
         """JSON description stored in the cache; :func:`recipe_from_attrs` inverts it."""
         return {
-            "name": self.name, "generator": GENERATOR, "small": self.small, "size": self.size, "padding": self.padding,
-            "eval_resize": self.eval_resize, "fields": {"weak": list(self.fields_weak), "strong": list(self.fields_strong)},
+            "name": self.name,
+            "generator": GENERATOR,
+            "small": self.small,
+            "size": self.size,
+            "padding": self.padding,
+            "eval_resize": self.eval_resize,
+            "fields": {"weak": list(self.fields_weak), "strong": list(self.fields_strong)},
             "randaugment_ops": list(RANDAUGMENT_OPS) if self.name == "mlkd" else [],
             "cutout_fill": list(CUTOUT_FILL) if self.name == "mlkd" else [],
             **({"mix": self.mix, "mix_alpha": self.mix_alpha} if self.mix != "none" else {}),
@@ -245,12 +264,25 @@ class Recipe:
 
     # ---------------------------------------------------------------- sampling
 
-    def params(self, seed: int, view: int, sample: int, kind: int, image_hw: tuple[int, int], all_views: bool = False) -> np.ndarray:
+    def params(
+        self, seed: int, view: int, sample: int, kind: int, image_hw: tuple[int, int], all_views: bool = False
+    ) -> np.ndarray:
         """The float32 parameter vector of view ``(view, sample, kind)``; ``all_views`` enumerates the 162 CIFAR views."""
-        return self.params_batch(seed, np.asarray([view]), np.asarray([sample]), kind, np.asarray([image_hw]), all_views)[0]
+        return self.params_batch(
+            seed, np.asarray([view]), np.asarray([sample]), kind, np.asarray([image_hw]), all_views
+        )[0]
 
-    def params_batch(self, seed: int, views: np.ndarray, samples: np.ndarray, kind: int, image_hw: np.ndarray,
-                     all_views: bool = False, partners: np.ndarray | None = None, partner_hw: np.ndarray | None = None) -> np.ndarray:
+    def params_batch(
+        self,
+        seed: int,
+        views: np.ndarray,
+        samples: np.ndarray,
+        kind: int,
+        image_hw: np.ndarray,
+        all_views: bool = False,
+        partners: np.ndarray | None = None,
+        partner_hw: np.ndarray | None = None,
+    ) -> np.ndarray:
         """``(n, fields)`` float32 parameters of views ``(views[j], samples[j])`` of kind ``kind``; ``image_hw`` is ``(n, 2)``.
 
         A mixing recipe also needs the :meth:`partners` and their image sizes:
@@ -280,8 +312,9 @@ class Recipe:
         box = np.stack([y0, x0, y1 - y0, x1 - x0], axis=1)
         return np.concatenate(cols + [kept[:, None], box], axis=1).astype(np.float32)
 
-    def _crop_params(self, seed: int, views: np.ndarray, samples: np.ndarray, kind: int, image_hw: np.ndarray,
-                     all_views: bool) -> np.ndarray:
+    def _crop_params(
+        self, seed: int, views: np.ndarray, samples: np.ndarray, kind: int, image_hw: np.ndarray, all_views: bool
+    ) -> np.ndarray:
         views, samples = np.asarray(views, np.int64), np.asarray(samples, np.int64)
         n = len(views)
         if self.name == "none":
@@ -293,21 +326,33 @@ class Recipe:
         words = view_words(seed, kind, views, samples, _BLOCK_STRONG + 2)
         if self.small:
             crop = words[:, 4 * _BLOCK_CROP : 4 * _BLOCK_CROP + 3]
-            cols = [_below(crop[:, 0], 2 * self.padding + 1), _below(crop[:, 1], 2 * self.padding + 1), crop[:, 2] >> 31]
+            cols = [
+                _below(crop[:, 0], 2 * self.padding + 1),
+                _below(crop[:, 1], 2 * self.padding + 1),
+                crop[:, 2] >> 31,
+            ]
         else:
             box = _sample_rrc(words[:, 4 * _BLOCK_RRC :], np.asarray(image_hw, np.int64).reshape(n, 2))
             cols = [box[:, 0], box[:, 1], box[:, 2], box[:, 3], words[:, 4 * _BLOCK_CROP] >> 31]
         if kind == 1:
             s = words[:, 4 * _BLOCK_STRONG :]
             side = self.size
-            cols += [_below(s[:, 0], len(RANDAUGMENT_OPS)), 2.0 * _unit(s[:, 1]) - 1.0,
-                     _below(s[:, 2], len(RANDAUGMENT_OPS)), 2.0 * _unit(s[:, 3]) - 1.0,
-                     _below(s[:, 4], side), _below(s[:, 5], side), 1 + _below(s[:, 6], side // 2)]
+            cols += [
+                _below(s[:, 0], len(RANDAUGMENT_OPS)),
+                2.0 * _unit(s[:, 1]) - 1.0,
+                _below(s[:, 2], len(RANDAUGMENT_OPS)),
+                2.0 * _unit(s[:, 3]) - 1.0,
+                _below(s[:, 4], side),
+                _below(s[:, 5], side),
+                1 + _below(s[:, 6], side // 2),
+            ]
         return np.stack([np.asarray(c, np.float64) for c in cols], axis=1).astype(np.float32)
 
     # ---------------------------------------------------------------- replay
 
-    def apply(self, image: np.ndarray, params: np.ndarray, kind: int = 0, partner: np.ndarray | None = None) -> torch.Tensor:
+    def apply(
+        self, image: np.ndarray, params: np.ndarray, kind: int = 0, partner: np.ndarray | None = None
+    ) -> torch.Tensor:
         """Rebuild the uint8 CHW view of ``image`` (HWC uint8) from its stored parameter vector.
 
         A mixed view also needs the ``partner`` image (sample :meth:`partner_of`):
@@ -339,7 +384,9 @@ class Recipe:
             if self.name == "none":
                 img = TF.resize(img, [self.eval_resize], antialias=True)
                 return TF.center_crop(img, [self.size, self.size]).contiguous()
-            img = TF.resized_crop(img, int(p[0]), int(p[1]), int(p[2]), int(p[3]), [self.size, self.size], antialias=True)
+            img = TF.resized_crop(
+                img, int(p[0]), int(p[1]), int(p[2]), int(p[3]), [self.size, self.size], antialias=True
+            )
             if p[4] >= 0.5:
                 img = img.flip(-1)
             rest = p[5:]
@@ -349,23 +396,33 @@ class Recipe:
             img = self._cutout(img, int(rest[4]), int(rest[5]), int(rest[6]))
         return img.contiguous()
 
-    def apply_batch(self, images: list[np.ndarray], params: np.ndarray, kind: int = 0,
-                    partners: list[np.ndarray] | None = None) -> torch.Tensor:
+    def apply_batch(
+        self, images: list[np.ndarray], params: np.ndarray, kind: int = 0, partners: list[np.ndarray] | None = None
+    ) -> torch.Tensor:
         """uint8 NCHW views of ``images`` (HWC uint8) from their ``(n, fields)`` parameters; same pixels as :meth:`apply`.
 
         Weak views of 32x32 recipes take a fast path (one slice copy per view, flipped by
         writing through a mirrored view, and one transpose per batch); everything else loops :meth:`apply`.
         """
         if self.mix != "none" and kind == 0:
-            return torch.stack([self.apply(im, p, kind, q) for im, p, q in zip(images, params, partners or [None] * len(images))])
-        if not (self.small and kind == 0 and self.name != "none" and all(im.shape[:2] == (self.size, self.size) for im in images)):
+            return torch.stack(
+                [self.apply(im, p, kind, q) for im, p, q in zip(images, params, partners or [None] * len(images))]
+            )
+        if not (
+            self.small
+            and kind == 0
+            and self.name != "none"
+            and all(im.shape[:2] == (self.size, self.size) for im in images)
+        ):
             return torch.stack([self.apply(im, p, kind) for im, p in zip(images, params)])
         n, s, pad = len(images), self.size, self.padding
         out = np.zeros((n, s, s, images[0].shape[2] if n else 3), dtype=np.uint8)
         offs = params[:, :2].astype(np.int64) - pad
         for j, (im, (y0, x0), flip) in enumerate(zip(images, offs.tolist(), (params[:, 2] >= 0.5).tolist())):
             dst = out[j, :, ::-1] if flip else out[j]
-            dst[max(-y0, 0) : s - max(y0, 0), max(-x0, 0) : s - max(x0, 0)] = im[max(y0, 0) : s + min(y0, 0), max(x0, 0) : s + min(x0, 0)]
+            dst[max(-y0, 0) : s - max(y0, 0), max(-x0, 0) : s - max(x0, 0)] = im[
+                max(y0, 0) : s + min(y0, 0), max(x0, 0) : s + min(x0, 0)
+            ]
         return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
 
     @staticmethod
@@ -401,16 +458,27 @@ def make_recipe(name: str, small: bool, mix: str = "none", mix_alpha: float = 1.
         raise KdcacheError("--augment cifar needs 32x32 images: use --augment imagenet for ImageNet-size data")
     if name == "imagenet" and small:
         raise KdcacheError("--augment imagenet needs ImageNet-size images: use --augment cifar for 32x32 data")
-    return Recipe(name, small, size, fields_weak=crop, fields_strong=strong if name == "mlkd" else (), mix=mix,
-                  mix_alpha=float(mix_alpha))
+    return Recipe(
+        name,
+        small,
+        size,
+        fields_weak=crop,
+        fields_strong=strong if name == "mlkd" else (),
+        mix=mix,
+        mix_alpha=float(mix_alpha),
+    )
 
 
 def recipe_from_attrs(attrs: dict[str, object]) -> Recipe:
     """Rebuild the :class:`Recipe` a cache records."""
-    return make_recipe(str(attrs["name"]), bool(attrs["small"]), str(attrs.get("mix", "none")), float(attrs.get("mix_alpha", 1.0)))
+    return make_recipe(
+        str(attrs["name"]), bool(attrs["small"]), str(attrs.get("mix", "none")), float(attrs.get("mix_alpha", 1.0))
+    )
 
 
-def normalize(batch: torch.Tensor, mean: tuple[float, ...] | torch.Tensor, std: tuple[float, ...] | torch.Tensor) -> torch.Tensor:
+def normalize(
+    batch: torch.Tensor, mean: tuple[float, ...] | torch.Tensor, std: tuple[float, ...] | torch.Tensor
+) -> torch.Tensor:
     """uint8 NCHW -> float32 ``(x / 255 - mean) / std`` on the batch's device (``mean``/``std`` may already live there)."""
     m = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)

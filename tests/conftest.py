@@ -26,17 +26,29 @@ def write_cifar100(root: Path, n_train: int = 96, n_test: int = 32, seed: int = 
     for name, n in (("train", n_train), ("test", n_test)):
         labels = (np.arange(n) % 100).tolist()
         data = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
-        entry = {"data": data, "fine_labels": labels, "coarse_labels": [x // 5 for x in labels],
-                 "filenames": [f"img{i}.png" for i in range(n)], "batch_label": name}
+        entry = {
+            "data": data,
+            "fine_labels": labels,
+            "coarse_labels": [x // 5 for x in labels],
+            "filenames": [f"img{i}.png" for i in range(n)],
+            "batch_label": name,
+        }
         with open(base / name, "wb") as f:
             pickle.dump(entry, f)
     with open(base / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)],
-                     "coarse_label_names": [f"super{i}" for i in range(20)]}, f)
+        pickle.dump(
+            {
+                "fine_label_names": [f"class{i}" for i in range(100)],
+                "coarse_label_names": [f"super{i}" for i in range(20)],
+            },
+            f,
+        )
     return root
 
 
-def write_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+def write_image_folder(
+    root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (40, 48), seed: int = 0
+) -> Path:
     """An ImageFolder tree of PNG files."""
     from PIL import Image
 
@@ -74,8 +86,13 @@ def teacher_ckpt(tmp_path_factory) -> dict[int, Path]:
 
 def run_cli(*args: str, check: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``kdcache ARGS`` in a subprocess, as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "kdcache.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdcache.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"kdcache {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc

@@ -31,7 +31,9 @@ from kdcache.models import create_model, save_checkpoint  # noqa: E402
 
 
 def _cli(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdcache.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def _kill_loop(args: list[str], kills: int, rng: random.Random, window: tuple[float, float]) -> int:
@@ -60,17 +62,53 @@ def main() -> int:
         root = write_cifar100(tmp / "data", n_train=512, n_test=64)
         torch.manual_seed(0)
         save_checkpoint(tmp / "t.pth", create_model("resnet8", 100))
-        dump = ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(tmp / "t.pth"), "--dataset", "cifar100",
-                "--data-root", str(root), "--augment", "mlkd", "--views", "40", "--batch-size", "64"]
-        subprocess.run([sys.executable, "-m", "kdcache.cli", *dump, "--out", str(tmp / "ref.zarr")], check=True, capture_output=True)
+        dump = [
+            "dump-logits",
+            "--teacher",
+            "resnet8",
+            "--checkpoint",
+            str(tmp / "t.pth"),
+            "--dataset",
+            "cifar100",
+            "--data-root",
+            str(root),
+            "--augment",
+            "mlkd",
+            "--views",
+            "40",
+            "--batch-size",
+            "64",
+        ]
+        subprocess.run(
+            [sys.executable, "-m", "kdcache.cli", *dump, "--out", str(tmp / "ref.zarr")],
+            check=True,
+            capture_output=True,
+        )
         landed = _kill_loop([*dump, "--out", str(tmp / "k.zarr")], args.kills, rng, (3.0, 9.0))
         ref, got = zarr.open_group(str(tmp / "ref.zarr")), zarr.open_group(str(tmp / "k.zarr"))
         same = all(np.array_equal(ref[n][...], got[n][...], equal_nan=True) for n in ref.array_keys())
         print(f"dump-logits: {landed} kills landed; final store bit-identical: {same}")
 
-        train = ["train-student", "--cache", str(tmp / "ref.zarr"), "--student", "resnet8", "--dataset", "cifar100",
-                 "--data-root", str(root), "--loss", "kd", "--epochs", "12", "--batch-size", "32"]
-        subprocess.run([sys.executable, "-m", "kdcache.cli", *train, "--out", str(tmp / "full")], check=True, capture_output=True)
+        train = [
+            "train-student",
+            "--cache",
+            str(tmp / "ref.zarr"),
+            "--student",
+            "resnet8",
+            "--dataset",
+            "cifar100",
+            "--data-root",
+            str(root),
+            "--loss",
+            "kd",
+            "--epochs",
+            "12",
+            "--batch-size",
+            "32",
+        ]
+        subprocess.run(
+            [sys.executable, "-m", "kdcache.cli", *train, "--out", str(tmp / "full")], check=True, capture_output=True
+        )
         first = _cli([*train, "--out", str(tmp / "cut")])
         time.sleep(6.0)
         first.kill()

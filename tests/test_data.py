@@ -12,7 +12,9 @@ def test_digits_split_is_fixed_stratified_and_32x32():
     train, test = build_dataset("digits", split="train"), build_dataset("digits", split="test")
     assert len(train) + len(test) == 1797
     assert train.images.shape[1:] == (32, 32, 3) and train.images.dtype == np.uint8
-    share = np.bincount(test.labels, minlength=10) / (np.bincount(test.labels, minlength=10) + np.bincount(train.labels, minlength=10))
+    share = np.bincount(test.labels, minlength=10) / (
+        np.bincount(test.labels, minlength=10) + np.bincount(train.labels, minlength=10)
+    )
     assert np.all(np.abs(share - 0.2) < 0.02)
     again = build_dataset("digits", split="train")
     assert again.fingerprint() == train.fingerprint()
@@ -54,8 +56,23 @@ def test_garbled_cifar_names_the_fix(cifar_root: Path):
 
 
 def test_cli_missing_dataset_exits_2_with_one_line(tmp_path: Path, teacher_ckpt):
-    proc = run_cli("dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[100]), "--dataset", "cifar100",
-                   "--data-root", str(tmp_path / "nope"), "--augment", "cifar", "--views", "1", "--out", str(tmp_path / "c.zarr"))
+    proc = run_cli(
+        "dump-logits",
+        "--teacher",
+        "resnet8",
+        "--checkpoint",
+        str(teacher_ckpt[100]),
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(tmp_path / "nope"),
+        "--augment",
+        "cifar",
+        "--views",
+        "1",
+        "--out",
+        str(tmp_path / "c.zarr"),
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--download" in proc.stderr
     assert not (tmp_path / "c.zarr").exists()

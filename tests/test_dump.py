@@ -19,8 +19,24 @@ from kdcache.views import make_recipe, pixel_hash
 
 
 def _dump_args(root: Path, ckpt: Path, out: Path, *extra: str, views: str = "2") -> list[str]:
-    return ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(ckpt), "--dataset", "cifar100", "--data-root", str(root),
-            "--augment", "cifar", "--views", views, "--out", str(out), *extra]
+    return [
+        "dump-logits",
+        "--teacher",
+        "resnet8",
+        "--checkpoint",
+        str(ckpt),
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(root),
+        "--augment",
+        "cifar",
+        "--views",
+        views,
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
@@ -39,8 +55,19 @@ def test_same_logits_for_any_batch_size_and_workers(cifar_root, teacher_ckpt, tm
     outs = []
     for bs, workers in ((1, 0), (7, 2), (64, 0)):
         out = tmp_path / f"b{bs}.zarr"
-        dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                    augment="mlkd", views=2, out=str(out), batch_size=bs, workers=workers, dtype="float32", progress=False)
+        dump_logits(
+            teacher="resnet8",
+            checkpoint=str(teacher_ckpt[100]),
+            dataset="cifar100",
+            data_root=str(cifar_root),
+            augment="mlkd",
+            views=2,
+            out=str(out),
+            batch_size=bs,
+            workers=workers,
+            dtype="float32",
+            progress=False,
+        )
         outs.append(out)
     assert_same_store(outs[0], outs[1])
     assert_same_store(outs[0], outs[2])
@@ -61,8 +88,16 @@ def test_views_all_covers_every_crop_flip_once_and_replays(teacher_ckpt, tmp_pat
     ds = build_dataset("digits")
     small = type(ds)("digits", "train", ds.images[:40], ds.labels[:40], 10, ds.norm)
     out = tmp_path / "all.zarr"
-    summary = dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views="all",
-                          out=str(out), progress=False, data=small)
+    summary = dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[10]),
+        dataset="digits",
+        augment="cifar",
+        views="all",
+        out=str(out),
+        progress=False,
+        data=small,
+    )
     assert summary.num_views == 162 and len(summary.teacher_top1) == 162
     store = open_store(out)
     params = np.asarray(store.group["params"][...])  # (162, 40, 3)
@@ -87,8 +122,20 @@ def test_documented_layout_reads_with_plain_zarr(cifar_root, teacher_ckpt, tmp_p
     assert np.array_equal(g["labels"][...], np.arange(96) % 100)
     assert g["done"][...].all()
     a = g.attrs
-    for key in ("kdcache_format", "recipe", "seed", "num_samples", "num_classes", "dataset", "split", "teacher", "teacher_top1",
-                "dtype", "versions", "created"):
+    for key in (
+        "kdcache_format",
+        "recipe",
+        "seed",
+        "num_samples",
+        "num_classes",
+        "dataset",
+        "split",
+        "teacher",
+        "teacher_top1",
+        "dtype",
+        "versions",
+        "created",
+    ):
         assert key in a, key
     assert a["teacher"]["name"] == "resnet8" and len(a["teacher"]["checkpoint_sha256"]) == 64
     assert set(a["versions"]) >= {"kdcache", "torch", "torchvision", "zarr"}
@@ -214,9 +261,14 @@ def test_float16_overflow_suggests_float32(cifar_root, tmp_path):
     run_cli(*_dump_args(cifar_root, tmp_path / "big.pth", tmp_path / "o.zarr", "--dtype", "float32"), check=True)
 
 
-@pytest.mark.parametrize("bad,needle", [(["--views", "0"], "--views must be at least 1"),
-                                        (["--batch-size", "0"], "--batch-size must be at least 1"),
-                                        (["--teacher", "resnet9"], "did you mean")])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        (["--views", "0"], "--views must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--teacher", "resnet9"], "did you mean"),
+    ],
+)
 def test_nonsense_numbers_and_names(cifar_root, teacher_ckpt, tmp_path, bad, needle):
     proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], tmp_path / "n.zarr"), *bad)
     assert proc.returncode == 2 and needle in proc.stderr
@@ -256,13 +308,21 @@ def test_checkpoint_with_other_class_count(cifar_root, teacher_ckpt, tmp_path):
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "o.zarr").exists()
 
 
-def _fails_then_resumes(cifar_root: Path, teacher_ckpt: dict[int, Path], tmp_path: Path, monkeypatch, patch: tuple,
-                        match: str) -> np.ndarray:
+def _fails_then_resumes(
+    cifar_root: Path, teacher_ckpt: dict[int, Path], tmp_path: Path, monkeypatch, patch: tuple, match: str
+) -> np.ndarray:
     """Dump with ``patch`` (object, attribute, replacement) in place: it must fail with ``match``, release the lock, and
     the same call without the patch must resume to an uninterrupted dump's store. Returns the done chunks after the failure."""
     ref, out = tmp_path / "ref.zarr", tmp_path / "failed.zarr"
-    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-              augment="cifar", views=6, progress=False)
+    kw = dict(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=6,
+        progress=False,
+    )
     dump_logits(out=str(ref), **kw)
     with monkeypatch.context() as m:
         m.setattr(*patch)
@@ -289,8 +349,14 @@ def test_full_disk_leaves_a_resumable_store(cifar_root, teacher_ckpt, tmp_path, 
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_put(path, value, exclusive)
 
-    done = _fails_then_resumes(cifar_root, teacher_ckpt, tmp_path, monkeypatch, (local, "_put", put),
-                               "No space left on device.*re-run the same command to resume")
+    done = _fails_then_resumes(
+        cifar_root,
+        teacher_ckpt,
+        tmp_path,
+        monkeypatch,
+        (local, "_put", put),
+        "No space left on device.*re-run the same command to resume",
+    )
     assert 0 < done.sum() < done.size
 
 
@@ -306,8 +372,14 @@ def test_writer_process_death_is_an_error_and_the_store_resumes(cifar_root, teac
             os._exit(3)
         return real_write(*args, **kwargs)
 
-    done = _fails_then_resumes(cifar_root, teacher_ckpt, tmp_path, monkeypatch, (dump, "write_chunk", dies_on_third),
-                               r"chunk writer process died \(exit code 3\): re-run the same command to resume")
+    done = _fails_then_resumes(
+        cifar_root,
+        teacher_ckpt,
+        tmp_path,
+        monkeypatch,
+        (dump, "write_chunk", dies_on_third),
+        r"chunk writer process died \(exit code 3\): re-run the same command to resume",
+    )
     assert done.sum() == 2
 
 
@@ -336,8 +408,18 @@ def test_summary_says_which_stage_held_the_loop_back(cifar_root, teacher_ckpt, t
         return real(self, *args)
 
     monkeypatch.setattr(target, method, delayed)
-    s = dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                    augment="cifar", views=2, out=str(tmp_path / "s.zarr"), batch_size=16, forward_block=16, progress=False)
+    s = dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=2,
+        out=str(tmp_path / "s.zarr"),
+        batch_size=16,
+        forward_block=16,
+        progress=False,
+    )
     assert set(s.stages) == {"views", "teacher", "gpu_wait", "rows", "writer"}
     assert all(v >= 0 for v in s.stages.values()) and sum(s.stages.values()) <= s.seconds
     # The prefetch thread builds the next batch while the teacher runs, so a slow view costs the loop at least half its delay.

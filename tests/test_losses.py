@@ -63,7 +63,9 @@ def test_dkd_matches_published_formulation_and_is_zero_when_equal():
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(16, 20, generator=g), torch.randn(16, 20, generator=g) * 2
     y = torch.randint(0, 20, (16,), generator=g)
-    assert dkd_loss(s, t, y, 1.0, 8.0, 4.0).item() == pytest.approx(_dkd_reference(s, t, y, 1.0, 8.0, 4.0).item(), rel=1e-4)
+    assert dkd_loss(s, t, y, 1.0, 8.0, 4.0).item() == pytest.approx(
+        _dkd_reference(s, t, y, 1.0, 8.0, 4.0).item(), rel=1e-4
+    )
     assert dkd_loss(t, t, y, 1.0, 8.0, 4.0).item() == pytest.approx(0.0, abs=1e-5)
 
 

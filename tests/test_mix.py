@@ -13,8 +13,20 @@ from kdcache.views import make_recipe, pixel_hash
 
 
 def _dump(cifar_root, teacher_ckpt, out, mix, batch_size=64, **kw):
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                augment="cifar", views=2, out=str(out), mix=mix, batch_size=batch_size, forward_block=16, progress=False, **kw)
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=2,
+        out=str(out),
+        mix=mix,
+        batch_size=batch_size,
+        forward_block=16,
+        progress=False,
+        **kw,
+    )
     return zarr.open_group(str(out), mode="r")
 
 
@@ -52,30 +64,78 @@ def test_mixed_views_replay_and_compose(cifar_root, teacher_ckpt, tmp_path, mix)
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])
 def test_cached_float32_mixed_equals_online(cifar_root, teacher_ckpt, tmp_path, mix):
     _dump(cifar_root, teacher_ckpt, tmp_path / "c.zarr", mix, dtype="float32")
-    common = dict(student="resnet8", dataset="cifar100", data_root=str(cifar_root), loss="kd", epochs=2, batch_size=32,
-                  progress=False)
+    common = dict(
+        student="resnet8",
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        loss="kd",
+        epochs=2,
+        batch_size=32,
+        progress=False,
+    )
     a = train_student(out=tmp_path / "cached", cache=str(tmp_path / "c.zarr"), **common)
-    b = train_student(out=tmp_path / "online", teacher="resnet8", checkpoint=str(teacher_ckpt[100]), augment="cifar", mix=mix,
-                      views=2, forward_block=16, **common)
+    b = train_student(
+        out=tmp_path / "online",
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        augment="cifar",
+        mix=mix,
+        views=2,
+        forward_block=16,
+        **common,
+    )
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
     wa = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "online" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    plain = train_student(out=tmp_path / "plain", teacher="resnet8", checkpoint=str(teacher_ckpt[100]), augment="cifar", views=2,
-                          forward_block=16, **common)
+    plain = train_student(
+        out=tmp_path / "plain",
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        augment="cifar",
+        views=2,
+        forward_block=16,
+        **common,
+    )
     assert plain.history[-1]["train_loss"] != a.history[-1]["train_loss"]
 
 
 def test_train_from_mixed_cache_and_refusals(cifar_root, teacher_ckpt, tmp_path):
     _dump(cifar_root, teacher_ckpt, tmp_path / "c.zarr", "cutmix", dtype="float32")
-    common = ["--cache", str(tmp_path / "c.zarr"), "--student", "resnet8", "--dataset", "cifar100", "--data-root", str(cifar_root),
-              "--epochs", "1", "--batch-size", "32", "--verify-views"]
+    common = [
+        "--cache",
+        str(tmp_path / "c.zarr"),
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--verify-views",
+    ]
     ok = run_cli("train-student", *common, "--loss", "kd", "--out", str(tmp_path / "kd"))
     assert ok.returncode == 0, ok.stderr
     dkd = run_cli("train-student", *common, "--loss", "dkd", "--out", str(tmp_path / "dkd"))
     assert dkd.returncode == 2 and "two target classes" in dkd.stderr
-    base = ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[100]), "--dataset", "cifar100", "--data-root",
-            str(cifar_root), "--out", str(tmp_path / "bad.zarr"), "--mix", "mixup"]
+    base = [
+        "dump-logits",
+        "--teacher",
+        "resnet8",
+        "--checkpoint",
+        str(teacher_ckpt[100]),
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--out",
+        str(tmp_path / "bad.zarr"),
+        "--mix",
+        "mixup",
+    ]
     every = run_cli(*base, "--augment", "cifar", "--views", "all")
     assert every.returncode == 2 and "--mix mixup is continuous" in every.stderr
     mlkd = run_cli(*base, "--augment", "mlkd", "--views", "2")

@@ -6,9 +6,31 @@ import torch
 from kdcache.errors import KdcacheError
 from kdcache.models import create_model, list_models, load_checkpoint, save_checkpoint
 
-ZOO = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
-       "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "MobileNetV2",
-       "ShuffleV1", "ShuffleV2", "ResNet18", "ResNet50"]
+ZOO = [
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet8x4",
+    "resnet32x4",
+    "wrn_16_1",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+    "vgg8",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "MobileNetV2",
+    "ShuffleV1",
+    "ShuffleV2",
+    "ResNet18",
+    "ResNet50",
+]
 
 
 def test_zoo_is_complete():
@@ -25,11 +47,20 @@ def test_forward_shape(name: str):
 
 def test_reference_key_names():
     """Spot checks of the mdistiller/RepDistiller state-dict names that published checkpoints use."""
-    keys = {n: set(create_model(n, 100).state_dict()) for n in ("resnet32x4", "wrn_40_2", "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50")}
-    assert {"conv1.weight", "layer1.0.downsample.0.weight", "layer3.4.bn2.running_var", "fc.weight"} <= keys["resnet32x4"]
-    assert {"block1.layer.0.convShortcut.weight", "block3.layer.5.bn2.weight", "bn1.weight", "fc.bias"} <= keys["wrn_40_2"]
+    keys = {
+        n: set(create_model(n, 100).state_dict())
+        for n in ("resnet32x4", "wrn_40_2", "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50")
+    }
+    assert {"conv1.weight", "layer1.0.downsample.0.weight", "layer3.4.bn2.running_var", "fc.weight"} <= keys[
+        "resnet32x4"
+    ]
+    assert {"block1.layer.0.convShortcut.weight", "block3.layer.5.bn2.weight", "bn1.weight", "fc.bias"} <= keys[
+        "wrn_40_2"
+    ]
     assert {"block0.0.bias", "block0.4.running_mean", "block4.4.weight", "classifier.weight"} <= keys["vgg13"]
-    assert {"conv1.0.weight", "blocks.6.0.conv.7.weight", "conv2.1.weight", "classifier.0.weight"} <= keys["MobileNetV2"]
+    assert {"conv1.0.weight", "blocks.6.0.conv.7.weight", "conv2.1.weight", "classifier.0.weight"} <= keys[
+        "MobileNetV2"
+    ]
     assert {"layer1.0.conv1.weight", "layer3.3.bn3.weight", "linear.weight"} <= keys["ShuffleV1"]
     assert {"layer1.0.conv5.weight", "layer2.7.bn3.bias", "conv2.weight", "linear.weight"} <= keys["ShuffleV2"]
     assert {"layer4.2.conv3.weight", "layer1.0.shortcut.0.weight", "linear.weight"} <= keys["ResNet50"]

@@ -19,15 +19,53 @@ from conftest import assert_same_arrays, run_cli
 
 def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, teacher_ckpt):
     distributed = pytest.importorskip("distributed")
-    common = ["--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--dataset", "digits", "--augment", "mlkd",
-              "--views", "4", "--batch-size", "100", "--forward-block", "64"]
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="mlkd", views=4, batch_size=100,
-                forward_block=64, out=str(tmp_path / "single.zarr"), progress=False)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            distributed.Client(cluster) as client:
-        proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "dump-logits", *common, "--out", str(tmp_path / "cluster.zarr"),
-                                 "--scheduler", cluster.scheduler_address],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    common = [
+        "--teacher",
+        "resnet8",
+        "--checkpoint",
+        str(teacher_ckpt[10]),
+        "--dataset",
+        "digits",
+        "--augment",
+        "mlkd",
+        "--views",
+        "4",
+        "--batch-size",
+        "100",
+        "--forward-block",
+        "64",
+    ]
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[10]),
+        dataset="digits",
+        augment="mlkd",
+        views=4,
+        batch_size=100,
+        forward_block=64,
+        out=str(tmp_path / "single.zarr"),
+        progress=False,
+    )
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kdcache.cli",
+                "dump-logits",
+                *common,
+                "--out",
+                str(tmp_path / "cluster.zarr"),
+                "--scheduler",
+                cluster.scheduler_address,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         killed, busy_since = None, {}
         while proc.poll() is None and killed is None:
             for worker, keys in client.processing().items():
@@ -49,8 +87,18 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
 
 def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teacher_ckpt):
     pytest.importorskip("distributed")
-    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=2, mix="cutmix",
-              format="topk:4", batch_size=100, forward_block=64, progress=False)
+    kw = dict(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[10]),
+        dataset="digits",
+        augment="cifar",
+        views=2,
+        mix="cutmix",
+        format="topk:4",
+        batch_size=100,
+        forward_block=64,
+        progress=False,
+    )
     dump_logits(out=str(tmp_path / "single.zarr"), **kw)
     environ = dict(os.environ)
     dump_logits(out=str(tmp_path / "cluster.zarr"), local_cluster=1, **kw)
@@ -61,11 +109,26 @@ def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teach
 
 def test_cluster_bad_input_is_one_line(tmp_path, teacher_ckpt):
     pytest.importorskip("distributed")
-    common = ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--dataset", "digits",
-              "--augment", "cifar", "--views", "1", "--out", str(tmp_path / "c.zarr")]
-    for extra, message in [(["--scheduler", "tcp://127.0.0.1:1", "--local-cluster", "2"], "either --scheduler or --local-cluster"),
-                           (["--local-cluster", "0"], "--local-cluster must be at least 1"),
-                           (["--scheduler", "tcp://127.0.0.1:9"], "cannot reach the dask scheduler")]:
+    common = [
+        "dump-logits",
+        "--teacher",
+        "resnet8",
+        "--checkpoint",
+        str(teacher_ckpt[10]),
+        "--dataset",
+        "digits",
+        "--augment",
+        "cifar",
+        "--views",
+        "1",
+        "--out",
+        str(tmp_path / "c.zarr"),
+    ]
+    for extra, message in [
+        (["--scheduler", "tcp://127.0.0.1:1", "--local-cluster", "2"], "either --scheduler or --local-cluster"),
+        (["--local-cluster", "0"], "--local-cluster must be at least 1"),
+        (["--scheduler", "tcp://127.0.0.1:9"], "cannot reach the dask scheduler"),
+    ]:
         proc = run_cli(*common, *extra)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -80,12 +143,21 @@ def s3_server():
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
     import boto3
 
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="kdcache-test")
+    boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="kdcache-test")
     yield env
     server.stop()
 
@@ -94,11 +166,29 @@ def test_s3_store_end_to_end(tmp_path, teacher_ckpt, s3_server, monkeypatch):
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
     url = "s3://kdcache-test/digits-cifar.zarr"
-    common = ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--dataset", "digits",
-              "--augment", "cifar", "--views", "2"]
+    common = [
+        "dump-logits",
+        "--teacher",
+        "resnet8",
+        "--checkpoint",
+        str(teacher_ckpt[10]),
+        "--dataset",
+        "digits",
+        "--augment",
+        "cifar",
+        "--views",
+        "2",
+    ]
     run_cli(*common, "--out", url, check=True)
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=2,
-                out=str(tmp_path / "local.zarr"), progress=False)
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[10]),
+        dataset="digits",
+        augment="cifar",
+        views=2,
+        out=str(tmp_path / "local.zarr"),
+        progress=False,
+    )
     assert_same_arrays(url, str(tmp_path / "local.zarr"))
     again = run_cli(*common, "--out", url, check=True)
     assert "nothing to do" in again.stdout
@@ -107,8 +197,22 @@ def test_s3_store_end_to_end(tmp_path, teacher_ckpt, s3_server, monkeypatch):
     assert_same_arrays(url, str(tmp_path / "local.zarr"))
     assert "complete   2/2 chunks" in run_cli("inspect", url, check=True).stdout
     run_cli("verify", url, "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--sample", "8", check=True)
-    run_cli("train-student", "--cache", url, "--student", "resnet8", "--dataset", "digits", "--loss", "kd", "--epochs", "1",
-            "--out", str(tmp_path / "student"), check=True)
+    run_cli(
+        "train-student",
+        "--cache",
+        url,
+        "--student",
+        "resnet8",
+        "--dataset",
+        "digits",
+        "--loss",
+        "kd",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "student"),
+        check=True,
+    )
     assert (tmp_path / "student" / "metrics.jsonl").read_text().count("\n") == 1
 
 
@@ -118,8 +222,16 @@ def test_feed_reads_only_its_shard_of_chunks(tmp_path):
     from kdcache.store import CHUNK, create_store
 
     n = CHUNK + 300
-    store = create_store(tmp_path / "c.zarr", num_views=2, labels=np.zeros(n, np.int64), num_classes=5, dtype="float16",
-                         kinds=1, param_fields=[[]], attrs={})
+    store = create_store(
+        tmp_path / "c.zarr",
+        num_views=2,
+        labels=np.zeros(n, np.int64),
+        num_classes=5,
+        dtype="float16",
+        kinds=1,
+        param_fields=[[]],
+        attrs={},
+    )
     values = np.random.default_rng(0).normal(size=(2, n, 5)).astype(np.float16)
     store.group["logits"][...] = values
     chunk1 = tmp_path / "c.zarr" / "logits" / "c" / "1" / "1" / "0"
@@ -144,20 +256,54 @@ def test_torchrun_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(kdcache.teacher, "deterministic_cuda", lambda: None)
     for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(KdcacheError, match="2 processes on this node but only 1 GPU.*--nproc-per-node 1, or --device cpu"):
+    with pytest.raises(
+        KdcacheError, match="2 processes on this node but only 1 GPU.*--nproc-per-node 1, or --device cpu"
+    ):
         kdcache.ranks.init_ranks("auto")
 
 
 def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, teacher_ckpt):
     cache = tmp_path / "c.zarr"
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=2, out=str(cache),
-                progress=False)
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[10]),
+        dataset="digits",
+        augment="cifar",
+        views=2,
+        out=str(cache),
+        progress=False,
+    )
 
     def torchrun(out: str, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache.cli",
-               "train-student", "--cache", str(cache), "--student", "resnet8", "--dataset", "digits", "--loss", "kd",
-               "--lr-milestones", "1", "--device", "cpu", "--out", str(tmp_path / out), *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "kdcache.cli",
+            "train-student",
+            "--cache",
+            str(cache),
+            "--student",
+            "resnet8",
+            "--dataset",
+            "digits",
+            "--loss",
+            "kd",
+            "--lr-milestones",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / out),
+            *extra,
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
@@ -173,7 +319,34 @@ def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, teacher_ck
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
-    odd = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdcache.cli",
-                          "train-student", "--cache", str(cache), "--student", "resnet8", "--dataset", "digits", "--epochs", "1",
-                          "--batch-size", "63", "--device", "cpu", "--out", str(tmp_path / "odd")], capture_output=True, text=True, timeout=600)
+    odd = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "kdcache.cli",
+            "train-student",
+            "--cache",
+            str(cache),
+            "--student",
+            "resnet8",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "63",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "odd"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert odd.returncode != 0 and "must divide among 2 processes" in odd.stderr

@@ -10,12 +10,40 @@ from kdcache.dump import dump_logits
 
 def test_study_views_end_to_end(cifar_root, teacher_ckpt, tmp_path):
     cache = tmp_path / "c.zarr"
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                augment="cifar", views=4, out=str(cache), dtype="float32", progress=False)
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=4,
+        out=str(cache),
+        dtype="float32",
+        progress=False,
+    )
     out = tmp_path / "study"
-    args = ["study", "views", "--cache", str(cache), "--student", "resnet8", "--dataset", "cifar100", "--data-root", str(cifar_root),
-            "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[100]), "--epochs", "3", "--batch-size", "32",
-            "--out", str(out)]
+    args = [
+        "study",
+        "views",
+        "--cache",
+        str(cache),
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--teacher",
+        "resnet8",
+        "--checkpoint",
+        str(teacher_ckpt[100]),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+    ]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     study = json.loads((out / "study.json").read_text())
@@ -23,14 +51,34 @@ def test_study_views_end_to_end(cifar_root, teacher_ckpt, tmp_path):
     assert (out / "views.png").stat().st_size > 1000 and "online" in first.stdout
     # The 4-view point is exactly a plain run from the whole cache; fewer views give a different run.
     # (Both in fresh processes, as a user runs them, so torch's thread settings are the same.)
-    run_cli("train-student", "--cache", str(cache), "--student", "resnet8", "--dataset", "cifar100", "--data-root", str(cifar_root),
-            "--epochs", "3", "--batch-size", "32", "--out", str(tmp_path / "plain"), check=True)
-    last = {name: json.loads((out / name / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
-            for name in ("views-1", "views-4")}
+    run_cli(
+        "train-student",
+        "--cache",
+        str(cache),
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--out",
+        str(tmp_path / "plain"),
+        check=True,
+    )
+    last = {
+        name: json.loads((out / name / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
+        for name in ("views-1", "views-4")
+    }
     plain = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
     assert last["views-4"] == plain and last["views-1"] != plain
     w = torch.load(out / "views-4" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(w[k], v) for k, v in torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"].items())
+    assert all(
+        torch.equal(w[k], v) for k, v in torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"].items()
+    )
     # A second run reuses every finished point.
     stamp = (out / "views-1" / "last.pt").stat().st_mtime_ns
     again = run_cli(*args)
@@ -39,10 +87,32 @@ def test_study_views_end_to_end(cifar_root, teacher_ckpt, tmp_path):
 
 def test_study_refusals(cifar_root, teacher_ckpt, tmp_path):
     cache = tmp_path / "all.zarr"
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                augment="none", views=1, out=str(cache), progress=False)
-    base = ["study", "views", "--cache", str(cache), "--student", "resnet8", "--dataset", "cifar100", "--data-root",
-            str(cifar_root), "--epochs", "1", "--out", str(tmp_path / "s")]
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="none",
+        views=1,
+        out=str(cache),
+        progress=False,
+    )
+    base = [
+        "study",
+        "views",
+        "--cache",
+        str(cache),
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "s"),
+    ]
     proc = run_cli(*base, "--counts", "1,2")
     assert proc.returncode == 2 and "--counts must lie in 1..1" in proc.stderr
     proc = run_cli(*base, "--counts", "one")

@@ -20,8 +20,15 @@ def two_caches(cifar_root, teacher_ckpt, tmp_path) -> tuple[Path, Path]:
     torch.manual_seed(123)
     second = tmp_path / "second.pth"
     save_checkpoint(second, create_model("resnet8", 100))
-    kw = dict(teacher="resnet8", dataset="cifar100", data_root=str(cifar_root), augment="cifar", views=2, dtype="float32",
-              progress=False)
+    kw = dict(
+        teacher="resnet8",
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=2,
+        dtype="float32",
+        progress=False,
+    )
     dump_logits(checkpoint=str(teacher_ckpt[100]), out=str(tmp_path / "a.zarr"), **kw)
     dump_logits(checkpoint=str(second), out=str(tmp_path / "b.zarr"), **kw)
     return tmp_path / "a.zarr", tmp_path / "b.zarr"
@@ -41,8 +48,12 @@ def _last_weights(run: Path) -> dict[str, torch.Tensor]:
 def test_weights_pick_teachers(two_caches, cifar_root, tmp_path):
     a, b = (str(p) for p in two_caches)
     single = train_student(out=tmp_path / "a", cache=a, data_root=str(cifar_root), **COMMON)
-    only_a = train_student(out=tmp_path / "a0", cache=[a, b], teacher_weights="1,0", data_root=str(cifar_root), **COMMON)
-    mixed = train_student(out=tmp_path / "ab", cache=[a, b], teacher_weights=[0.5, 0.5], data_root=str(cifar_root), **COMMON)
+    only_a = train_student(
+        out=tmp_path / "a0", cache=[a, b], teacher_weights="1,0", data_root=str(cifar_root), **COMMON
+    )
+    mixed = train_student(
+        out=tmp_path / "ab", cache=[a, b], teacher_weights=[0.5, 0.5], data_root=str(cifar_root), **COMMON
+    )
     assert only_a.history[0]["train_loss"] == single.history[0]["train_loss"]
     wa, w0 = _last_weights(tmp_path / "a"), _last_weights(tmp_path / "a0")
     assert all(torch.equal(wa[k], w0[k]) for k in wa)
@@ -51,23 +62,67 @@ def test_weights_pick_teachers(two_caches, cifar_root, tmp_path):
 
 def test_cli_mix_and_refusals(two_caches, cifar_root, teacher_ckpt, tmp_path):
     a, b = (str(p) for p in two_caches)
-    common = ["--student", "resnet8", "--dataset", "cifar100", "--data-root", str(cifar_root), "--epochs", "1", "--batch-size", "32"]
-    ok = run_cli("train-student", "--cache", a, "--cache", b, "--teacher-mix", "probs", "--out", str(tmp_path / "p"), *common)
+    common = [
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+    ]
+    ok = run_cli(
+        "train-student", "--cache", a, "--cache", b, "--teacher-mix", "probs", "--out", str(tmp_path / "p"), *common
+    )
     assert ok.returncode == 0, ok.stderr
-    wrong = run_cli("train-student", "--cache", a, "--cache", b, "--teacher-weights", "0.5", "--out", str(tmp_path / "w"), *common)
+    wrong = run_cli(
+        "train-student", "--cache", a, "--cache", b, "--teacher-weights", "0.5", "--out", str(tmp_path / "w"), *common
+    )
     assert wrong.returncode == 2 and "2 non-negative numbers" in wrong.stderr
-    name = run_cli("train-student", "--cache", a, "--cache", b, "--teacher-weights", "IMAGENET1K_V1", "--out", str(tmp_path / "n"),
-                   *common)
+    name = run_cli(
+        "train-student",
+        "--cache",
+        a,
+        "--cache",
+        b,
+        "--teacher-weights",
+        "IMAGENET1K_V1",
+        "--out",
+        str(tmp_path / "n"),
+        *common,
+    )
     assert name.returncode == 2 and "--weights" in name.stderr
     other = tmp_path / "seed1.zarr"
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                augment="cifar", views=2, dtype="float32", seed=1, out=str(other), progress=False)
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=2,
+        dtype="float32",
+        seed=1,
+        out=str(other),
+        progress=False,
+    )
     refused = run_cli("train-student", "--cache", a, "--cache", str(other), "--out", str(tmp_path / "s"), *common)
     assert refused.returncode == 2 and "do not hold the same views: seed differs" in refused.stderr
     assert not (tmp_path / "s" / "last.pt").exists()
     fewer = tmp_path / "one.zarr"
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                augment="cifar", views=1, dtype="float32", out=str(fewer), progress=False)
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=1,
+        dtype="float32",
+        out=str(fewer),
+        progress=False,
+    )
     refused = run_cli("train-student", "--cache", a, "--cache", str(fewer), "--out", str(tmp_path / "f"), *common)
     assert refused.returncode == 2 and "--views 2" in refused.stderr
 

@@ -14,7 +14,9 @@ from kdcache.losses import dkd_loss, kd_loss, topk_dkd_loss, topk_kd_loss, zscor
 from kdcache.topk import STAT_FIELDS, LogitFormat, TopKTeacher, buckets, encode, parse_format
 
 
-def _teacher_batch(classes: int = 100, rows: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _teacher_batch(
+    classes: int = 100, rows: int = 64, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(rows, classes, generator=g) * 2
     y = torch.randint(0, classes, (rows,), generator=g)
@@ -24,8 +26,12 @@ def _teacher_batch(classes: int = 100, rows: int = 64, seed: int = 0) -> tuple[t
 
 def _topk(t: torch.Tensor, y: torch.Tensor, k: int) -> TopKTeacher:
     a = encode(t, y, LogitFormat("topk", k), np.float32)
-    return TopKTeacher(torch.from_numpy(a["topk_values"]), torch.from_numpy(a["topk_indices"]), torch.from_numpy(a["row_stats"]),
-                       t.shape[1])
+    return TopKTeacher(
+        torch.from_numpy(a["topk_values"]),
+        torch.from_numpy(a["topk_indices"]),
+        torch.from_numpy(a["row_stats"]),
+        t.shape[1],
+    )
 
 
 def test_stats_and_bucket_masses_are_exact_at_t1():
@@ -33,7 +39,9 @@ def test_stats_and_bucket_masses_are_exact_at_t1():
     tk = _topk(t, y, 5)
     st = dict(zip(STAT_FIELDS, tk.stats.T))
     assert torch.allclose(st["mean"], t.mean(1)) and torch.allclose(st["std"], t.std(1))
-    assert torch.allclose(st["lse"], torch.logsumexp(t, 1)) and torch.equal(st["target"], t.gather(1, y[:, None]).squeeze(1))
+    assert torch.allclose(st["lse"], torch.logsumexp(t, 1)) and torch.equal(
+        st["target"], t.gather(1, y[:, None]).squeeze(1)
+    )
     assert torch.equal(tk.values, t.topk(5, dim=1).values)
     _, t_b, slot, _ = buckets(s, tk, y, 1.0)
     p_full, p_b = t.softmax(1), t_b.softmax(1)
@@ -52,7 +60,9 @@ def test_topk_losses_converge_to_full_as_k_grows(tail):
         full_kd, full_dkd = kd_loss(s, t, 4.0, ls), dkd_loss(s, t, y, 1.0, 8.0, 4.0, ls)
         errors = [abs(float(topk_kd_loss(s, _topk(t, y, k), y, 4.0, ls, tail) - full_kd)) for k in (5, 20, 60, 98)]
         assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-2 * float(full_kd)
-        assert float(topk_dkd_loss(s, _topk(t, y, 98), y, 1.0, 8.0, 4.0, ls, tail)) == pytest.approx(float(full_dkd), rel=1e-2)
+        assert float(topk_dkd_loss(s, _topk(t, y, 98), y, 1.0, 8.0, 4.0, ls, tail)) == pytest.approx(
+            float(full_dkd), rel=1e-2
+        )
 
 
 def test_bucket_tail_is_a_lower_bound_and_uniform_tail_is_exact_for_a_flat_tail():
@@ -88,8 +98,16 @@ def test_parse_format():
 
 @pytest.fixture
 def caches(cifar_root, teacher_ckpt, tmp_path) -> tuple[Path, Path]:
-    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-              augment="cifar", views=2, dtype="float32", progress=False)
+    kw = dict(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=2,
+        dtype="float32",
+        progress=False,
+    )
     dump_logits(out=str(tmp_path / "full.zarr"), **kw)
     dump_logits(out=str(tmp_path / "top.zarr"), format="topk:5", **kw)
     return tmp_path / "full.zarr", tmp_path / "top.zarr"
@@ -107,30 +125,87 @@ def test_topk_store_layout_with_plain_zarr(caches):
     stats = top["row_stats"][...].reshape(-1, 6)
     assert np.allclose(stats[:, 2], torch.logsumexp(z, 1).numpy(), atol=1e-5)
     assert dict(top.attrs)["teacher_top1"] == dict(full.attrs)["teacher_top1"]
-    on_disk = [sum(f.stat().st_size for f in (p / name).rglob("*") if f.is_file()) for p, name in ((caches[0], "logits"),
-                                                                                                   (caches[1], "topk_values"))]
+    on_disk = [
+        sum(f.stat().st_size for f in (p / name).rglob("*") if f.is_file())
+        for p, name in ((caches[0], "logits"), (caches[1], "topk_values"))
+    ]
     assert on_disk[1] < on_disk[0] / 5
 
 
 def test_train_from_topk_cli_and_refusals(caches, cifar_root, tmp_path):
     full, top = caches
-    common = ["--student", "resnet8", "--dataset", "cifar100", "--data-root", str(cifar_root), "--epochs", "1",
-              "--batch-size", "32"]
-    ok = run_cli("train-student", "--cache", str(top), "--loss", "dkd", "--logit-stand", "--out", str(tmp_path / "r"), *common,
-                 check=True)
+    common = [
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+    ]
+    ok = run_cli(
+        "train-student",
+        "--cache",
+        str(top),
+        "--loss",
+        "dkd",
+        "--logit-stand",
+        "--out",
+        str(tmp_path / "r"),
+        *common,
+        check=True,
+    )
     assert "best test top-1" in ok.stdout
     bad = run_cli("train-student", "--cache", str(top), "--loss", "nkd", "--out", str(tmp_path / "r2"), *common)
     assert bad.returncode == 2 and "topk:5 cache" in bad.stderr and "--format full" in bad.stderr
-    again = run_cli("dump-logits", "--teacher", "resnet8", "--checkpoint", "unused.pth", "--dataset", "cifar100", "--data-root",
-                    str(cifar_root), "--augment", "cifar", "--views", "2", "--out", str(full), "--format", "topk:x")
+    again = run_cli(
+        "dump-logits",
+        "--teacher",
+        "resnet8",
+        "--checkpoint",
+        "unused.pth",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--augment",
+        "cifar",
+        "--views",
+        "2",
+        "--out",
+        str(full),
+        "--format",
+        "topk:x",
+    )
     assert again.returncode == 2 and "--format" in again.stderr
 
 
 def test_format_change_is_refused_on_resume(caches, cifar_root, teacher_ckpt):
     full, _ = caches
     before = zarr.open_group(str(full), mode="r")["logits"][...]
-    proc = run_cli("dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[100]), "--dataset", "cifar100",
-                   "--data-root", str(cifar_root), "--augment", "cifar", "--views", "2", "--dtype", "float32", "--out", str(full),
-                   "--format", "topk:5")
+    proc = run_cli(
+        "dump-logits",
+        "--teacher",
+        "resnet8",
+        "--checkpoint",
+        str(teacher_ckpt[100]),
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--augment",
+        "cifar",
+        "--views",
+        "2",
+        "--dtype",
+        "float32",
+        "--out",
+        str(full),
+        "--format",
+        "topk:5",
+    )
     assert proc.returncode == 2 and "format" in proc.stderr and "store has 'full'" in proc.stderr
     assert np.array_equal(zarr.open_group(str(full), mode="r")["logits"][...], before)

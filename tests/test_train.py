@@ -22,8 +22,17 @@ COMMON = dict(student="resnet8", dataset="cifar100", epochs=2, batch_size=32, pr
 @pytest.fixture
 def cache32(cifar_root, teacher_ckpt, tmp_path) -> Path:
     out = tmp_path / "c32.zarr"
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                augment="cifar", views=2, out=str(out), dtype="float32", progress=False)
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=2,
+        out=str(out),
+        dtype="float32",
+        progress=False,
+    )
     return out
 
 
@@ -33,9 +42,20 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("loss,ls", [("kd", True), ("dkd", False)])
 def test_cached_float32_equals_online_teacher(cifar_root, teacher_ckpt, cache32, tmp_path, loss, ls):
-    a = train_student(out=tmp_path / "cached", cache=str(cache32), data_root=str(cifar_root), loss=loss, logit_stand=ls, **COMMON)
-    b = train_student(out=tmp_path / "online", teacher="resnet8", checkpoint=str(teacher_ckpt[100]), augment="cifar", views=2,
-                      data_root=str(cifar_root), loss=loss, logit_stand=ls, **COMMON)
+    a = train_student(
+        out=tmp_path / "cached", cache=str(cache32), data_root=str(cifar_root), loss=loss, logit_stand=ls, **COMMON
+    )
+    b = train_student(
+        out=tmp_path / "online",
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        augment="cifar",
+        views=2,
+        data_root=str(cifar_root),
+        loss=loss,
+        logit_stand=ls,
+        **COMMON,
+    )
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
     wa, wb = _weights(tmp_path / "cached" / "last.pt"), _weights(tmp_path / "online" / "last.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -69,8 +89,10 @@ def test_nothing_reads_uninitialized_memory(cifar_root, teacher_ckpt, tmp_path):
     for fill in ("on", "off"):
         runs[fill] = tmp_path / fill
         runs[fill].mkdir()
-        subprocess.run([sys.executable, "-c", _GPU_SETTINGS_RUN, str(cifar_root), str(teacher_ckpt[100]), str(runs[fill]), fill],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-c", _GPU_SETTINGS_RUN, str(cifar_root), str(teacher_ckpt[100]), str(runs[fill]), fill],
+            check=True,
+        )
     assert_same_arrays(runs["on"] / "c.zarr", runs["off"] / "c.zarr")
     assert np.isfinite(zarr.open_group(str(runs["on"] / "c.zarr"))["logits"][...]).all()
     wa, wb = _weights(runs["on"] / "run" / "last.pt"), _weights(runs["off"] / "run" / "last.pt")
@@ -80,8 +102,16 @@ def test_nothing_reads_uninitialized_memory(cifar_root, teacher_ckpt, tmp_path):
 
 def test_float16_cache_is_within_rounding(cifar_root, teacher_ckpt, cache32, tmp_path):
     out16 = tmp_path / "c16.zarr"
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                augment="cifar", views=2, out=str(out16), progress=False)
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=2,
+        out=str(out16),
+        progress=False,
+    )
     z16 = zarr.open_group(str(out16))["logits"][...].astype(np.float32)
     z32 = zarr.open_group(str(cache32))["logits"][...]
     assert np.abs(z16 - z32).max() <= np.abs(z32).max() * 2**-10
@@ -92,9 +122,28 @@ def test_float16_cache_is_within_rounding(cifar_root, teacher_ckpt, cache32, tmp
 
 def test_metrics_checkpoints_and_plot(cifar_root, cache32, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("train-student", "--cache", str(cache32), "--student", "resnet8", "--dataset", "cifar100", "--data-root",
-                   str(cifar_root), "--loss", "kd", "--logit-stand", "--epochs", "2", "--batch-size", "32", "--out", str(out), "--plot",
-                   check=True)
+    proc = run_cli(
+        "train-student",
+        "--cache",
+        str(cache32),
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--loss",
+        "kd",
+        "--logit-stand",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+        "--plot",
+        check=True,
+    )
     assert "best test top-1" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -103,17 +152,50 @@ def test_metrics_checkpoints_and_plot(cifar_root, cache32, tmp_path):
     assert 0 <= rows[0]["test_ece"] <= 1 and rows[0]["test_top5"] >= rows[0]["test_top1"]
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert "model" in ckpt and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    again = run_cli("train-student", "--cache", str(cache32), "--student", "resnet8", "--dataset", "cifar100", "--data-root",
-                    str(cifar_root), "--epochs", "2", "--out", str(out))
+    again = run_cli(
+        "train-student",
+        "--cache",
+        str(cache32),
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+    )
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
 def test_resume_after_kill_matches_uninterrupted(cifar_root, cache32, tmp_path):
-    args = ["train-student", "--cache", str(cache32), "--student", "resnet8", "--dataset", "cifar100", "--data-root", str(cifar_root),
-            "--loss", "kd", "--epochs", "4", "--batch-size", "16", "--lr-milestones", "2,3"]
+    args = [
+        "train-student",
+        "--cache",
+        str(cache32),
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--loss",
+        "kd",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--lr-milestones",
+        "2,3",
+    ]
     run_cli(*args, "--out", str(tmp_path / "full"), check=True)
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args, "--out", str(tmp_path / "cut")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdcache.cli", *args, "--out", str(tmp_path / "cut")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -132,7 +214,9 @@ def test_resume_after_kill_matches_uninterrupted(cifar_root, cache32, tmp_path):
 
 def test_cache_of_other_data_is_refused(cache32, tmp_path):
     with pytest.raises(KdcacheError, match="made for other data: dataset name is 'cifar100' there, 'digits' here"):
-        train_student(out=tmp_path / "x", cache=str(cache32), student="resnet8", dataset="digits", loss="kd", progress=False)
+        train_student(
+            out=tmp_path / "x", cache=str(cache32), student="resnet8", dataset="digits", loss="kd", progress=False
+        )
 
 
 def test_recipe_mismatch_and_missing_teacher(cifar_root, cache32, tmp_path):
@@ -155,16 +239,39 @@ def test_pixel_hash_mismatch_stops_training(cifar_root, cache32, tmp_path):
 
 def test_mlkd_trains_from_an_mlkd_cache(cifar_root, teacher_ckpt, tmp_path):
     out = tmp_path / "m.zarr"
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                augment="mlkd", views=2, out=str(out), progress=False)
-    r = train_student(out=tmp_path / "r", cache=str(out), data_root=str(cifar_root), loss="mlkd", logit_stand=True,
-                      verify_views=True, **COMMON)
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="mlkd",
+        views=2,
+        out=str(out),
+        progress=False,
+    )
+    r = train_student(
+        out=tmp_path / "r",
+        cache=str(out),
+        data_root=str(cifar_root),
+        loss="mlkd",
+        logit_stand=True,
+        verify_views=True,
+        **COMMON,
+    )
     assert len(r.history) == 2 and np.isfinite(r.history[-1]["train_loss"])
 
 
-@pytest.mark.parametrize("extra", [dict(loss="nkd"), dict(loss="normkd"), dict(loss="normkd", logit_stand=True),
-                                   dict(loss="kd", teacher_fix="sort", logit_stand=True), dict(loss="dkd", teacher_fix="sort"),
-                                   dict(loss="kd", ctkd=True, logit_stand=True)])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(loss="nkd"),
+        dict(loss="normkd"),
+        dict(loss="normkd", logit_stand=True),
+        dict(loss="kd", teacher_fix="sort", logit_stand=True),
+        dict(loss="dkd", teacher_fix="sort"),
+        dict(loss="kd", ctkd=True, logit_stand=True),
+    ],
+)
 def test_sibling_methods_train_from_one_cache(cifar_root, cache32, tmp_path, extra):
     r = train_student(out=tmp_path / "r", cache=str(cache32), data_root=str(cifar_root), **{**COMMON, **extra})
     assert len(r.history) == 2 and all(np.isfinite(h["train_loss"]) for h in r.history)
@@ -172,14 +279,27 @@ def test_sibling_methods_train_from_one_cache(cifar_root, cache32, tmp_path, ext
         temps = [h["temperature"] for h in r.history]
         assert all(1.0 < t < 21.0 for t in temps)
     with pytest.raises(KdcacheError, match="--ctkd works with --loss kd"):
-        train_student(out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), **{**COMMON, "loss": "dkd", "ctkd": True})
+        train_student(
+            out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), **{**COMMON, "loss": "dkd", "ctkd": True}
+        )
 
 
 def test_fsspec_url_stores_work_like_local_ones(cifar_root, teacher_ckpt, cache32, tmp_path):
     url = f"memory://kdcache-test/{tmp_path.name}/c.zarr"
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root),
-                augment="cifar", views=2, out=url, dtype="float32", progress=False)
-    assert np.array_equal(zarr.open_group(url, mode="r")["logits"][...], zarr.open_group(str(cache32), mode="r")["logits"][...])
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=2,
+        out=url,
+        dtype="float32",
+        progress=False,
+    )
+    assert np.array_equal(
+        zarr.open_group(url, mode="r")["logits"][...], zarr.open_group(str(cache32), mode="r")["logits"][...]
+    )
     a = train_student(out=tmp_path / "url", cache=url, data_root=str(cifar_root), loss="kd", **COMMON)
     b = train_student(out=tmp_path / "local", cache=str(cache32), data_root=str(cifar_root), loss="kd", **COMMON)
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
@@ -196,9 +316,28 @@ def test_corrupt_chunk_stops_training_naming_it(cifar_root, cache32, tmp_path):
 
 def test_cache_of_another_split_and_nonsense_numbers_via_cli(cifar_root, teacher_ckpt, tmp_path):
     test_cache = tmp_path / "test-split.zarr"
-    dump_logits(teacher="resnet8", checkpoint=str(teacher_ckpt[100]), dataset="cifar100", data_root=str(cifar_root), split="test",
-                augment="cifar", views=1, out=str(test_cache), progress=False)
-    base = ["train-student", "--student", "resnet8", "--dataset", "cifar100", "--data-root", str(cifar_root), "--out", str(tmp_path / "r")]
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        split="test",
+        augment="cifar",
+        views=1,
+        out=str(test_cache),
+        progress=False,
+    )
+    base = [
+        "train-student",
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--out",
+        str(tmp_path / "r"),
+    ]
     proc = run_cli(*base, "--cache", str(test_cache))
     assert proc.returncode == 2 and "dataset split is 'test' there, 'train' here" in proc.stderr
     for flag, value in (("--epochs", "-3"), ("--batch-size", "0")):

@@ -9,8 +9,16 @@ from kdcache.verify import verify_cache
 
 
 def _dump(root: Path, ckpt: Path, out: Path) -> Path:
-    dump_logits(teacher="resnet8", checkpoint=str(ckpt), dataset="cifar100", data_root=str(root), augment="mlkd", views=2,
-                out=str(out), progress=False)
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(ckpt),
+        dataset="cifar100",
+        data_root=str(root),
+        augment="mlkd",
+        views=2,
+        out=str(out),
+        progress=False,
+    )
     return out
 
 

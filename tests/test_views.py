@@ -73,11 +73,18 @@ def test_recipe_size_mismatch_is_refused():
         make_recipe("autoaugment", True)
 
 
-@pytest.mark.parametrize("counter, key, expected", [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-])
+@pytest.mark.parametrize(
+    "counter, key, expected",
+    [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ],
+)
 def test_philox_matches_random123_known_answers(counter, key, expected):
     out = philox4x32_10(np.asarray(counter, np.uint32), np.asarray(key, np.uint32))
     assert out.tolist() == list(expected)
@@ -99,8 +106,10 @@ def test_batched_views_and_hashes_equal_one_at_a_time(digits):
     r = make_recipe("mlkd", True)
     samples = np.arange(CIFAR_ALL_VIEWS) % len(digits)
     images = [digits.image(int(i)) for i in samples]
-    for kind, params in [(0, make_recipe("cifar", True).params_batch(0, np.arange(CIFAR_ALL_VIEWS), samples, 0, None, all_views=True)),
-                         (1, r.params_batch(0, np.zeros(20, np.int64), samples[:20], 1, np.full((20, 2), 32)))]:
+    for kind, params in [
+        (0, make_recipe("cifar", True).params_batch(0, np.arange(CIFAR_ALL_VIEWS), samples, 0, None, all_views=True)),
+        (1, r.params_batch(0, np.zeros(20, np.int64), samples[:20], 1, np.full((20, 2), 32))),
+    ]:
         batch = r.apply_batch(images[: len(params)], params, kind)
         single = [r.apply(im, p, kind) for im, p in zip(images, params)]
         assert torch.equal(batch, torch.stack(single))
