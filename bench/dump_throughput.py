@@ -56,7 +56,8 @@ def null_teacher(num_classes: int) -> torch.nn.Module:
 
 
 def cifar_sized(root: Path, n: int) -> ImageDataset:
-    """A ``cifar-100-python`` folder of ``n`` training images (digit i % 1438 shifted right by i // 1438 pixels), opened as cifar100."""
+    """A ``cifar-100-python`` folder of ``n`` training images (digit i % 1438 shifted right by i // 1438 pixels), opened
+    as cifar100."""
     digits = build_dataset("digits")
     images = np.stack([np.roll(digits.image(i % len(digits)), i // len(digits), axis=1) for i in range(n)])
     base = root / "cifar-100-python"
@@ -94,7 +95,8 @@ def free_teacher(num_classes: int):
 def plain_pass(
     ds: ImageDataset, recipe: Recipe, teacher: Teacher, items: np.ndarray, batch_size: int, workers: int
 ) -> float:
-    """Seconds for a plain inference pass: the dump's own loader and teacher over the same views, nothing checked or stored.
+    """Seconds for a plain inference pass: the dump's own loader and teacher over the same views, nothing checked or
+    stored.
 
     What a user's inference loop over these augmented views would cost; the
     dump loop's time beyond it is the price of caching (hashes, parameters,
@@ -183,11 +185,14 @@ def main() -> None:
                 whole.append(time.perf_counter() - t0)
                 loop.append(summary.seconds)
                 summaries.append(summary)
-            ratios = [a / b for a, b in zip(infer, loop)]
+            ratios = [a / b for a, b in zip(infer, loop, strict=True)]
             rows.append(
-                f"| {name} | {teacher.device} | {args.amp} | {args.workers} | {n} | {n / statistics.median(infer):,.0f} | "
-                f"{n / statistics.median(plain):,.0f} | {n / statistics.median(loop):,.0f} | **{statistics.median(ratios):.2f}** "
-                f"({', '.join(f'{x:.2f}' for x in ratios)}) | {statistics.median(a / b for a, b in zip(plain, loop)):.2f} | "
+                f"| {name} | {teacher.device} | {args.amp} | {args.workers} | {n} | "
+                f"{n / statistics.median(infer):,.0f} | "
+                f"{n / statistics.median(plain):,.0f} | {n / statistics.median(loop):,.0f} | "
+                f"**{statistics.median(ratios):.2f}** "
+                f"({', '.join(f'{x:.2f}' for x in ratios)}) | "
+                f"{statistics.median(a / b for a, b in zip(plain, loop, strict=True)):.2f} | "
                 f"{statistics.median(whole):.1f} |"
             )
             print(rows[-1], flush=True)
@@ -216,13 +221,15 @@ def main() -> None:
                     rates.append(n / summary.seconds)
                     summaries.append(summary)
             ceiling = (
-                f"dump loop ceiling (teacher returning zeros, workers {args.workers}): median {statistics.median(rates):,.0f} "
+                f"dump loop ceiling (teacher returning zeros, workers {args.workers}): median "
+                f"{statistics.median(rates):,.0f} "
                 f"views/s ({', '.join(f'{x:,.0f}' for x in rates)}); the loader alone: median "
                 f"{statistics.median(loader_rates):,.0f} views/s; median round's loop: "
                 f"{median_round(summaries).where_time_went()}"
             )
     print(
-        "| teacher | device | amp | workers | views | inference only (views/s) | plain pass (views/s) | dump loop (views/s) | "
+        "| teacher | device | amp | workers | views | inference only (views/s) | plain pass (views/s) | dump loop "
+        "(views/s) | "
         "inference/dump loop (median; rounds) | plain pass/dump loop | whole command (s) |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -119,7 +119,8 @@ def main() -> None:
         for proc in procs:
             proc.join()
     print(
-        f"device {args.device}, block {args.block} ({args.classes} classes, {args.size}x{args.size} views), {args.busy} busy "
+        f"device {args.device}, block {args.block} ({args.classes} classes, {args.size}x{args.size} views), "
+        f"{args.busy} busy "
         f"processes, torch threads {torch.get_num_threads()}, {args.repeats} x {args.calls} calls per way:"
     )
     print("| case | way | median (us) | p90 (us) | worst (ms) |\n|---|---|---:|---:|---:|")

@@ -59,7 +59,7 @@ def main() -> None:
         opt.step()
 
     times = {}
-    for rnd in range(2):  # interleave the modes so machine noise hits them alike
+    for _rnd in range(2):  # interleave the modes so machine noise hits them alike
         for mode in ("ce", "cache", "online"):
             step(mode)
             if dev.type == "cuda":

@@ -56,7 +56,8 @@ TAILS = ("uniform", "bucket")
 
 
 def composite_digits(digits: int, n: int, pool: np.ndarray, images: np.ndarray, labels: np.ndarray, seed: int) -> tuple:
-    """``n`` 32x32 RGB canvases of ``digits`` side-by-side handwritten digits drawn from ``pool``; label = the number."""
+    """``n`` 32x32 RGB canvases of ``digits`` side-by-side handwritten digits drawn from ``pool``; label = the
+    number."""
     rng = np.random.default_rng(seed)
     side = 32 // digits
     glyphs = F.interpolate(
@@ -83,7 +84,7 @@ def train(images: np.ndarray, labels: np.ndarray, classes: int, epochs: int, see
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
     y_all = torch.from_numpy(labels)
     model.train()
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         order = torch.randperm(len(labels))
         for s in range(0, len(order) - 127, 128):
             idx = order[s : s + 128]
@@ -142,7 +143,7 @@ def main() -> None:
     d = load_digits()
     train_pool, test_pool = np.arange(0, 1300), np.arange(1300, len(d.target))
     rows, plot = [], {}
-    for digits, n in zip((2, 3), args.samples):
+    for digits, n in zip((2, 3), args.samples, strict=True):
         classes = 10**digits
         t0 = time.perf_counter()
         x, y = composite_digits(digits, n, train_pool, d.images, d.target, seed=digits)
@@ -234,10 +235,10 @@ def write(rows: list, plot: dict, out: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(plot), 2, figsize=(11, 3.6 * len(plot)), squeeze=False)
-    for row, (classes, pts) in zip(axes, plot.items()):
+    for row, (classes, pts) in zip(axes, plot.items(), strict=True):
         ks = [k for k, _ in pts]
-        for color, m in zip(("C0", "C1", "C2"), LOSSES):
-            for tail, style in zip(TAILS, (":", "-")):
+        for color, m in zip(("C0", "C1", "C2"), LOSSES, strict=True):
+            for tail, style in zip(TAILS, (":", "-"), strict=True):
                 label = f"{m}, {tail} tail"
                 row[0].plot(ks, [100 * r[m, tail][0] for _, r in pts], style, marker="o", color=color, label=label)
                 row[1].plot(ks, [r[m, tail][1] for _, r in pts], style, marker="o", color=color, label=label)

@@ -98,7 +98,8 @@ class FolderDataset(ImageDataset):
             folder = ImageFolder(str(root))
         except (FileNotFoundError, OSError) as exc:
             raise KdcacheError(
-                f"no ImageFolder tree at {root} ({str(exc).splitlines()[0][:120]}): expected {root}/<class>/<image> files"
+                f"no ImageFolder tree at {root} ({str(exc).splitlines()[0][:120]}): expected {root}/<class>/<image> "
+                "files"
             ) from None
         self.name, self.split, self.norm, self.root = name, split, norm, root
         self.classes = folder.classes
@@ -162,11 +163,13 @@ def _cifar100(root: Path, split: str, download: bool) -> ArrayDataset:
         ds = _Cifar100(str(root), train=split == "train", download=download)
     except RuntimeError:
         raise KdcacheError(
-            f"CIFAR-100 not found under {root}/cifar-100-python: pass --download (needs internet) or --data-root DIR holding cifar-100-python/"
+            f"CIFAR-100 not found under {root}/cifar-100-python: pass --download (needs internet) or --data-root "
+            "DIR holding cifar-100-python/"
         ) from None
     except Exception as exc:  # unpickling a damaged file raises anything
         raise KdcacheError(
-            f"CIFAR-100 files under {root}/cifar-100-python are unreadable ({exc.__class__.__name__}): delete the folder and re-run with --download"
+            f"CIFAR-100 files under {root}/cifar-100-python are unreadable ({exc.__class__.__name__}): delete the "
+            "folder and re-run with --download"
         ) from None
     return ArrayDataset("cifar100", split, ds.data, np.asarray(ds.targets), 100, Normalization(CIFAR_MEAN, CIFAR_STD))
 

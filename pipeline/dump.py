@@ -120,7 +120,8 @@ class ViewSet(Dataset):
 
 
 def as_is(batch: tuple) -> tuple:
-    """The DataLoader's collate for :class:`ViewSet`: its default would turn the numpy arrays back into shared tensors."""
+    """The DataLoader's collate for :class:`ViewSet`: its default would turn the numpy arrays back into shared
+    tensors."""
     return batch
 
 
@@ -195,7 +196,8 @@ def write_chunk(
     params: list[np.ndarray],
     hashes: list[np.ndarray],
 ) -> None:
-    """Write chunk ``c`` of view ``v`` (per kind: teacher arrays by base name, parameters, pixel hashes) and fsync it; not yet marked done."""
+    """Write chunk ``c`` of view ``v`` (per kind: teacher arrays by base name, parameters, pixel hashes) and fsync it;
+    not yet marked done."""
     names = array_names(len(teacher), store.format)
     rows = slice(c * CHUNK, c * CHUNK + len(hashes[0]))
     written = []
@@ -236,7 +238,8 @@ def _write(store: CacheStore, job: tuple) -> None:
 
 
 class _ThreadWriter:
-    """Writes chunks on a background thread: for stores another process cannot open (``memory://``) and non-Linux hosts."""
+    """Writes chunks on a background thread: for stores another process cannot open (``memory://``) and non-Linux
+    hosts."""
 
     def __init__(self, store: CacheStore, max_pending: int = 4):
         self.store = store
@@ -316,7 +319,8 @@ class _ProcessWriter:
         self.process.start()
 
     def _receive(self, timeout: float | None) -> bool:
-        """Take one report from the writer, waiting up to ``timeout`` seconds (None: not at all); False when none came."""
+        """Take one report from the writer, waiting up to ``timeout`` seconds (None: not at all); False when none
+        came."""
         try:
             kind, value = self.results.get(timeout=timeout) if timeout else self.results.get_nowait()
         except queue.Empty:
@@ -366,7 +370,8 @@ def _chunk_writer(store: CacheStore) -> _ThreadWriter | _ProcessWriter:
 
 
 def _prefetched(iterable, depth: int):
-    """Iterate ``iterable`` on a background thread, ``depth`` items ahead, so in-process view building overlaps inference."""
+    """Iterate ``iterable`` on a background thread, ``depth`` items ahead, so in-process view building overlaps
+    inference."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     end = object()
@@ -555,7 +560,8 @@ def _prepare_store(
     dtype: str,
     fmt: LogitFormat,
 ) -> tuple[CacheStore, bool]:
-    """Open the store for resuming or extending (refusing any identity mismatch), or create it; returns (store, created)."""
+    """Open the store for resuming or extending (refusing any identity mismatch), or create it; returns (store,
+    created)."""
     exists = store_exists(out)
     if exists and overwrite:
         remove_store(out)
@@ -616,7 +622,8 @@ def _run_dump(
     pending: list[tuple] = []
     in_flight: deque[tuple] = deque()
     # Seconds of the loop's thread per stage: waiting for views, in the teacher (the forward pass on a CPU, issuing
-    # it on a GPU), waiting for a GPU's logits, checking/encoding/buffering rows, waiting for room in the writer's queue.
+    # it on a GPU), waiting for a GPU's logits, checking/encoding/buffering rows, waiting for room in the writer's
+    # queue.
     stages = dict.fromkeys(("views", "teacher", "gpu_wait", "rows", "writer"), 0.0)
     clock = time.perf_counter
 
@@ -761,12 +768,14 @@ def check_logits(logits: torch.Tensor, views: np.ndarray, samples: np.ndarray, d
     if not finite.all():
         r = int(np.flatnonzero(~finite)[0])
         raise KdcacheError(
-            f"teacher produced non-finite {kind}logits for sample {int(samples[r])}, view {int(views[r])}: check the checkpoint and --amp"
+            f"teacher produced non-finite {kind}logits for sample {int(samples[r])}, view {int(views[r])}: check "
+            "the checkpoint and --amp"
         )
     if dtype == "float16":
         over = np.abs(a).max(axis=1) > FLOAT16_MAX
         if over.any():
             r = int(np.flatnonzero(over)[0])
             raise KdcacheError(
-                f"teacher {kind}logits of sample {int(samples[r])}, view {int(views[r])} exceed the float16 range (|x| > 65504): use --dtype float32"
+                f"teacher {kind}logits of sample {int(samples[r])}, view {int(views[r])} exceed the float16 range "
+                "(|x| > 65504): use --dtype float32"
             )

@@ -65,7 +65,8 @@ def reuse_warning(epochs: int, num_views: int, uniform: bool) -> str | None:
 
 
 def gather_rows(store: CacheStore, name: str, views: np.ndarray, start: int = 0) -> np.ndarray:
-    """``out[j] = store[name][views[j], start + j]`` using only whole-chunk contiguous reads of rows ``start .. start + len(views)``."""
+    """``out[j] = store[name][views[j], start + j]`` using only whole-chunk contiguous reads of rows ``start .. start +
+    len(views)``."""
     arr = store.group[name]
     end = start + len(views)
     out = np.empty((len(views), *arr.shape[2:]), dtype=arr.dtype)

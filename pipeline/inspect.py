@@ -28,9 +28,11 @@ class CacheReport:
         out = [
             f"cache      {self.store.location}  (format {a['kdcache_format']}, created {a.get('created')})",
             f"dataset    {ds['name']} / {a['split']}: {ds['length']} samples, {a['num_classes']} classes",
-            f"recipe     {a['recipe']['name']}  views {self.store.num_views} ({a['views_mode']})  seed {a['seed']}  dtype {a['dtype']}  "
+            f"recipe     {a['recipe']['name']}  views {self.store.num_views} ({a['views_mode']})  seed {a['seed']}  "
+            f"dtype {a['dtype']}  "
             f"format {self.store.format}",
-            f"teacher    {t['name']}  checkpoint sha256 {str(t['checkpoint_sha256'])[:16]}  block {t['forward_block']}  amp {t['amp']}",
+            f"teacher    {t['name']}  checkpoint sha256 {str(t['checkpoint_sha256'])[:16]}  block "
+            f"{t['forward_block']}  amp {t['amp']}",
             f"complete   {self.done_chunks}/{self.total_chunks} chunks",
         ]
         if self.disk_bytes is not None:
@@ -71,7 +73,7 @@ class Agreement:
 
     def lines(self) -> list[str]:
         names = [f"T{j + 1}" for j in range(len(self.locations))]
-        out = [f"{n}         {loc}" for n, loc in zip(names, self.locations)]
+        out = [f"{n}         {loc}" for n, loc in zip(names, self.locations, strict=True)]
         out.append(
             "view   "
             + "  ".join(f"{n + ' top-1':>10}" for n in names)

@@ -124,7 +124,8 @@ def topk_kd_loss(
     tail: str = "bucket",
 ) -> torch.Tensor:
     """:func:`kd_loss` against a top-K cache: KL over the kept, target and tail buckets (plus, for ``tail="uniform"``,
-    the teacher's tail mass times the student's divergence from uniform inside the tail), ``τ²`` times the batch mean."""
+    the teacher's tail mass times the student's divergence from uniform inside the tail), ``τ²`` times the batch
+    mean."""
     _check_tail(tail)
     s_b, t_b, _, within = buckets(student, teacher, target, temperature, logit_stand)
     log_t = F.log_softmax(t_b, dim=1)
@@ -145,7 +146,8 @@ def topk_dkd_loss(
     tail: str = "bucket",
 ) -> torch.Tensor:
     """:func:`dkd_loss` against a top-K cache: TCKD is exact up to the tail estimate (the target logit is stored);
-    NCKD compares the non-target buckets (kept classes and the tail), with the within-tail term as in :func:`topk_kd_loss`."""
+    NCKD compares the non-target buckets (kept classes and the tail), with the within-tail term as in
+    :func:`topk_kd_loss`."""
     _check_tail(tail)
     s_b, t_b, slot, within = buckets(student, teacher, target, temperature, logit_stand)
     tckd = _kl_rows(_binary_log(t_b, slot), _binary_log(s_b, slot))

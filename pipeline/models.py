@@ -191,7 +191,7 @@ class VGG(nn.Module):
     def __init__(self, cfg: list[list[int]], num_classes: int):
         super().__init__()
         ins = [3] + [c[-1] for c in cfg[:-1]]
-        for i, (widths, cin) in enumerate(zip(cfg, ins)):
+        for i, (widths, cin) in enumerate(zip(cfg, ins, strict=True)):
             setattr(self, f"block{i}", _vgg_block(widths, cin))
         self.classifier = nn.Linear(512, num_classes)
         _conv_init(self, "kaiming")
@@ -552,7 +552,8 @@ def _torchvision_model(arch: str, num_classes: int, weights: str | None) -> nn.M
         return torchvision.models.get_model(arch, weights=w)
     except (OSError, RuntimeError) as exc:
         raise KdcacheError(
-            f"cannot load torchvision weights {w.name} ({exc.__class__.__name__}); with no internet put {w.url.rsplit('/', 1)[-1]} "
+            f"cannot load torchvision weights {w.name} ({exc.__class__.__name__}); with no internet put "
+            f"{w.url.rsplit('/', 1)[-1]} "
             "into $TORCH_HOME/hub/checkpoints or pass --checkpoint"
         ) from None
 
@@ -567,7 +568,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint: ``{"model": sd}``, ``{"state_dict": sd}`` or a bare ``sd``; ``module.`` prefixes dropped."""
+    """The state dict inside a checkpoint: ``{"model": sd}``, ``{"state_dict": sd}`` or a bare ``sd``; ``module.``
+    prefixes dropped."""
     sd = obj
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):

@@ -1,4 +1,5 @@
-"""PNG plots: training curves, per-view teacher accuracy and agreement, the views study. matplotlib with the non-interactive Agg backend."""
+"""PNG plots: training curves, per-view teacher accuracy and agreement, the views study. matplotlib with the non-
+interactive Agg backend."""
 
 from __future__ import annotations
 

@@ -74,7 +74,8 @@ class Ranks:
 
 
 def init_ranks(device: str) -> tuple[Ranks, torch.device]:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on GPU) and pick this rank's device."""
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, nccl on GPU) and pick this rank's
+    device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
     if world == 1:

@@ -18,8 +18,8 @@ view_hash_strong    (views, samples)        uint64     MLKD only
 done                (views, chunks)         uint8      1 once chunk ``c`` of view ``v`` is written
 ==================  ======================  =========  ==========================================
 
-Top-k arrays of the strong view carry the ``_strong`` suffix too. The sample axis is in dataset index order and chunked by :data:`CHUNK` rows; a
-chunk counts only once ``done`` says so (unwritten rows read back as NaN).
+Top-k arrays of the strong view carry the ``_strong`` suffix too. The sample axis is in dataset index order and
+chunked by :data:`CHUNK` rows; a chunk counts only once ``done`` says so (unwritten rows read back as NaN).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kdcache.errors import KdcacheError
-from kdcache.topk import STAT_FIELDS, LogitFormat, parse_format, top1_and_confidence
+from kdcache.topk import FULL, STAT_FIELDS, LogitFormat, parse_format, top1_and_confidence
 
 FORMAT_VERSION = 2  # 1: full logits; 2: adds --format topk:K (full-logit stores are still written as 1)
 CHUNK = 4096
@@ -65,7 +65,7 @@ def num_chunks(num_samples: int) -> int:
     return -(-num_samples // CHUNK)
 
 
-def array_names(kinds: int, fmt: LogitFormat = LogitFormat()) -> dict[str, list]:
+def array_names(kinds: int, fmt: LogitFormat = FULL) -> dict[str, list]:
     """Per view kind, the names of its teacher arrays (a list per kind), params and hash arrays."""
     suffix = ["", "_strong"][:kinds]
     return {
@@ -84,24 +84,28 @@ class CacheStore:
         attrs = dict(group.attrs)
         if "kdcache_format" not in attrs:
             raise KdcacheError(
-                f"{location} is not a kdcache store (no kdcache_format attribute): pass a store made by `kdcache dump-logits`"
+                f"{location} is not a kdcache store (no kdcache_format attribute): pass a store made by `kdcache "
+                "dump-logits`"
             )
         if int(attrs["kdcache_format"]) > FORMAT_VERSION:
             raise KdcacheError(
-                f"{location} has store format {attrs['kdcache_format']}, newer than this kdcache reads ({FORMAT_VERSION}): upgrade kdcache"
+                f"{location} has store format {attrs['kdcache_format']}, newer than this kdcache reads "
+                f"({FORMAT_VERSION}): upgrade kdcache"
             )
         self.attrs = attrs
         self._arrays: dict[str, zarr.Array] = {}
         self._absent: set[str] = set()
 
     def array(self, name: str) -> zarr.Array:
-        """Array ``name``, opened once: every ``group[name]`` re-reads and parses its metadata, which a writer cannot afford per chunk."""
+        """Array ``name``, opened once: every ``group[name]`` re-reads and parses its metadata, which a writer cannot
+        afford per chunk."""
         if name not in self._arrays:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
 
     def has(self, name: str) -> bool:
-        """Whether the store holds array ``name``, asked of the store once (arrays are only added when a store is created)."""
+        """Whether the store holds array ``name``, asked of the store once (arrays are only added when a store is
+        created)."""
         if name in self._arrays:
             return True
         if name in self._absent:
@@ -172,7 +176,8 @@ class CacheStore:
                     arr[v, c * CHUNK : min(n, (c + 1) * CHUNK)]
                 except Exception as exc:
                     return KdcacheError(
-                        f"cache {self.location}: array {name}, view {v}, chunk {c} is corrupt ({exc.__class__.__name__}): "
+                        f"cache {self.location}: array {name}, view {v}, chunk {c} is corrupt "
+                        f"({exc.__class__.__name__}): "
                         "run `kdcache verify` and re-dump the cache"
                     )
         return KdcacheError(f"cache {self.location}: array {name} cannot be read: run `kdcache verify`")
@@ -299,7 +304,7 @@ def create_store(
     kinds: int,
     param_fields: list[list[str]],
     attrs: dict[str, object],
-    fmt: LogitFormat = LogitFormat(),
+    fmt: LogitFormat = FULL,
 ) -> CacheStore:
     """Create an empty cache with every array allocated (NaN-filled) and the identity attributes written."""
     n = len(labels)
@@ -354,7 +359,7 @@ def create_store(
         "num_samples": n,
         "num_classes": num_classes,
         "chunk_samples": CHUNK,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **attrs,
     }
     group.attrs.update(json.loads(json.dumps(meta)))

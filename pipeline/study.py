@@ -63,7 +63,8 @@ def study_views(
     progress: bool = True,
     **train_kwargs,
 ) -> list[StudyPoint]:
-    """Train ``student`` from the first ``counts`` views of ``cache`` (and online from ``teacher``); write ``study.json`` and ``views.png``.
+    """Train ``student`` from the first ``counts`` views of ``cache`` (and online from ``teacher``); write
+    ``study.json`` and ``views.png``.
 
     ``train_kwargs`` go to :func:`kdcache.train.train_student` unchanged (loss,
     hyper-parameters, device, workers), so every point differs only in the

@@ -100,7 +100,8 @@ class Teacher:
 
     @torch.inference_mode()
     def launch(self, views: torch.Tensor) -> LaunchedLogits:
-        """Start the forward pass of ``views`` and return at once; on a GPU the work runs while the caller does other things.
+        """Start the forward pass of ``views`` and return at once; on a GPU the work runs while the caller does other
+        things.
 
         On a GPU each block replays one captured CUDA graph of the forward
         pass, so issuing it costs a few calls instead of one per layer, and
@@ -138,7 +139,8 @@ class Teacher:
             return self.model(x).float()
 
     def _graph(self, shape: tuple[int, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        """The CUDA graph of one block's forward pass for views of ``shape`` (captured on first use), its input and output."""
+        """The CUDA graph of one block's forward pass for views of ``shape`` (captured on first use), its input and
+        output."""
         if shape not in self._graphs:
             static_in = torch.zeros((self.forward_block, *shape), dtype=torch.uint8, device=self.device)
             side = torch.cuda.Stream(self.device)

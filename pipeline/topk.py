@@ -61,11 +61,15 @@ class LogitFormat:
         return self.to_attrs()
 
 
+#: The default format: full logit rows.
+FULL = LogitFormat()
+
+
 def parse_format(text: str, num_classes: int | None = None) -> LogitFormat:
     """``--format`` (``full`` or ``topk:K``), checked against the number of classes when known."""
     text = str(text).strip()
     if text == "full":
-        return LogitFormat()
+        return FULL
     head, _, k = text.partition(":")
     if head != "topk" or not k.isdigit() or int(k) < 1:
         raise KdcacheError(f"unknown --format {text!r}: use full or topk:K with K a positive integer (e.g. topk:10)")

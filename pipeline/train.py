@@ -80,7 +80,7 @@ class TrainConfig:
     momentum: float = 0.9
     seed: int = 0
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by the loss's published default (see the README table)."""
         ls = self.logit_stand
         d: dict[str, float] = {
@@ -121,7 +121,8 @@ class TrainConfig:
         for name, ok in checks:
             if not ok:
                 raise KdcacheError(
-                    f"--{name} {getattr(self, name.replace('-', '_'))} is out of range: see `kdcache train-student --help`"
+                    f"--{name} {getattr(self, name.replace('-', '_'))} is out of range: see `kdcache train-student "
+                    "--help`"
                 )
         if self.mlkd_variant not in ("reference", "paper"):
             raise KdcacheError(f"unknown --mlkd-variant {self.mlkd_variant!r}: choose reference or paper")
@@ -229,7 +230,7 @@ def classification_metrics(
     top5 = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean()
     edges = torch.linspace(0, 1, bins + 1)
     ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         m = (conf > lo) & (conf <= hi)
         if m.any():
             ece += m.float().mean() * (conf[m].mean() - correct[m].mean()).abs()
@@ -304,7 +305,8 @@ def _cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None, mix
     if not store.complete():
         missing = int((~store.done()).sum())
         raise KdcacheError(
-            f"cache {store.location} is incomplete ({missing} chunks missing): re-run its dump-logits command to finish it"
+            f"cache {store.location} is incomplete ({missing} chunks missing): re-run its dump-logits command to "
+            "finish it"
         )
     fp = ds.fingerprint()
     stored = store.attrs["dataset"]
@@ -317,7 +319,8 @@ def _cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None, mix
     recipe = recipe_from_attrs(store.attrs["recipe"])
     if augment is not None and augment != recipe.name:
         raise KdcacheError(
-            f"cache {store.location} holds --augment {recipe.name} views, not {augment}: drop --augment or use another cache"
+            f"cache {store.location} holds --augment {recipe.name} views, not {augment}: drop --augment or use "
+            "another cache"
         )
     if mix is not None and mix != recipe.mix:
         raise KdcacheError(
@@ -334,7 +337,8 @@ def _open_caches(
     teacher_weights: str | list[float] | None,
     teacher_mix: str,
 ) -> tuple[list[CacheStore], Recipe, list[float]]:
-    """Open every ``--cache``, check each against the data, and check they hold the same views; returns the mixing weights."""
+    """Open every ``--cache``, check each against the data, and check they hold the same views; returns the mixing
+    weights."""
     stores = [open_store(c) for c in caches]
     recipe = [_cache_matches(st, ds, augment, mix) for st in stores][0]
     if teacher_mix not in TEACHER_MIXES:
@@ -478,7 +482,8 @@ def train_student(
     ):
         what = f"--teacher-fix {cfg.teacher_fix}" if cfg.loss in ("kd", "dkd") else f"--loss {cfg.loss}"
         raise KdcacheError(
-            f"{what} needs every teacher logit, but {caches[0]} is a {store.format} cache: use --loss kd or dkd with it, "
+            f"{what} needs every teacher logit, but {caches[0]} is a {store.format} cache: use --loss kd or dkd "
+            "with it, "
             "or dump with --format full"
         )
     if recipe.mix != "none" and (cfg.loss not in ("ce", "kd") or cfg.teacher_fix != "none"):
@@ -489,7 +494,8 @@ def train_student(
         )
     if store is not None and store.num_classes != train_ds.num_classes:
         raise KdcacheError(
-            f"cache has {store.num_classes} classes but {dataset} has {train_ds.num_classes}: use a cache of this dataset"
+            f"cache has {store.num_classes} classes but {dataset} has {train_ds.num_classes}: use a cache of this "
+            "dataset"
         )
 
     out = Path(out)
@@ -724,7 +730,8 @@ def _verify_hashes(
     kinds: int,
     offset: int,
 ) -> None:
-    """Compare the pixel hashes the workers computed with the ones the teacher's views had (``rows`` start at sample ``offset``)."""
+    """Compare the pixel hashes the workers computed with the ones the teacher's views had (``rows`` start at sample
+    ``offset``)."""
     ids = idx.numpy()
     for k in range(kinds):
         got = hashes[k].numpy().view(np.uint64)
@@ -742,7 +749,8 @@ def _verify_hashes(
 
 
 def finished_run(run_dir: str | Path, epochs: int) -> list[dict] | None:
-    """The metrics history of a run folder that already trained ``epochs`` epochs, else None (not started or cut off)."""
+    """The metrics history of a run folder that already trained ``epochs`` epochs, else None (not started or cut
+    off)."""
     metrics = Path(run_dir) / "metrics.jsonl"
     if not metrics.exists():
         return None

@@ -80,7 +80,8 @@ def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
         )
     if main.shape[2] != width:
         report.problems.append(
-            f"attributes: format {fmt} with {a['num_classes']} classes but {fmt.arrays()[0]} has {main.shape[2]} columns"
+            f"attributes: format {fmt} with {a['num_classes']} classes but {fmt.arrays()[0]} has {main.shape[2]} "
+            "columns"
         )
     if str(main.dtype) != a["dtype"]:
         report.problems.append(f"attributes: dtype {a['dtype']} but {fmt.arrays()[0]} is {main.dtype}")
@@ -133,7 +134,7 @@ def _check_replay(
     samples = rng.integers(0, store.num_samples, sample)
     bad_hash = bad_logits = 0
     worst = 0.0
-    for v, i in zip(views.tolist(), samples.tolist()):
+    for v, i in zip(views.tolist(), samples.tolist(), strict=True):
         img = ds.image(i)
         for k in range(len(recipe.kinds)):
             p = store.array(names["params"][k])[v, i] if store.has(names["params"][k]) else np.zeros(0, np.float32)

@@ -58,7 +58,8 @@ GENERATOR = "philox4x32-10 key=seed counter=(block,kind,view,sample)"
 
 
 def philox4x32_10(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Philox4x32-10 (Salmon et al., SC 2011) over arrays: counter ``(..., 4)`` and key ``(..., 2)`` uint32 -> ``(..., 4)`` uint32."""
+    """Philox4x32-10 (Salmon et al., SC 2011) over arrays: counter ``(..., 4)`` and key ``(..., 2)`` uint32 -> ``(...,
+    4)`` uint32."""
     c = [np.asarray(counter)[..., j].astype(np.uint64) for j in range(4)]
     k = [np.asarray(key)[..., j].astype(np.uint64) for j in range(2)]
     m0, m1, w0, w1 = (np.uint64(x) for x in (*PHILOX_M, *PHILOX_W))
@@ -71,7 +72,8 @@ def philox4x32_10(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
 
 
 def view_words(seed: int, kind: int, views: np.ndarray, samples: np.ndarray, blocks: int, first: int = 0) -> np.ndarray:
-    """``(n, 4 * blocks)`` uint32 random words of views ``(views[j], samples[j])``: counter (block, kind, view, sample), key seed,
+    """``(n, 4 * blocks)`` uint32 random words of views ``(views[j], samples[j])``: counter (block, kind, view, sample),
+    key seed,
     for blocks ``first .. first + blocks - 1``."""
     views, samples = np.asarray(views, np.uint64).ravel(), np.asarray(samples, np.uint64).ravel()
     n = len(views)
@@ -232,7 +234,8 @@ class Recipe:
         return (*self.fields_weak, "partner", *(f"partner_{f}" for f in self.fields_weak), "lam", *box)
 
     def partners(self, seed: int, views: np.ndarray, samples: np.ndarray, num_samples: int) -> np.ndarray:
-        """The partner sample each view ``(views[j], samples[j])`` is mixed with: never itself, uniform over the rest."""
+        """The partner sample each view ``(views[j], samples[j])`` is mixed with: never itself, uniform over the
+        rest."""
         words = view_words(seed, 0, views, samples, 1, first=_BLOCK_MIX)[:, 0]
         return (np.asarray(samples, np.int64) + 1 + _below(words, max(num_samples - 1, 1))) % max(num_samples, 1)
 
@@ -267,7 +270,8 @@ class Recipe:
     def params(
         self, seed: int, view: int, sample: int, kind: int, image_hw: tuple[int, int], all_views: bool = False
     ) -> np.ndarray:
-        """The float32 parameter vector of view ``(view, sample, kind)``; ``all_views`` enumerates the 162 CIFAR views."""
+        """The float32 parameter vector of view ``(view, sample, kind)``; ``all_views`` enumerates the 162 CIFAR
+        views."""
         return self.params_batch(
             seed, np.asarray([view]), np.asarray([sample]), kind, np.asarray([image_hw]), all_views
         )[0]
@@ -283,7 +287,8 @@ class Recipe:
         partners: np.ndarray | None = None,
         partner_hw: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``(n, fields)`` float32 parameters of views ``(views[j], samples[j])`` of kind ``kind``; ``image_hw`` is ``(n, 2)``.
+        """``(n, fields)`` float32 parameters of views ``(views[j], samples[j])`` of kind ``kind``; ``image_hw`` is
+        ``(n, 2)``.
 
         A mixing recipe also needs the :meth:`partners` and their image sizes:
         the partner enters with its own view of the same index, and the vector
@@ -302,7 +307,8 @@ class Recipe:
         cols = [base, np.asarray(partners, np.float64)[:, None], other]
         if self.mix == "mixup":
             return np.concatenate(cols + [lam[:, None]], axis=1).astype(np.float32)
-        # CutMix (timm's rand_bbox): a box of side sqrt(1 - λ) around a uniform centre, clipped; λ is then the kept area.
+        # CutMix (timm's rand_bbox): a box of side sqrt(1 - λ) around a uniform centre, clipped; λ is then the kept
+        # area.
         side = self.size
         cut = (side * np.sqrt(1.0 - lam)).astype(np.int64)
         cy, cx = _below(words[:, 1], side), _below(words[:, 2], side)
@@ -399,14 +405,18 @@ class Recipe:
     def apply_batch(
         self, images: list[np.ndarray], params: np.ndarray, kind: int = 0, partners: list[np.ndarray] | None = None
     ) -> torch.Tensor:
-        """uint8 NCHW views of ``images`` (HWC uint8) from their ``(n, fields)`` parameters; same pixels as :meth:`apply`.
+        """uint8 NCHW views of ``images`` (HWC uint8) from their ``(n, fields)`` parameters; same pixels as
+        :meth:`apply`.
 
         Weak views of 32x32 recipes take a fast path (one slice copy per view, flipped by
         writing through a mirrored view, and one transpose per batch); everything else loops :meth:`apply`.
         """
         if self.mix != "none" and kind == 0:
             return torch.stack(
-                [self.apply(im, p, kind, q) for im, p, q in zip(images, params, partners or [None] * len(images))]
+                [
+                    self.apply(im, p, kind, q)
+                    for im, p, q in zip(images, params, partners or [None] * len(images), strict=True)
+                ]
             )
         if not (
             self.small
@@ -414,11 +424,13 @@ class Recipe:
             and self.name != "none"
             and all(im.shape[:2] == (self.size, self.size) for im in images)
         ):
-            return torch.stack([self.apply(im, p, kind) for im, p in zip(images, params)])
+            return torch.stack([self.apply(im, p, kind) for im, p in zip(images, params, strict=True)])
         n, s, pad = len(images), self.size, self.padding
         out = np.zeros((n, s, s, images[0].shape[2] if n else 3), dtype=np.uint8)
         offs = params[:, :2].astype(np.int64) - pad
-        for j, (im, (y0, x0), flip) in enumerate(zip(images, offs.tolist(), (params[:, 2] >= 0.5).tolist())):
+        for j, (im, (y0, x0), flip) in enumerate(
+            zip(images, offs.tolist(), (params[:, 2] >= 0.5).tolist(), strict=True)
+        ):
             dst = out[j, :, ::-1] if flip else out[j]
             dst[max(-y0, 0) : s - max(y0, 0), max(-x0, 0) : s - max(x0, 0)] = im[
                 max(y0, 0) : s + min(y0, 0), max(x0, 0) : s + min(x0, 0)
@@ -479,7 +491,8 @@ def recipe_from_attrs(attrs: dict[str, object]) -> Recipe:
 def normalize(
     batch: torch.Tensor, mean: tuple[float, ...] | torch.Tensor, std: tuple[float, ...] | torch.Tensor
 ) -> torch.Tensor:
-    """uint8 NCHW -> float32 ``(x / 255 - mean) / std`` on the batch's device (``mean``/``std`` may already live there)."""
+    """uint8 NCHW -> float32 ``(x / 255 - mean) / std`` on the batch's device (``mean``/``std`` may already live
+    there)."""
     m = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     return (batch.float() / 255.0 - m) / s

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli, write_cifar100, write_image_folder
+
 from kdcache.data import build_dataset
 from kdcache.errors import KdcacheError
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from conftest import assert_same_arrays, run_cli
+
 from kdcache.data import build_dataset
 from kdcache.dump import dump_logits, join_pixels
 from kdcache.errors import KdcacheError
@@ -102,7 +102,7 @@ def test_views_all_covers_every_crop_flip_once_and_replays(teacher_ckpt, tmp_pat
     store = open_store(out)
     params = np.asarray(store.group["params"][...])  # (162, 40, 3)
     for i in (0, 17, 39):
-        assert {tuple(p) for p in params[:, i]} == {(t, l, f) for t in range(9) for l in range(9) for f in range(2)}
+        assert {tuple(p) for p in params[:, i]} == {(t, lt, f) for t in range(9) for lt in range(9) for f in range(2)}
     recipe = make_recipe("cifar", True)
     hashes = np.asarray(store.group["view_hash"][...])
     for v, i in ((0, 0), (77, 13), (161, 39)):
@@ -189,7 +189,8 @@ def _running(pid: int) -> bool:
 
 
 def _dump_midway(args: list[str], out: Path, **popen) -> subprocess.Popen:
-    """Start ``kdcache dump-logits`` with ``args`` and return once 4 chunks of ``out`` are done, the dump still running."""
+    """Start ``kdcache dump-logits`` with ``args`` and return once 4 chunks of ``out`` are done, the dump still
+    running."""
     proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *args], stdout=subprocess.DEVNULL, **popen)
     done_dir = out / "done" / "c"
     deadline = time.time() + 120
@@ -225,7 +226,8 @@ def test_ctrl_c_midway_stops_cleanly_and_resumes(cifar_root, teacher_ckpt, tmp_p
     out, full = tmp_path / "i.zarr", tmp_path / "full.zarr"
     args = _dump_args(cifar_root, teacher_ckpt[100], out, "--workers", "2", views="40")
     run_cli(*_dump_args(cifar_root, teacher_ckpt[100], full, views="40"), check=True)
-    # Its own process group, so the SIGINT reaches the dump, its loader workers and its writer, as a terminal's Ctrl-C does.
+    # Its own process group, so the SIGINT reaches the dump, its loader workers and its writer, as a terminal's Ctrl-C
+    # does.
     proc = _dump_midway(args, out, stderr=subprocess.PIPE, text=True, start_new_session=True)
     writers = _writer_processes(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)
@@ -312,7 +314,8 @@ def _fails_then_resumes(
     cifar_root: Path, teacher_ckpt: dict[int, Path], tmp_path: Path, monkeypatch, patch: tuple, match: str
 ) -> np.ndarray:
     """Dump with ``patch`` (object, attribute, replacement) in place: it must fail with ``match``, release the lock, and
-    the same call without the patch must resume to an uninterrupted dump's store. Returns the done chunks after the failure."""
+    the same call without the patch must resume to an uninterrupted dump's store. Returns the done chunks after the
+    failure."""
     ref, out = tmp_path / "ref.zarr", tmp_path / "failed.zarr"
     kw = dict(
         teacher="resnet8",
@@ -422,7 +425,8 @@ def test_summary_says_which_stage_held_the_loop_back(cifar_root, teacher_ckpt, t
     )
     assert set(s.stages) == {"views", "teacher", "gpu_wait", "rows", "writer"}
     assert all(v >= 0 for v in s.stages.values()) and sum(s.stages.values()) <= s.seconds
-    # The prefetch thread builds the next batch while the teacher runs, so a slow view costs the loop at least half its delay.
+    # The prefetch thread builds the next batch while the teacher runs, so a slow view costs the loop at least half its
+    # delay.
     assert s.stages[slow] >= delay * calls["n"] * (1.0 if slow == "teacher" else 0.5)
     line = next(x for x in s.lines() if x.startswith("loop"))
     assert ("teacher is the bound" if slow == "teacher" else "raise --workers") in line

@@ -1,11 +1,12 @@
-"""Exact mixup / CutMix views: partner, λ and box from the counter generator, replayed bit-exactly on the student side."""
+"""Exact mixup / CutMix views: partner, λ and box from the counter generator, replayed bit-exactly on the student
+side."""
 
 import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import run_cli
+
 from kdcache.data import build_dataset
 from kdcache.dump import dump_logits
 from kdcache.train import train_student

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 import zarr
+from conftest import assert_same_arrays, run_cli
 
 from kdcache.dump import dump_logits
-from conftest import assert_same_arrays, run_cli
 
 
 def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, teacher_ckpt):

@@ -3,8 +3,8 @@
 import json
 
 import torch
-
 from conftest import run_cli
+
 from kdcache.dump import dump_logits
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from kdcache.dump import dump_logits
 from kdcache.inspect import teacher_agreement
 from kdcache.losses import ensemble_teachers

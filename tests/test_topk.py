@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import run_cli
+
 from kdcache.dump import dump_logits
 from kdcache.errors import KdcacheError
 from kdcache.losses import dkd_loss, kd_loss, topk_dkd_loss, topk_kd_loss, zscore
@@ -37,7 +37,7 @@ def _topk(t: torch.Tensor, y: torch.Tensor, k: int) -> TopKTeacher:
 def test_stats_and_bucket_masses_are_exact_at_t1():
     t, y, s = _teacher_batch()
     tk = _topk(t, y, 5)
-    st = dict(zip(STAT_FIELDS, tk.stats.T))
+    st = dict(zip(STAT_FIELDS, tk.stats.T, strict=True))
     assert torch.allclose(st["mean"], t.mean(1)) and torch.allclose(st["std"], t.std(1))
     assert torch.allclose(st["lse"], torch.logsumexp(t, 1)) and torch.equal(
         st["target"], t.gather(1, y[:, None]).squeeze(1)

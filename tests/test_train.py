@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import assert_same_arrays, run_cli
+
 from kdcache.dump import dump_logits
 from kdcache.errors import KdcacheError
 from kdcache.train import train_student

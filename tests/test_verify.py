@@ -2,8 +2,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-
 from conftest import run_cli
+
 from kdcache.dump import dump_logits
 from kdcache.verify import verify_cache
 

@@ -17,7 +17,7 @@ def test_params_depend_only_on_seed_view_sample_kind():
     a = [r.params(3, v, i, k, (32, 32)) for v, i, k in [(0, 1, 0), (5, 9, 1), (2, 2, 1)]]
     np.random.seed(123)  # global RNG state must not matter
     b = [r.params(3, v, i, k, (32, 32)) for v, i, k in reversed([(0, 1, 0), (5, 9, 1), (2, 2, 1)])][::-1]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
     assert not np.array_equal(r.params(3, 0, 1, 0, (32, 32)), r.params(4, 0, 1, 0, (32, 32)))
     assert len(r.params(0, 0, 0, 1, (32, 32))) == len(r.fields(1)) == 10
@@ -26,7 +26,7 @@ def test_params_depend_only_on_seed_view_sample_kind():
 def test_all_cifar_views_are_the_162_distinct_crop_flips(digits):
     r = make_recipe("cifar", True)
     params = {tuple(r.params(0, v, 7, 0, (32, 32), all_views=True)) for v in range(CIFAR_ALL_VIEWS)}
-    assert params == {(t, l, f) for t in range(9) for l in range(9) for f in range(2)}
+    assert params == {(t, lt, f) for t in range(9) for lt in range(9) for f in range(2)}
     hashes = {pixel_hash(r.apply(digits.image(7), np.asarray(p, np.float32))) for p in params}
     assert len(hashes) > 100  # distinct pixels (a few crops of a dark border can coincide)
 
@@ -97,7 +97,7 @@ def test_batched_params_equal_one_at_a_time(name, small):
     hw = np.asarray([(32, 32)] * 40) if small else np.asarray([(300 + j, 400 - 3 * j) for j in range(40)])
     for kind in range(len(r.kinds)):
         batch = r.params_batch(9, views, samples, kind, hw)
-        single = [r.params(9, int(v), int(i), kind, tuple(s)) for v, i, s in zip(views, samples, hw)]
+        single = [r.params(9, int(v), int(i), kind, tuple(s)) for v, i, s in zip(views, samples, hw, strict=True)]
         assert np.array_equal(batch, np.stack(single))
         assert len(np.unique(batch, axis=0)) > 30
 
@@ -111,6 +111,6 @@ def test_batched_views_and_hashes_equal_one_at_a_time(digits):
         (1, r.params_batch(0, np.zeros(20, np.int64), samples[:20], 1, np.full((20, 2), 32))),
     ]:
         batch = r.apply_batch(images[: len(params)], params, kind)
-        single = [r.apply(im, p, kind) for im, p in zip(images, params)]
+        single = [r.apply(im, p, kind) for im, p in zip(images[: len(params)], params, strict=True)]
         assert torch.equal(batch, torch.stack(single))
         assert pixel_hashes(batch).tolist() == [pixel_hash(x) for x in single]
