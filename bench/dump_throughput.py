@@ -42,8 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdcache.chunks import ViewSet
 from kdcache.data import ImageDataset, build_dataset
-from kdcache.dump import DumpSummary, ViewSet, dump_logits, view_batches
+from kdcache.dump import DumpSummary, dump_logits, view_batches
 from kdcache.models import create_model, register, save_checkpoint
 from kdcache.teacher import LaunchedLogits, Teacher, load_teacher
 from kdcache.views import Recipe, make_recipe

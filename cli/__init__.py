@@ -194,7 +194,7 @@ def inspect_cmd(stores: tuple[str, ...], plot_path: str | None) -> None:
     Given several caches of the same views (one per teacher), also show how the
     teachers agree per view.
     """
-    from kdcache.inspect import inspect_cache, teacher_agreement
+    from kdcache.inspection import inspect_cache, teacher_agreement
 
     for store in stores:
         report = inspect_cache(store)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kdcache.chunks import ChunkRows, ViewSet, chunk_rows, mark_done, teacher_rows
 from kdcache.data import ImageDataset, build_dataset
 from kdcache.errors import KdcacheError
 from kdcache.store import CHUNK, CacheStore, open_store
@@ -104,40 +105,23 @@ def _state(job: ChunkJob) -> _WorkerState:
 
 def dump_chunk(job: ChunkJob, v: int, c: int) -> tuple[int, int, int]:
     """Compute and write chunk ``c`` of view ``v`` on a worker; returns (view, chunk, rows)."""
-    from kdcache.dump import ViewSet, check_logits, disk_error, write_chunk
-    from kdcache.topk import encode
-
     st = _state(job)
-    n = st.store.num_samples
-    rows = np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))
-    items = np.stack(np.broadcast_arrays(np.int64(v), rows), 1)
-    view_set = ViewSet(st.dataset, st.recipe, job.seed, items, job.all_views)
-    np_dtype = np.float16 if job.dtype == "float16" else np.float32
-    kinds = len(st.recipe.kinds)
+    rows = chunk_rows(st.store.num_samples, c)
+    view_set = ViewSet(
+        st.dataset, st.recipe, job.seed, np.stack(np.broadcast_arrays(np.int64(v), rows), 1), job.all_views
+    )
     labels = torch.from_numpy(np.asarray(st.dataset.labels, dtype=np.int64))
-    teacher: list[list[dict[str, np.ndarray]]] = [[] for _ in range(kinds)]
-    params: list[list[np.ndarray]] = [[] for _ in range(kinds)]
-    hashes: list[list[np.ndarray]] = [[] for _ in range(kinds)]
+    chunk = None
     # Blocks start at the chunk's first row and the teacher pads the last one,
     # exactly as a single-process dump of this chunk does.
     step = max(job.batch_size - job.batch_size % job.forward_block, job.forward_block)
     for s in range(0, len(rows), step):
-        views, samples, pix, par, hsh = view_set[list(range(s, min(len(rows), s + step)))]
-        for k in range(kinds):
-            out = st.teacher(pix[k])
-            check_logits(out, views, samples, job.dtype, "strong " if k else "")
-            teacher[k].append(encode(out, labels[torch.from_numpy(samples)], st.store.format, np_dtype))
-            params[k].append(par[k])
-            hashes[k].append(hsh[k])
-    try:
-        rows_by_kind = [
-            {name: np.concatenate([part[name] for part in parts]) for name in parts[0]} for parts in teacher
-        ]
-        write_chunk(
-            st.store, v, c, rows_by_kind, [np.concatenate(p) for p in params], [np.concatenate(h) for h in hashes]
-        )
-    except OSError as exc:
-        raise disk_error(v, c, exc) from None
+        batch = view_set[list(range(s, min(len(rows), s + step)))]
+        outs = [st.teacher(x) for x in batch.pixels]
+        teacher = teacher_rows(outs, batch.views, batch.samples, labels, st.store.format, job.dtype)
+        chunk = chunk or ChunkRows.empty(v, c, len(rows), teacher, batch.params)
+        chunk.add(batch, teacher)
+    chunk.write(st.store, mark=False)  # the client marks it done once the task has returned
     return v, c, len(rows)
 
 
@@ -155,7 +139,7 @@ def cluster_client(scheduler: str | None, local_cluster: int | None) -> Iterator
         from distributed import Client, LocalCluster
     except ImportError:
         raise KdcacheError(
-            "--scheduler / --local-cluster need dask.distributed: pip install 'kdcache[distributed]'"
+            "--scheduler / --local-cluster need dask.distributed: pip install 'dask[distributed]'"
         ) from None
     if local_cluster is None:
         try:
@@ -190,8 +174,6 @@ def run_on_cluster(
     """Submit one task per chunk in ``todo``, mark each done as it returns; returns (chunks written, seconds)."""
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
-
-    from kdcache.dump import mark_done
 
     if progress and client.dashboard_link:
         tqdm.write(f"dask dashboard: {client.dashboard_link}")

@@ -12,14 +12,8 @@ dump resumes and ends bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.metadata as md
-import multiprocessing as mp
-import os
-import pickle
 import queue
-import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -28,22 +22,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm import tqdm
 
 from kdcache import __version__
+from kdcache.chunks import ChunkRows, ViewBatch, ViewSet, as_is, chunk_rows, teacher_rows
+from kdcache.cluster import ChunkJob, cluster_client, run_on_cluster
 from kdcache.data import ImageDataset, build_dataset
 from kdcache.errors import KdcacheError
 from kdcache.store import (
     CHUNK,
     CacheStore,
-    array_names,
     check_writable_location,
     create_store,
     disk_bytes,
     extend_views,
     identity_mismatch,
-    local_path,
     num_chunks,
     open_store,
     remove_store,
@@ -51,78 +45,11 @@ from kdcache.store import (
     writer_lock,
 )
 from kdcache.teacher import Teacher, load_teacher
-from kdcache.topk import LogitFormat, encode, parse_format
-from kdcache.views import Recipe, make_recipe, pixel_hashes
+from kdcache.topk import LogitFormat, parse_format
+from kdcache.views import Recipe, make_recipe, parse_views
+from kdcache.writer import chunk_writer
 
 DTYPES = ("float16", "float32")
-FLOAT16_MAX = 65504.0
-_PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15  # prctl(2) options
-
-
-def parse_views(views: str | int, recipe: Recipe) -> tuple[int, str]:
-    """``--views`` as (number of views, mode): ``all`` enumerates a finite view space, ``N`` seeds N views."""
-    if str(views) == "all":
-        n = recipe.num_discrete_views
-        if n is None:
-            what = f"recipe {recipe.name!r}" + (f" with --mix {recipe.mix}" if recipe.mix != "none" else "")
-            raise KdcacheError(f"--views all needs a finite view space; {what} is continuous: pass --views N")
-        return n, "all" if recipe.name == "cifar" else "seeded"
-    try:
-        n = int(views)
-    except ValueError:
-        raise KdcacheError(f"--views must be a positive integer or 'all', got {views!r}") from None
-    if n < 1:
-        raise KdcacheError(f"--views must be at least 1, got {n}")
-    if recipe.name == "none" and n != 1:
-        raise KdcacheError("--augment none has exactly one view: pass --views 1")
-    return n, "seeded"
-
-
-class ViewSet(Dataset):
-    """Batches of (view, sample) pairs: uint8 pixels, float32 parameters and pixel hashes per kind.
-
-    Indexed by a list of item positions (the loader's batch sampler), so the
-    parameters come from one vectorized generator call and 32x32 crops from
-    one batched copy instead of per-view Python work. A batch is
-    ``(views, samples, pixels, params, hashes)``: ``pixels`` is one uint8
-    tensor of shape (kinds, n, C, H, W), the rest are numpy arrays (``params``
-    and ``hashes`` one per kind). From a DataLoader worker only the pixel
-    tensor travels through shared memory; each shared tensor costs a socket
-    handshake with the worker, which waits on that busy worker's GIL, while
-    the small arrays ride along in the pickle.
-    """
-
-    def __init__(self, dataset: ImageDataset, recipe: Recipe, seed: int, items: np.ndarray, all_views: bool):
-        self.dataset, self.recipe, self.seed, self.items, self.all_views = dataset, recipe, seed, items, all_views
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(
-        self, ks: list[int]
-    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, list[np.ndarray], list[np.ndarray]]:
-        v, i = self.items[ks, 0], self.items[ks, 1]
-        images = [self.dataset.image(int(s)) for s in i]
-        hw = np.asarray([im.shape[:2] for im in images], dtype=np.int64)
-        pixels, params, hashes = [], [], []
-        partners = partner_images = partner_hw = None
-        if self.recipe.mix != "none":
-            partners = self.recipe.partners(self.seed, v, i, len(self.dataset))
-            partner_images = [self.dataset.image(int(j)) for j in partners]
-            partner_hw = np.asarray([im.shape[:2] for im in partner_images], dtype=np.int64)
-        for kind in range(len(self.recipe.kinds)):
-            p = self.recipe.params_batch(self.seed, v, i, kind, hw, self.all_views, partners, partner_hw)
-            x = self.recipe.apply_batch(images, p, kind, partner_images)
-            pixels.append(x)
-            params.append(p)
-            hashes.append(pixel_hashes(x))
-        return v, i, torch.stack(pixels) if len(pixels) > 1 else pixels[0][None], params, hashes
-
-
-def as_is(batch: tuple) -> tuple:
-    """The DataLoader's collate for :class:`ViewSet`: its default would turn the numpy arrays back into shared
-    tensors."""
-    return batch
 
 
 @dataclass
@@ -186,187 +113,6 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "absent"
     return out
-
-
-def write_chunk(
-    store: CacheStore,
-    v: int,
-    c: int,
-    teacher: list[dict[str, np.ndarray]],
-    params: list[np.ndarray],
-    hashes: list[np.ndarray],
-) -> None:
-    """Write chunk ``c`` of view ``v`` (per kind: teacher arrays by base name, parameters, pixel hashes) and fsync it;
-    not yet marked done."""
-    names = array_names(len(teacher), store.format)
-    rows = slice(c * CHUNK, c * CHUNK + len(hashes[0]))
-    written = []
-    for k in range(len(teacher)):
-        for name in names["teacher"][k]:
-            store.array(name)[v, rows] = teacher[k][name.removesuffix("_strong")]
-            written.append(name)
-        if store.has(names["params"][k]):
-            store.array(names["params"][k])[v, rows] = params[k]
-            written.append(names["params"][k])
-        store.array(names["view_hash"][k])[v, rows] = hashes[k]
-        written.append(names["view_hash"][k])
-    store.sync_chunk(written, v, c)
-
-
-def mark_done(store: CacheStore, v: int, c: int) -> None:
-    """Record chunk ``c`` of view ``v`` as complete, after its data is durable."""
-    store.array("done")[v, c] = 1
-    store.sync_chunk(["done"], v, None)
-
-
-def disk_error(v: int, c: int, exc: OSError) -> KdcacheError:
-    """The one-line error for a failed chunk write; the store stays resumable."""
-    return KdcacheError(
-        f"writing view {v}, chunk {c} failed ({exc.strerror or exc}): free space or fix the "
-        "store location, then re-run the same command to resume"
-    )
-
-
-def _write(store: CacheStore, job: tuple) -> None:
-    """Write one whole chunk and then mark it done; a failed write (full disk, vanished mount) leaves it resumable."""
-    v, c, logits, params, hashes = job
-    try:
-        write_chunk(store, v, c, logits, params, hashes)
-        mark_done(store, v, c)
-    except OSError as exc:
-        raise disk_error(v, c, exc) from None
-
-
-class _ThreadWriter:
-    """Writes chunks on a background thread: for stores another process cannot open (``memory://``) and non-Linux
-    hosts."""
-
-    def __init__(self, store: CacheStore, max_pending: int = 4):
-        self.store = store
-        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self.error: BaseException | None = None
-        self.written = 0
-        self.thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.queue.get()) is not None:
-            if self.error is not None:
-                continue
-            try:
-                _write(self.store, job)
-                self.written += 1
-            except BaseException as exc:  # surfaced to the producer on its next put/close
-                self.error = exc
-
-    def put(self, job: tuple) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(job)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def _writer_process(location: str, parent: int, jobs, results) -> None:
-    """Body of the writer process: write each job's chunk; report the first error at once and the count at the end."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the dump, which then closes its writer in order
-    libc = ctypes.CDLL(None)
-    libc.prctl(_PR_SET_NAME, b"kdcache-writer")
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # a SIGKILLed dump leaves no orphan writing into its store
-    if os.getppid() != parent:
-        return
-    store = open_store(location, "r+")
-    written, failed = 0, False
-    while (job := jobs.get()) is not None:
-        if failed:
-            continue
-        try:
-            _write(store, job)
-            written += 1
-        except BaseException as exc:
-            failed = True
-            try:
-                pickle.dumps(exc)
-            except Exception:
-                exc = RuntimeError(f"chunk writer failed: {exc!r}")
-            results.put(("error", exc))
-    results.put(("written", written))
-
-
-class _ProcessWriter:
-    """Writes chunks in a forked child process, so a chunk write never takes the dump loop's GIL.
-
-    Zarr encodes and stores a chunk through its own event-loop and pool
-    threads: about 10 ms of GIL per CIFAR-100 chunk, which the loop thread
-    (and, on a GPU, every CUDA call it makes) would otherwise wait behind.
-    """
-
-    def __init__(self, store: CacheStore, max_pending: int = 4):
-        ctx = mp.get_context("fork")
-        self.jobs, self.results = ctx.Queue(max_pending), ctx.Queue()
-        self.error: BaseException | None = None
-        self.written, self.finished = 0, False
-        self.process = ctx.Process(
-            target=_writer_process,
-            args=(store.location, os.getpid(), self.jobs, self.results),
-            name="kdcache-writer",
-            daemon=True,
-        )
-        self.process.start()
-
-    def _receive(self, timeout: float | None) -> bool:
-        """Take one report from the writer, waiting up to ``timeout`` seconds (None: not at all); False when none
-        came."""
-        try:
-            kind, value = self.results.get(timeout=timeout) if timeout else self.results.get_nowait()
-        except queue.Empty:
-            return False
-        if kind == "error":
-            self.error = value
-        else:
-            self.written, self.finished = value, True
-        return True
-
-    def _check_alive(self) -> None:
-        if not self.process.is_alive() and not self._receive(0.5):
-            self.jobs.cancel_join_thread()  # nobody will read what is still queued
-            raise KdcacheError(
-                f"the chunk writer process died (exit code {self.process.exitcode}): re-run the same command to resume"
-            )
-
-    def _send(self, job: tuple | None) -> None:
-        while True:
-            try:
-                self.jobs.put(job, timeout=1.0)
-                return
-            except queue.Full:
-                self._check_alive()
-
-    def put(self, job: tuple) -> None:
-        self._receive(None)
-        if self.error is not None:
-            raise self.error
-        self._send(job)
-
-    def close(self) -> None:
-        self._send(None)
-        while not self.finished:
-            if not self._receive(1.0):
-                self._check_alive()
-        self.process.join()
-        if self.error is not None:
-            raise self.error
-
-
-def _chunk_writer(store: CacheStore) -> _ThreadWriter | _ProcessWriter:
-    """A process writer for local stores on Linux (fork, and the kernel ends it with the dump); a thread otherwise."""
-    if sys.platform == "linux" and local_path(store.location) is not None:
-        return _ProcessWriter(store)
-    return _ThreadWriter(store)
 
 
 def _prefetched(iterable, depth: int):
@@ -516,8 +262,6 @@ def dump_logits(
     }
     session = contextlib.nullcontext()
     if distributed:
-        from kdcache.cluster import ChunkJob, cluster_client
-
         session = cluster_client(scheduler, local_cluster)
     with session as client, writer_lock(out):
         store, created = _prepare_store(out, overwrite, identity, num_views, str(views), ds, recipe, dtype, fmt)
@@ -591,6 +335,108 @@ def _prepare_store(
     return store, True
 
 
+STAGES = ("views", "teacher", "gpu_wait", "rows", "writer")
+
+
+class DumpLoop:
+    """The single-process dump loop: loader batches -> whole forward blocks -> rows gathered into chunks -> writer.
+
+    The teacher runs on whole forward blocks only (a remainder waits for the
+    next loader batch), so ``--batch-size`` never changes the computation, and
+    keeps two blocks in flight on a GPU while the oldest one's rows are checked,
+    encoded and gathered into their chunks. :attr:`stages` holds the seconds of
+    the loop's thread per stage: waiting for views, in the teacher (the forward
+    pass on a CPU, issuing it on a GPU), waiting for a GPU's logits, checking and
+    gathering rows, and waiting for room in the writer's queue.
+    """
+
+    def __init__(self, store: CacheStore, teacher: Teacher, labels: np.ndarray, dtype: str, writer, bar: tqdm):
+        self.store, self.teacher, self.dtype, self.writer, self.bar = store, teacher, dtype, writer, bar
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.pin = teacher.device.type == "cuda"
+        self.num_chunks = num_chunks(store.num_samples)
+        #: loader batches not yet sent to the teacher (fewer views than a forward block, unless final)
+        self.pending: list[ViewBatch] = []
+        #: blocks sent to the teacher whose logits are not read back yet, each with its handles per view kind
+        self.in_flight: deque[tuple[ViewBatch, list]] = deque()
+        #: chunks with some of their rows gathered, by (view, chunk)
+        self.chunks: dict[tuple[int, int], ChunkRows] = {}
+        self.stages = dict.fromkeys(STAGES, 0.0)
+
+    def run(self, batches: Iterable[ViewBatch]) -> None:
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            batch = next(it, None)
+            self.stages["views"] += time.perf_counter() - t
+            if batch is None:
+                break
+            self.pending.append(batch)
+            self.launch(final=False)
+            self.store_rows(depth=2)
+        self.launch(final=True)
+        self.store_rows(depth=0)
+
+    def launch(self, final: bool) -> None:
+        """Send the pending views' whole forward blocks (all of them when ``final``) to the teacher."""
+        count = sum(len(b.views) for b in self.pending)
+        take = count if final else count - count % self.teacher.forward_block
+        if take == 0:
+            return
+        # One loader batch is used as it is: its pinned pixels go to the GPU without a copy.
+        batch = self.pending[0] if len(self.pending) == 1 else self._join(self.pending)
+        self.pending.clear()
+        if take < count:
+            self.pending.append(batch.rows(slice(take, None)))
+            batch = batch.rows(slice(take))
+        t = time.perf_counter()
+        handles = [self.teacher.launch(x) for x in batch.pixels]
+        self.stages["teacher"] += time.perf_counter() - t
+        self.in_flight.append((batch, handles))
+
+    def _join(self, parts: list[ViewBatch]) -> ViewBatch:
+        kinds = range(len(parts[0].params))
+        return ViewBatch(
+            np.concatenate([p.views for p in parts]),
+            np.concatenate([p.samples for p in parts]),
+            join_pixels([p.pixels for p in parts], self.pin),
+            [np.concatenate([p.params[k] for p in parts]) for k in kinds],
+            [np.concatenate([p.hashes[k] for p in parts]) for k in kinds],
+        )
+
+    def store_rows(self, depth: int) -> None:
+        """Read back launched blocks until ``depth`` remain in flight, gathering their rows into chunks."""
+        while len(self.in_flight) > depth:
+            t = time.perf_counter()
+            batch, handles = self.in_flight.popleft()
+            outs = [h.result() for h in handles]
+            waited = time.perf_counter() - t
+            self.stages["gpu_wait"] += waited
+            teacher = teacher_rows(outs, batch.views, batch.samples, self.labels, self.store.format, self.dtype)
+            waited += self._gather(batch, teacher)
+            self.bar.update(len(batch.samples))
+            self.stages["rows"] += time.perf_counter() - t - waited
+
+    def _gather(self, batch: ViewBatch, teacher: list[dict[str, np.ndarray]]) -> float:
+        """Put a block's rows into their chunks, handing full ones to the writer; returns seconds waited on it."""
+        keys = batch.views * self.num_chunks + batch.samples // CHUNK
+        waited = 0.0
+        for key in np.unique(keys).tolist():
+            v, c = divmod(key, self.num_chunks)
+            sel = np.flatnonzero(keys == key)
+            if (v, c) not in self.chunks:
+                size = len(chunk_rows(self.store.num_samples, c))
+                self.chunks[v, c] = ChunkRows.empty(v, c, size, teacher, batch.params)
+            chunk = self.chunks[v, c]
+            chunk.add(batch, teacher, sel)
+            if chunk.full:
+                t = time.perf_counter()
+                self.writer.put(self.chunks.pop((v, c)))
+                waited += time.perf_counter() - t
+        self.stages["writer"] += waited
+        return waited
+
+
 def _run_dump(
     store: CacheStore,
     ds: ImageDataset,
@@ -603,122 +449,27 @@ def _run_dump(
     dtype: str,
     progress: bool,
 ) -> DumpSummary:
-    n, chunks = store.num_samples, num_chunks(store.num_samples)
     todo = _todo(store)
-    items = (
-        np.concatenate(
-            [np.stack(np.broadcast_arrays(v, np.arange(c * CHUNK, min(n, (c + 1) * CHUNK))), 1) for v, c in todo]
-        )
-        if todo
-        else np.zeros((0, 2), dtype=np.int64)
+    items = np.concatenate(
+        [np.zeros((0, 2), np.int64)]
+        + [np.stack(np.broadcast_arrays(v, chunk_rows(store.num_samples, c)), 1) for v, c in todo]
     )
-    kinds = len(recipe.kinds)
-    pin = teacher.device.type == "cuda"
-    loader = view_batches(ViewSet(ds, recipe, seed, items, all_views), batch_size, workers, pin)
-    writer = _chunk_writer(store)
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-    labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
-    buf: dict[tuple[int, int], list] = {}
-    pending: list[tuple] = []
-    in_flight: deque[tuple] = deque()
-    # Seconds of the loop's thread per stage: waiting for views, in the teacher (the forward pass on a CPU, issuing
-    # it on a GPU), waiting for a GPU's logits, checking/encoding/buffering rows, waiting for room in the writer's
-    # queue.
-    stages = dict.fromkeys(("views", "teacher", "gpu_wait", "rows", "writer"), 0.0)
-    clock = time.perf_counter
-
-    def launch(final: bool) -> None:
-        # Run the teacher on whole forward blocks only (the remainder waits for
-        # the next loader batch), so --batch-size never changes the computation.
-        count = sum(len(p[0]) for p in pending)
-        take = count if final else count - count % teacher.forward_block
-        if take == 0:
-            return
-        # One loader batch is used as it is: its pinned pixels go to the GPU without a copy.
-        v_b, i_b, pix, par, hsh = (
-            pending[0]
-            if len(pending) == 1
-            else (
-                np.concatenate([p[0] for p in pending]),
-                np.concatenate([p[1] for p in pending]),
-                join_pixels([p[2] for p in pending], pin),
-                *([np.concatenate([p[j][k] for p in pending]) for k in range(kinds)] for j in (3, 4)),
-            )
-        )
-        pending.clear()
-        if take < count:
-            pending.append((v_b[take:], i_b[take:], pix[:, take:], [x[take:] for x in par], [x[take:] for x in hsh]))
-        t = clock()
-        launched = [teacher.launch(pix[k, :take]) for k in range(kinds)]
-        stages["teacher"] += clock() - t
-        in_flight.append((v_b[:take], i_b[:take], launched, [x[:take] for x in par], [x[:take] for x in hsh]))
-
-    def store_rows(depth: int) -> None:
-        # Keep ``depth`` batches on the GPU while the oldest one's rows are checked, encoded and buffered.
-        while len(in_flight) > depth:
-            t = clock()
-            views_np, samples_np, launched, par, hsh = in_flight.popleft()
-            outs = [h.result() for h in launched]
-            waited = clock() - t
-            stages["gpu_wait"] += waited
-            for k, logits in enumerate(outs):
-                check_logits(logits, views_np, samples_np, dtype, "strong " if k else "")
-            chunk_np = samples_np // CHUNK
-            rows_np = [encode(o, labels[torch.from_numpy(samples_np)], store.format, np_dtype) for o in outs]
-            keys = views_np * chunks + chunk_np
-            for key in np.unique(keys).tolist():
-                v, c = divmod(key, chunks)
-                sel = np.flatnonzero(keys == key)
-                if (v, c) not in buf:
-                    size = min(n, (c + 1) * CHUNK) - c * CHUNK
-                    buf[v, c] = [
-                        0,
-                        [
-                            {name: np.empty((size, *a.shape[1:]), a.dtype) for name, a in rows_np[k].items()}
-                            for k in range(kinds)
-                        ],
-                        [np.empty((size, par[k].shape[1]), np.float32) for k in range(kinds)],
-                        [np.empty(size, np.uint64) for _ in range(kinds)],
-                    ]
-                entry = buf[v, c]
-                r = samples_np[sel] - c * CHUNK
-                for k in range(kinds):
-                    for name, a in rows_np[k].items():
-                        entry[1][k][name][r] = a[sel]
-                    entry[2][k][r] = par[k][sel]
-                    entry[3][k][r] = hsh[k][sel]
-                entry[0] += len(sel)
-                if entry[0] == len(entry[3][0]):
-                    w = clock()
-                    writer.put((v, c, entry[1], entry[2], entry[3]))
-                    w = clock() - w
-                    stages["writer"] += w
-                    waited += w
-                    del buf[v, c]
-            bar.update(len(samples_np))
-            stages["rows"] += clock() - t - waited
-
+    loader = view_batches(
+        ViewSet(ds, recipe, seed, items, all_views), batch_size, workers, teacher.device.type == "cuda"
+    )
+    writer = chunk_writer(store)
     start = time.perf_counter()
     bar = tqdm(
         total=len(items), unit="view", disable=None if progress else True, desc="dump-logits", dynamic_ncols=True
     )
+    loop = DumpLoop(store, teacher, ds.labels, dtype, writer, bar)
     try:
-        batches = iter(loader)
-        while True:
-            t = clock()
-            batch = next(batches, None)
-            stages["views"] += clock() - t
-            if batch is None:
-                break
-            pending.append(batch)
-            launch(final=False)
-            store_rows(depth=2)
-        launch(final=True)
-        store_rows(depth=0)
+        loop.run(loader)
     finally:
         bar.close()
         writer.close()
-    return _finish(store, writer.written, time.perf_counter() - start, len(items), bool(todo), stages if todo else {})
+    seconds = time.perf_counter() - start
+    return _finish(store, writer.written, seconds, len(items), bool(todo), loop.stages if todo else {})
 
 
 def _todo(store: CacheStore) -> list[tuple[int, int]]:
@@ -727,9 +478,7 @@ def _todo(store: CacheStore) -> list[tuple[int, int]]:
     return [(v, c) for v in range(store.num_views) for c in range(num_chunks(store.num_samples)) if not done[v, c]]
 
 
-def _run_cluster(store: CacheStore, job, client, progress: bool) -> DumpSummary:
-    from kdcache.cluster import run_on_cluster
-
+def _run_cluster(store: CacheStore, job: ChunkJob, client, progress: bool) -> DumpSummary:
     todo = _todo(store)
     n = store.num_samples
     written, seconds = run_on_cluster(client, store, job, todo, progress)
@@ -759,23 +508,3 @@ def _finish(
         notes,
         stages or {},
     )
-
-
-def check_logits(logits: torch.Tensor, views: np.ndarray, samples: np.ndarray, dtype: str, kind: str) -> None:
-    """Refuse non-finite logits, and logits a float16 store cannot hold, naming the first bad (sample, view)."""
-    a = logits.numpy()  # numpy: torch's CPU thread pool stalls behind busy loader workers
-    finite = np.isfinite(a).all(axis=1)
-    if not finite.all():
-        r = int(np.flatnonzero(~finite)[0])
-        raise KdcacheError(
-            f"teacher produced non-finite {kind}logits for sample {int(samples[r])}, view {int(views[r])}: check "
-            "the checkpoint and --amp"
-        )
-    if dtype == "float16":
-        over = np.abs(a).max(axis=1) > FLOAT16_MAX
-        if over.any():
-            r = int(np.flatnonzero(over)[0])
-            raise KdcacheError(
-                f"teacher {kind}logits of sample {int(samples[r])}, view {int(views[r])} exceed the float16 range "
-                "(|x| > 65504): use --dtype float32"
-            )

@@ -1,6 +1,7 @@
 """``kdcache quickstart``: the whole pipeline, offline, on the built-in digits dataset.
 
-It types and runs the real commands: train a teacher with CE, dump its logits
+It prints each step as the command it stands for and runs it through the
+library function behind that command: train a teacher with CE, dump its logits
 for every crop/flip view (and MLKD weak/strong views), train the same small
 student from those caches with several losses and with the online teacher, and
 compare them in a table and a PNG. Finished steps are reused on a re-run.
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from kdcache.dump import dump_logits
+from kdcache.inspection import inspect_cache
 from kdcache.plots import plot_training
-from kdcache.train import finished_run
+from kdcache.train import finished_run, train_student
 
 TEACHER, STUDENT = "resnet8", "resnet8"
 
@@ -32,44 +36,52 @@ class Row:
     seconds: float
 
 
-def _run(args: list[str], log: list[str]) -> float:
-    """Print a command as it would be typed, run it in-process, return its wall time."""
-    from kdcache.cli import main
+def command_line(name: str, kw: dict, positional: tuple[str, ...] = ()) -> str:
+    """The ``kdcache NAME ...`` command that NAME's library function called with ``kw`` stands for.
 
-    line = "kdcache " + shlex.join(args)
+    Keys in ``positional`` are the command's arguments; the rest become ``--flags``.
+    """
+    args = [name, *(str(kw[key]) for key in positional)]
+    for key, value in kw.items():
+        if key in positional:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, list):
+            args += [x for item in value for x in (flag, str(item))]
+        elif isinstance(value, tuple):
+            args += [flag, ",".join(map(str, value))]
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
+    return "kdcache " + shlex.join(args)
+
+
+def _run(name: str, fn: Callable, kw: dict, log: list[str], positional: tuple[str, ...] = ()) -> tuple[object, float]:
+    """Print the command a step stands for, run it through the library, return its result and wall time."""
+    line = command_line(name, kw, positional)
     click.secho(f"\n$ {line}", bold=True)
     log.append(line)
     t0 = time.perf_counter()
-    main.main(args=args, prog_name="kdcache", standalone_mode=False)
-    return time.perf_counter() - t0
+    result = fn(**kw)
+    return result, time.perf_counter() - t0
 
 
-def _train(
-    out: Path, name: str, extra: list[str], epochs: int, log: list[str], milestones: str
-) -> tuple[list[dict], float]:
+def _train(out: Path, name: str, kw: dict, epochs: int, log: list[str], milestones: tuple) -> tuple[list[dict], float]:
     run_dir = out / name
     done = finished_run(run_dir, epochs)
     if done is not None:
         click.echo(f"\n# {name}: finished earlier, reused ({run_dir})")
         return done, sum(r["seconds"] for r in done)
-    args = [
-        "train-student",
-        *extra,
-        "--dataset",
-        "digits",
-        "--epochs",
-        str(epochs),
-        "--lr-milestones",
-        milestones,
-        "--batch-size",
-        "64",
-        "--out",
-        str(run_dir),
-    ]
-    if (run_dir / "last.pt").exists():
-        args.append("--resume")
-    seconds = _run(args, log)
+    kw = {**kw, "dataset": "digits", "epochs": epochs, "lr_milestones": milestones, "batch_size": 64}
+    kw |= {"out": str(run_dir), "resume": (run_dir / "last.pt").exists()}
+    _, seconds = _run("train-student", train_student, kw, log)
     return finished_run(run_dir, epochs) or [], seconds
+
+
+def _dump(kw: dict, log: list[str]) -> None:
+    summary, _ = _run("dump-logits", dump_logits, kw, log)
+    click.echo("\n".join(summary.lines()))
 
 
 def quickstart(out: str | Path = "data/quickstart", epochs: int = 5, teacher_epochs: int = 10) -> list[Row]:
@@ -80,64 +92,35 @@ def quickstart(out: str | Path = "data/quickstart", epochs: int = 5, teacher_epo
     t_hist, _ = _train(
         out,
         "teacher",
-        ["--student", TEACHER, "--loss", "ce", "--augment", "cifar"],
+        {"student": TEACHER, "loss": "ce", "augment": "cifar"},
         teacher_epochs,
         log,
-        f"{int(teacher_epochs * 0.6)},{int(teacher_epochs * 0.85)}",
+        (int(teacher_epochs * 0.6), int(teacher_epochs * 0.85)),
     )
     ckpt = str(out / "teacher" / "last.pt")
-    dump = [
-        "dump-logits",
-        "--teacher",
-        TEACHER,
-        "--checkpoint",
-        ckpt,
-        "--dataset",
-        "digits",
-        "--forward-block",
-        "256",
-        "--batch-size",
-        "256",
-    ]
-    cache, mlkd_cache = out / "cache-cifar-all.zarr", out / "cache-mlkd.zarr"
-    _run([*dump, "--augment", "cifar", "--views", "all", "--out", str(cache)], log)
-    _run([*dump, "--augment", "mlkd", "--views", str(epochs), "--out", str(mlkd_cache), "--workers", "2"], log)
-    _run(["inspect", str(cache)], log)
-    milestones = f"{int(epochs * 0.6)},{int(epochs * 0.85)}"
-    student = ["--student", STUDENT]
+    dump = {"teacher": TEACHER, "checkpoint": ckpt, "dataset": "digits", "forward_block": 256, "batch_size": 256}
+    cache, mlkd_cache = str(out / "cache-cifar-all.zarr"), str(out / "cache-mlkd.zarr")
+    _dump({**dump, "augment": "cifar", "views": "all", "out": cache}, log)
+    _dump({**dump, "augment": "mlkd", "views": epochs, "out": mlkd_cache, "workers": 2}, log)
+    report, _ = _run("inspect", inspect_cache, {"location": cache}, log, ("location",))
+    click.echo("\n".join(report.lines()))
+    milestones = (int(epochs * 0.6), int(epochs * 0.85))
+    online = {"teacher": TEACHER, "checkpoint": ckpt, "augment": "cifar", "views": "all", "forward_block": 256}
     methods = [
-        ("CE only", [*student, "--loss", "ce", "--augment", "cifar"], "ce"),
-        ("KD (cache)", [*student, "--cache", str(cache), "--loss", "kd"], "kd"),
-        ("KD + Z-score (cache)", [*student, "--cache", str(cache), "--loss", "kd", "--logit-stand"], "kd-ls"),
+        ("CE only", {"loss": "ce", "augment": "cifar"}, "ce"),
+        ("KD (cache)", {"cache": [cache], "loss": "kd"}, "kd"),
+        ("KD + Z-score (cache)", {"cache": [cache], "loss": "kd", "logit_stand": True}, "kd-ls"),
         (
             "DKD + Z-score (cache)",
-            [*student, "--cache", str(cache), "--loss", "dkd", "--logit-stand", "--kd-weight", "1", "--warmup", "2"],
+            {"cache": [cache], "loss": "dkd", "logit_stand": True, "kd_weight": 1.0, "warmup": 2},
             "dkd-ls",
         ),
         (
             "MLKD + Z-score (cache)",
-            [*student, "--cache", str(mlkd_cache), "--loss", "mlkd", "--logit-stand", "--kd-weight", "1"],
+            {"cache": [mlkd_cache], "loss": "mlkd", "logit_stand": True, "kd_weight": 1.0},
             "mlkd-ls",
         ),
-        (
-            "KD (online teacher)",
-            [
-                *student,
-                "--teacher",
-                TEACHER,
-                "--checkpoint",
-                ckpt,
-                "--augment",
-                "cifar",
-                "--views",
-                "all",
-                "--forward-block",
-                "256",
-                "--loss",
-                "kd",
-            ],
-            "kd-online",
-        ),
+        ("KD (online teacher)", {**online, "loss": "kd"}, "kd-online"),
     ]
     rows = [
         Row(
@@ -149,8 +132,8 @@ def quickstart(out: str | Path = "data/quickstart", epochs: int = 5, teacher_epo
         )
     ]
     curves = {}
-    for label, args, name in methods:
-        hist, seconds = _train(out, name, args, epochs, log, milestones)
+    for label, kw, name in methods:
+        hist, seconds = _train(out, name, {"student": STUDENT, **kw}, epochs, log, milestones)
         curves[label] = hist
         rows.append(
             Row(

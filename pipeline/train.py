@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from kdcache.data import ImageDataset, build_dataset, test_split
-from kdcache.dump import parse_views
 from kdcache.errors import KdcacheError
 from kdcache.feed import LogitFeed, epoch_order, epoch_views, reuse_warning
 from kdcache.losses import (
@@ -44,7 +43,7 @@ from kdcache.ranks import init_ranks
 from kdcache.store import CacheStore, array_names, open_store, view_mismatch
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.topk import LogitFormat, TopKTeacher
-from kdcache.views import Recipe, make_recipe, normalize, pixel_hash, recipe_from_attrs
+from kdcache.views import Recipe, make_recipe, normalize, parse_views, pixel_hash, recipe_from_attrs
 
 LOSSES = ("ce", "kd", "dkd", "mlkd", "nkd", "normkd")
 TEACHER_FIXES = ("none", "sort")

@@ -496,3 +496,22 @@ def normalize(
     m = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     return (batch.float() / 255.0 - m) / s
+
+
+def parse_views(views: str | int, recipe: Recipe) -> tuple[int, str]:
+    """``--views`` as (number of views, mode): ``all`` enumerates a finite view space, ``N`` seeds N views."""
+    if str(views) == "all":
+        n = recipe.num_discrete_views
+        if n is None:
+            what = f"recipe {recipe.name!r}" + (f" with --mix {recipe.mix}" if recipe.mix != "none" else "")
+            raise KdcacheError(f"--views all needs a finite view space; {what} is continuous: pass --views N")
+        return n, "all" if recipe.name == "cifar" else "seeded"
+    try:
+        n = int(views)
+    except ValueError:
+        raise KdcacheError(f"--views must be a positive integer or 'all', got {views!r}") from None
+    if n < 1:
+        raise KdcacheError(f"--views must be at least 1, got {n}")
+    if recipe.name == "none" and n != 1:
+        raise KdcacheError("--augment none has exactly one view: pass --views 1")
+    return n, "seeded"

@@ -7,7 +7,7 @@ import torch
 from conftest import run_cli
 
 from kdcache.dump import dump_logits
-from kdcache.inspect import teacher_agreement
+from kdcache.inspection import teacher_agreement
 from kdcache.losses import ensemble_teachers
 from kdcache.models import create_model, save_checkpoint
 from kdcache.train import train_student
