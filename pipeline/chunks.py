@@ -26,9 +26,44 @@ from kdcache.views import Recipe, pixel_hashes
 FLOAT16_MAX = 65504.0
 
 
+#: A work unit covers at most this many views of one chunk, and at most UNIT_BYTES of buffered rows.
+UNIT_VIEWS, UNIT_BYTES = 16, 256 << 20
+
+
 def chunk_rows(num_samples: int, c: int) -> np.ndarray:
     """The sample indices of chunk ``c`` (the last chunk may be short)."""
     return np.arange(c * CHUNK, min(num_samples, (c + 1) * CHUNK))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A dump's unit of work: several views of one chunk's samples, built sample-major.
+
+    Each image is decoded once per unit and all its views are cut from it;
+    the unit's chunks (one per view) are marked done only after all are written.
+    """
+
+    chunk: int
+    views: tuple[int, ...]
+
+    def items(self, num_samples: int) -> np.ndarray:
+        """``(n, 2)`` (view, sample) pairs, sample-major: every view of a sample, then the next sample."""
+        rows = chunk_rows(num_samples, self.chunk)
+        return np.stack(np.broadcast_arrays(np.asarray(self.views)[None, :], rows[:, None]), -1).reshape(-1, 2)
+
+
+def plan_units(done: np.ndarray, row_bytes: int) -> list[Unit]:
+    """Units covering every (view, chunk) not yet done: per chunk, its missing views in groups that fit the limits.
+
+    ``done`` is the store's (views, chunks) completion record; ``row_bytes``
+    what one buffered row of one view costs.
+    """
+    per_unit = max(1, min(UNIT_VIEWS, UNIT_BYTES // max(1, CHUNK * row_bytes)))
+    units = []
+    for c in range(done.shape[1]):
+        todo = np.flatnonzero(~done[:, c].astype(bool)).tolist()
+        units += [Unit(c, tuple(todo[j : j + per_unit])) for j in range(0, len(todo), per_unit)]
+    return units
 
 
 class ViewBatch(NamedTuple):
@@ -69,13 +104,13 @@ class ViewSet(Dataset):
 
     def __getitem__(self, ks: list[int]) -> ViewBatch:
         v, i = self.items[ks, 0], self.items[ks, 1]
-        images = [self.dataset.image(int(s)) for s in i]
+        images = self._decode(i)
         hw = np.asarray([im.shape[:2] for im in images], dtype=np.int64)
         pixels, params, hashes = [], [], []
         partners = partner_images = partner_hw = None
         if self.recipe.mix != "none":
             partners = self.recipe.partners(self.seed, v, i, len(self.dataset))
-            partner_images = [self.dataset.image(int(j)) for j in partners]
+            partner_images = self._decode(partners)
             partner_hw = np.asarray([im.shape[:2] for im in partner_images], dtype=np.int64)
         for kind in range(len(self.recipe.kinds)):
             p = self.recipe.params_batch(self.seed, v, i, kind, hw, self.all_views, partners, partner_hw)
@@ -84,6 +119,12 @@ class ViewSet(Dataset):
             params.append(p)
             hashes.append(pixel_hashes(x))
         return ViewBatch(v, i, torch.stack(pixels) if len(pixels) > 1 else pixels[0][None], params, hashes)
+
+    def _decode(self, samples: np.ndarray) -> list[np.ndarray]:
+        """The images of ``samples``, each distinct one decoded once (a batch holds several views of a sample)."""
+        unique, inverse = np.unique(samples, return_inverse=True)
+        decoded = [self.dataset.image(int(s)) for s in unique]
+        return [decoded[j] for j in inverse.ravel()]
 
 
 def as_is(batch: tuple) -> tuple:
@@ -212,11 +253,20 @@ class ChunkRows:
     def full(self) -> bool:
         return self.filled == len(self.hashes[0])
 
-    def write(self, store: CacheStore, mark: bool = True) -> None:
-        """Write and fsync the chunk, then (``mark``) record it done; a failed write leaves it resumable."""
+    def write(self, store: CacheStore) -> None:
+        """Write and fsync the chunk (not yet marked done); a failed write leaves it resumable."""
         try:
             write_chunk(store, self.view, self.chunk, self.teacher, self.params, self.hashes)
-            if mark:
-                mark_done(store, self.view, self.chunk)
         except OSError as exc:
             raise disk_error(self.view, self.chunk, exc) from None
+
+
+def write_unit(store: CacheStore, chunks: list[ChunkRows]) -> None:
+    """Write every chunk of a unit, then mark them all done: a unit cut short leaves none of them marked."""
+    for chunk in chunks:
+        chunk.write(store)
+    for chunk in chunks:
+        try:
+            mark_done(store, chunk.view, chunk.chunk)
+        except OSError as exc:
+            raise disk_error(chunk.view, chunk.chunk, exc) from None

@@ -1,13 +1,14 @@
-"""Stage one on a dask.distributed cluster: one task per chunk, workers write straight to the shared store.
+"""Stage one on a dask.distributed cluster: one task per work unit, workers write straight to the shared store.
 
 The coordinating client (inside :func:`kdcache.dump.dump_logits`) creates the
 arrays, writes the attributes and holds the writer lock; each task computes
-one chunk (a view x :data:`~kdcache.store.CHUNK` samples) with a teacher the
-worker loaded once, writes and fsyncs its rows, and returns. Only the client
-marks a chunk done, after its task returned, so a worker killed mid-task
-leaves nothing marked and dask re-runs the task elsewhere. A chunk's values
-depend only on (seed, view, sample) and the teacher's fixed forward blocks, so
-the store is bit-identical to a single-process dump of the same command.
+one :class:`~kdcache.chunks.Unit` (several views of one chunk's samples) with
+a teacher the worker loaded once, writes and fsyncs its rows, and returns.
+Only the client marks the unit's chunks done, after its task returned, so a
+worker killed mid-task leaves nothing marked and dask re-runs the task
+elsewhere. A view's values depend only on (seed, view, sample) and the
+teacher's fixed forward blocks, so the store is bit-identical to a
+single-process dump of the same command.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdcache.chunks import ChunkRows, ViewSet, chunk_rows, mark_done, teacher_rows
+from kdcache.chunks import ChunkRows, Unit, ViewSet, chunk_rows, mark_done, teacher_rows
 from kdcache.data import ImageDataset, build_dataset
 from kdcache.errors import KdcacheError
-from kdcache.store import CHUNK, CacheStore, open_store
+from kdcache.store import CacheStore, open_store
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.views import Recipe, recipe_from_attrs
 
@@ -103,26 +104,28 @@ def _state(job: ChunkJob) -> _WorkerState:
         return _STATE[job]
 
 
-def dump_chunk(job: ChunkJob, v: int, c: int) -> tuple[int, int, int]:
-    """Compute and write chunk ``c`` of view ``v`` on a worker; returns (view, chunk, rows)."""
+def dump_unit(job: ChunkJob, unit: Unit) -> tuple[Unit, int]:
+    """Compute and write every chunk of ``unit`` on a worker (not marked done); returns (unit, views computed)."""
     st = _state(job)
-    rows = chunk_rows(st.store.num_samples, c)
-    view_set = ViewSet(
-        st.dataset, st.recipe, job.seed, np.stack(np.broadcast_arrays(np.int64(v), rows), 1), job.all_views
-    )
+    items = unit.items(st.store.num_samples)
+    view_set = ViewSet(st.dataset, st.recipe, job.seed, items, job.all_views)
     labels = torch.from_numpy(np.asarray(st.dataset.labels, dtype=np.int64))
-    chunk = None
-    # Blocks start at the chunk's first row and the teacher pads the last one,
-    # exactly as a single-process dump of this chunk does.
+    size = len(chunk_rows(st.store.num_samples, unit.chunk))
+    chunks: dict[int, ChunkRows] = {}
+    # Blocks start at the unit's first item and the teacher pads the last one, as a single-process dump does.
     step = max(job.batch_size - job.batch_size % job.forward_block, job.forward_block)
-    for s in range(0, len(rows), step):
-        batch = view_set[list(range(s, min(len(rows), s + step)))]
+    for s in range(0, len(items), step):
+        batch = view_set[list(range(s, min(len(items), s + step)))]
         outs = [st.teacher(x) for x in batch.pixels]
         teacher = teacher_rows(outs, batch.views, batch.samples, labels, st.store.format, job.dtype)
-        chunk = chunk or ChunkRows.empty(v, c, len(rows), teacher, batch.params)
-        chunk.add(batch, teacher)
-    chunk.write(st.store, mark=False)  # the client marks it done once the task has returned
-    return v, c, len(rows)
+        for v in np.unique(batch.views).tolist():
+            sel = np.flatnonzero(batch.views == v)
+            if v not in chunks:
+                chunks[v] = ChunkRows.empty(v, unit.chunk, size, teacher, batch.params)
+            chunks[v].add(batch, teacher, sel)
+    for chunk in chunks.values():
+        chunk.write(st.store)  # the client marks the unit done once the task has returned
+    return unit, len(items)
 
 
 @contextlib.contextmanager
@@ -168,20 +171,18 @@ def cluster_client(scheduler: str | None, local_cluster: int | None) -> Iterator
         os.environ.update(environ)
 
 
-def run_on_cluster(
-    client, store: CacheStore, job: ChunkJob, todo: list[tuple[int, int]], progress: bool
-) -> tuple[int, float]:
-    """Submit one task per chunk in ``todo``, mark each done as it returns; returns (chunks written, seconds)."""
+def run_on_cluster(client, store: CacheStore, job: ChunkJob, todo: list[Unit], progress: bool) -> tuple[int, float]:
+    """Submit one task per unit in ``todo``, mark its chunks done as it returns; returns (chunks written, seconds)."""
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
     if progress and client.dashboard_link:
         tqdm.write(f"dask dashboard: {client.dashboard_link}")
-    n = store.num_samples
-    total = sum(min(n, (c + 1) * CHUNK) - c * CHUNK for _, c in todo)
+    total = sum(len(u.items(store.num_samples)) for u in todo)
     start = time.perf_counter()
     futures = [
-        client.submit(dump_chunk, job, v, c, key=f"kdcache-chunk-{v}-{c}-{os.getpid()}", pure=False) for v, c in todo
+        client.submit(dump_unit, job, u, key=f"kdcache-unit-{u.chunk}-{u.views[0]}-{os.getpid()}", pure=False)
+        for u in todo
     ]
     written = 0
     bar = tqdm(
@@ -190,14 +191,15 @@ def run_on_cluster(
     try:
         for fut in as_completed(futures):
             try:
-                v, c, rows = fut.result()
+                unit, rows = fut.result()
             except KilledWorker as exc:
                 raise KdcacheError(
                     f"dask workers kept dying on {exc.task}: check worker memory and logs, then re-run the "
                     "same command to resume"
                 ) from None
-            mark_done(store, v, c)
-            written += 1
+            for v in unit.views:
+                mark_done(store, v, unit.chunk)
+            written += len(unit.views)
             bar.update(rows)
     finally:
         bar.close()

@@ -1,12 +1,15 @@
 """Stage one: run a teacher over replayable views and write its logits into a Zarr cache.
 
-The work unit is a chunk: one view index x :data:`~kdcache.store.CHUNK`
-samples. DataLoader workers build the views (uint8, CPU); the teacher runs in
-fixed padded blocks; rows are buffered into whole chunks and handed to a
-background writer (a child process for local stores on Linux, else a thread),
-which writes logits, parameters and pixel hashes and only then marks the chunk
-done, so the teacher never waits on storage. A re-run skips done chunks, so an interrupted
-dump resumes and ends bit-identical to an uninterrupted one.
+A chunk is one view index x :data:`~kdcache.store.CHUNK` samples, the unit of
+storage and resumption; the unit of work (:class:`~kdcache.chunks.Unit`) is
+several views of one chunk's samples, built sample-major so each image is
+decoded once for all of them. DataLoader workers build the views (uint8,
+CPU); the teacher runs in fixed padded blocks; rows are gathered into whole
+chunks, and each finished unit is handed to a background writer
+(:mod:`kdcache.writer`), which writes logits, parameters and pixel hashes and
+only then marks its chunks done, so the teacher never waits on storage. A
+re-run skips done chunks, so an interrupted dump resumes and ends
+bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm import tqdm
 
 from kdcache import __version__
-from kdcache.chunks import ChunkRows, ViewBatch, ViewSet, as_is, chunk_rows, teacher_rows
+from kdcache.chunks import ChunkRows, Unit, ViewBatch, ViewSet, as_is, chunk_rows, plan_units, teacher_rows
 from kdcache.cluster import ChunkJob, cluster_client, run_on_cluster
 from kdcache.data import ImageDataset, build_dataset
 from kdcache.errors import KdcacheError
@@ -350,7 +353,9 @@ class DumpLoop:
     gathering rows, and waiting for room in the writer's queue.
     """
 
-    def __init__(self, store: CacheStore, teacher: Teacher, labels: np.ndarray, dtype: str, writer, bar: tqdm):
+    def __init__(
+        self, store: CacheStore, units: list[Unit], teacher: Teacher, labels: np.ndarray, dtype: str, writer, bar: tqdm
+    ):
         self.store, self.teacher, self.dtype, self.writer, self.bar = store, teacher, dtype, writer, bar
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.pin = teacher.device.type == "cuda"
@@ -361,6 +366,9 @@ class DumpLoop:
         self.in_flight: deque[tuple[ViewBatch, list]] = deque()
         #: chunks with some of their rows gathered, by (view, chunk)
         self.chunks: dict[tuple[int, int], ChunkRows] = {}
+        #: the unit each (view, chunk) belongs to, and each unit's chunks that are full and wait for the rest
+        self.unit_of: dict[tuple[int, int], Unit] = {(v, u.chunk): u for u in units for v in u.views}
+        self.finished: dict[Unit, list[ChunkRows]] = {}
         self.stages = dict.fromkeys(STAGES, 0.0)
 
     def run(self, batches: Iterable[ViewBatch]) -> None:
@@ -418,7 +426,7 @@ class DumpLoop:
             self.stages["rows"] += time.perf_counter() - t - waited
 
     def _gather(self, batch: ViewBatch, teacher: list[dict[str, np.ndarray]]) -> float:
-        """Put a block's rows into their chunks, handing full ones to the writer; returns seconds waited on it."""
+        """Put a block's rows into their chunks, handing full units to the writer; returns seconds waited on it."""
         keys = batch.views * self.num_chunks + batch.samples // CHUNK
         waited = 0.0
         for key in np.unique(keys).tolist():
@@ -429,9 +437,14 @@ class DumpLoop:
                 self.chunks[v, c] = ChunkRows.empty(v, c, size, teacher, batch.params)
             chunk = self.chunks[v, c]
             chunk.add(batch, teacher, sel)
-            if chunk.full:
+            if not chunk.full:
+                continue
+            unit = self.unit_of[v, c]
+            done = self.finished.setdefault(unit, [])
+            done.append(self.chunks.pop((v, c)))
+            if len(done) == len(unit.views):
                 t = time.perf_counter()
-                self.writer.put(self.chunks.pop((v, c)))
+                self.writer.put(self.finished.pop(unit))
                 waited += time.perf_counter() - t
         self.stages["writer"] += waited
         return waited
@@ -450,10 +463,7 @@ def _run_dump(
     progress: bool,
 ) -> DumpSummary:
     todo = _todo(store)
-    items = np.concatenate(
-        [np.zeros((0, 2), np.int64)]
-        + [np.stack(np.broadcast_arrays(v, chunk_rows(store.num_samples, c)), 1) for v, c in todo]
-    )
+    items = np.concatenate([np.zeros((0, 2), np.int64)] + [u.items(store.num_samples) for u in todo])
     loader = view_batches(
         ViewSet(ds, recipe, seed, items, all_views), batch_size, workers, teacher.device.type == "cuda"
     )
@@ -462,7 +472,7 @@ def _run_dump(
     bar = tqdm(
         total=len(items), unit="view", disable=None if progress else True, desc="dump-logits", dynamic_ncols=True
     )
-    loop = DumpLoop(store, teacher, ds.labels, dtype, writer, bar)
+    loop = DumpLoop(store, todo, teacher, ds.labels, dtype, writer, bar)
     try:
         loop.run(loader)
     finally:
@@ -472,17 +482,15 @@ def _run_dump(
     return _finish(store, writer.written, seconds, len(items), bool(todo), loop.stages if todo else {})
 
 
-def _todo(store: CacheStore) -> list[tuple[int, int]]:
-    """The (view, chunk) pairs not yet marked done, in view-major order."""
-    done = store.done()
-    return [(v, c) for v in range(store.num_views) for c in range(num_chunks(store.num_samples)) if not done[v, c]]
+def _todo(store: CacheStore) -> list[Unit]:
+    """The units covering every (view, chunk) not yet marked done."""
+    return plan_units(store.done(), store.row_bytes())
 
 
 def _run_cluster(store: CacheStore, job: ChunkJob, client, progress: bool) -> DumpSummary:
     todo = _todo(store)
-    n = store.num_samples
     written, seconds = run_on_cluster(client, store, job, todo, progress)
-    return _finish(store, written, seconds, sum(min(n, (c + 1) * CHUNK) - c * CHUNK for _, c in todo), bool(todo))
+    return _finish(store, written, seconds, sum(len(u.items(store.num_samples)) for u in todo), bool(todo))
 
 
 def _finish(

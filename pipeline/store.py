@@ -141,6 +141,13 @@ class CacheStore:
     def num_kinds(self) -> int:
         return 2 if "view_hash_strong" in self.group else 1
 
+    def row_bytes(self) -> int:
+        """Bytes one sample of one view takes across the per-view arrays (teacher rows, parameters, hashes)."""
+        names = array_names(self.num_kinds, self.format)
+        arrays = [a for kind in names["teacher"] for a in kind] + names["view_hash"]
+        arrays += [a for a in names["params"] if self.has(a)]
+        return sum(self.group[a].dtype.itemsize * int(np.prod(self.group[a].shape[2:])) for a in arrays)
+
     def done(self) -> np.ndarray:
         """Boolean (views, chunks) completion record."""
         return np.asarray(self.group["done"][...]).astype(bool)

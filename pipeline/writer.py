@@ -3,7 +3,7 @@
 Local stores on Linux are written by a forked child process (``kdcache-writer``),
 which takes zarr's per-chunk GIL work out of the dump loop's process and is
 killed with the dump; other stores (``memory://``, remote URLs on other hosts)
-by a thread. Either writes each chunk whole, then marks it done.
+by a thread. Either writes a unit's chunks whole, then marks them done.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from kdcache.chunks import ChunkRows
+from kdcache.chunks import ChunkRows, write_unit
 from kdcache.errors import KdcacheError
 from kdcache.store import CacheStore, local_path, open_store
 
@@ -28,7 +28,7 @@ class ThreadWriter:
     """Writes chunks on a background thread: for stores another process cannot open (``memory://``) and non-Linux
     hosts."""
 
-    def __init__(self, store: CacheStore, max_pending: int = 4):
+    def __init__(self, store: CacheStore, max_pending: int = 2):
         self.store = store
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
@@ -41,12 +41,12 @@ class ThreadWriter:
             if self.error is not None:
                 continue
             try:
-                job.write(self.store)
-                self.written += 1
+                write_unit(self.store, job)
+                self.written += len(job)
             except BaseException as exc:  # surfaced to the producer on its next put/close
                 self.error = exc
 
-    def put(self, job: ChunkRows) -> None:
+    def put(self, job: list[ChunkRows]) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put(job)
@@ -59,7 +59,7 @@ class ThreadWriter:
 
 
 def _writer_process(location: str, parent: int, jobs, results) -> None:
-    """Body of the writer process: write each job's chunk; report the first error at once and the count at the end."""
+    """Body of the writer process: write each unit's chunks; report the first error at once and the count at the end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the dump, which then closes its writer in order
     libc = ctypes.CDLL(None)
     libc.prctl(_PR_SET_NAME, b"kdcache-writer")
@@ -72,8 +72,8 @@ def _writer_process(location: str, parent: int, jobs, results) -> None:
         if failed:
             continue
         try:
-            job.write(store)
-            written += 1
+            write_unit(store, job)
+            written += len(job)
         except BaseException as exc:
             failed = True
             try:
@@ -92,7 +92,7 @@ class ProcessWriter:
     (and, on a GPU, every CUDA call it makes) would otherwise wait behind.
     """
 
-    def __init__(self, store: CacheStore, max_pending: int = 4):
+    def __init__(self, store: CacheStore, max_pending: int = 2):
         ctx = mp.get_context("fork")
         self.jobs, self.results = ctx.Queue(max_pending), ctx.Queue()
         self.error: BaseException | None = None
@@ -125,7 +125,7 @@ class ProcessWriter:
                 f"the chunk writer process died (exit code {self.process.exitcode}): re-run the same command to resume"
             )
 
-    def _send(self, job: ChunkRows | None) -> None:
+    def _send(self, job: list[ChunkRows] | None) -> None:
         while True:
             try:
                 self.jobs.put(job, timeout=1.0)
@@ -133,7 +133,7 @@ class ProcessWriter:
             except queue.Full:
                 self._check_alive()
 
-    def put(self, job: ChunkRows) -> None:
+    def put(self, job: list[ChunkRows]) -> None:
         self._receive(None)
         if self.error is not None:
             raise self.error

@@ -17,6 +17,7 @@ from conftest import assert_same_arrays, run_cli
 from kdcache.dump import dump_logits
 
 
+@pytest.mark.slow
 def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, teacher_ckpt):
     distributed = pytest.importorskip("distributed")
     common = [
@@ -69,7 +70,7 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
         killed, busy_since = None, {}
         while proc.poll() is None and killed is None:
             for worker, keys in client.processing().items():
-                if any(str(k).startswith("kdcache-chunk") for k in keys):
+                if any(str(k).startswith("kdcache-unit") for k in keys):
                     busy_since.setdefault(worker, time.monotonic())
                     if time.monotonic() - busy_since[worker] > 0.5:
                         pid = client.run(os.getpid, workers=[worker])[worker]
@@ -85,6 +86,7 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
     assert zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r").attrs["complete"] is True
 
 
+@pytest.mark.slow
 def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teacher_ckpt):
     pytest.importorskip("distributed")
     kw = dict(
@@ -107,6 +109,7 @@ def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teach
     assert "topk_values" in zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r")
 
 
+@pytest.mark.slow
 def test_cluster_bad_input_is_one_line(tmp_path, teacher_ckpt):
     pytest.importorskip("distributed")
     common = [
@@ -162,6 +165,7 @@ def s3_server():
     server.stop()
 
 
+@pytest.mark.slow
 def test_s3_store_end_to_end(tmp_path, teacher_ckpt, s3_server, monkeypatch):
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
@@ -262,6 +266,7 @@ def test_torchrun_more_processes_than_gpus_is_refused(monkeypatch):
         kdcache.ranks.init_ranks("auto")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, teacher_ckpt):
     cache = tmp_path / "c.zarr"
     dump_logits(
