@@ -49,7 +49,7 @@ from kdcache.store import (
 )
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.topk import LogitFormat, parse_format
-from kdcache.views import Recipe, make_recipe, parse_views
+from kdcache.views import Recipe, make_recipe, parse_views, resumed_recipe
 from kdcache.writer import chunk_writer
 
 DTYPES = ("float16", "float32")
@@ -245,6 +245,8 @@ def dump_logits(
         raise KdcacheError(f"--seed must be 0 or more, got {seed}")
     ds = data if data is not None else build_dataset(dataset, data_root, split, download)
     recipe = make_recipe(augment, ds.small, mix, mix_alpha)
+    if store_exists(out) and not overwrite:  # a store made with older strong-view semantics keeps them
+        recipe = resumed_recipe(recipe, open_store(out).attrs["recipe"])
     num_views, views_mode = parse_views(views, recipe)
     fmt = parse_format(format, ds.num_classes)
     check_writable_location(out)

@@ -28,7 +28,8 @@ class CacheReport:
         out = [
             f"cache      {self.store.location}  (format {a['kdcache_format']}, created {a.get('created')})",
             f"dataset    {ds['name']} / {a['split']}: {ds['length']} samples, {a['num_classes']} classes",
-            f"recipe     {a['recipe']['name']}  views {self.store.num_views} ({a['views_mode']})  seed {a['seed']}  "
+            f"recipe     {_recipe_name(a['recipe'])}  views {self.store.num_views} ({a['views_mode']})  "
+            f"seed {a['seed']}  "
             f"dtype {a['dtype']}  "
             f"format {self.store.format}",
             f"teacher    {t['name']}  checkpoint sha256 {str(t['checkpoint_sha256'])[:16]}  block "
@@ -45,6 +46,13 @@ class CacheReport:
                 f"mean confidence {100 * np.mean(self.confidence):.1f}%"
             )
         return out
+
+
+def _recipe_name(recipe: dict) -> str:
+    """The recipe's name, with the strong-view version for MLKD caches (absent in caches made before version 2)."""
+    if recipe["name"] != "mlkd":
+        return str(recipe["name"])
+    return f"mlkd (strong views v{recipe.get('strong_version', 1)})"
 
 
 def inspect_cache(location: str) -> CacheReport:

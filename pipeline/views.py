@@ -10,6 +10,12 @@ vector that the store keeps next to the logits;
 :meth:`Recipe.apply` rebuilds the view's uint8 pixels from that vector alone,
 and :func:`pixel_hash` fingerprints them so stage two can prove it sees the
 teacher's pixels.
+
+MLKD strong views come in two versions, recorded in the cache's recipe as
+``strong_version`` (absent = 1): version 1 is kdcache's first torchvision
+RandAugment; version 2 (what new dumps write) is pixel-identical to the
+MLKD/LS reference (FixMatch RandAugment with PIL, then Cutout), with the
+parameters stored in the reference's own units.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from kdcache.errors import KdcacheError
 
@@ -45,6 +52,29 @@ RANDAUGMENT_OPS = (
     "TranslateX",
     "TranslateY",
 )
+# The reference's (low, high) value range per op, in RANDAUGMENT_OPS order: value = low + (high - low) * U[0, 1).
+RANDAUGMENT_RANGES = (
+    (0.0, 1.0),
+    (0.05, 0.95),
+    (0.05, 0.95),
+    (0.05, 0.95),
+    (0.0, 1.0),
+    (0.0, 1.0),
+    (4.0, 8.0),
+    (-30.0, 30.0),
+    (0.05, 0.95),
+    (-0.3, 0.3),
+    (-0.3, 0.3),
+    (0.0, 256.0),
+    (-0.3, 0.3),
+    (-0.3, 0.3),
+)
+STRONG_VERSION = 2  # what new MLKD dumps write
+STRONG_VERSIONS = (1, 2)  # what this kdcache can replay
+STRONG_FIELDS = {
+    1: ("op1", "mag1", "op2", "mag2", "cutout_y", "cutout_x", "cutout_size"),
+    2: ("op1", "val1", "op2", "val2", "cutout_frac", "cutout_cx", "cutout_cy"),
+}
 
 
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)
@@ -157,7 +187,7 @@ def _sample_rrc(words: np.ndarray, hw: np.ndarray, scale=(0.08, 1.0), ratio=(3 /
 
 
 def _randaugment_op(img: torch.Tensor, op: int, m: float) -> torch.Tensor:
-    """One FixMatch-pool RandAugment op at signed magnitude ``m`` in [-1, 1] on a uint8 CHW image."""
+    """Strong-view version 1: one FixMatch-pool op at signed magnitude ``m`` in [-1, 1] on a uint8 CHW image."""
     name = RANDAUGMENT_OPS[op]
     a = abs(m)
     factor = 0.05 + 0.9 * a
@@ -191,6 +221,86 @@ def _randaugment_op(img: torch.Tensor, op: int, m: float) -> torch.Tensor:
     return TF.affine(img, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0], fill=grey)
 
 
+def _randaugment_pil(img: Image.Image, op: int, v: float) -> Image.Image:
+    """Strong-view version 2: op ``op`` at the reference's value ``v`` (its own units), as MLKD/LS apply it in PIL.
+
+    Geometric ops sample nearest-neighbour and fill black; shears are about
+    the top-left corner; a positive translation moves the content left/up.
+    """
+    name = RANDAUGMENT_OPS[op]
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if name in ("Brightness", "Color", "Contrast", "Sharpness"):
+        return getattr(ImageEnhance, name)(img).enhance(v)
+    if name == "Equalize":
+        return ImageOps.equalize(img)
+    if name == "Identity":
+        return img
+    if name == "Posterize":
+        return ImageOps.posterize(img, max(1, int(v)))
+    if name == "Rotate":
+        return img.rotate(v)
+    if name == "Solarize":
+        return ImageOps.solarize(img, v)
+    w, h = img.size
+    matrix = {
+        "ShearX": (1.0, v, 0.0, 0.0, 1.0, 0.0),
+        "ShearY": (1.0, 0.0, 0.0, v, 1.0, 0.0),
+        "TranslateX": (1.0, 0.0, v * w, 0.0, 1.0, 0.0),
+        "TranslateY": (1.0, 0.0, 0.0, 0.0, 1.0, v * h),
+    }[name]
+    return img.transform(img.size, Image.Transform.AFFINE, matrix)
+
+
+def _cutout_pil(img: Image.Image, frac: float, cx: float, cy: float) -> Image.Image:
+    """Strong-view version 2 Cutout: a box of side ``frac * width`` near centre ``(cx, cy)``, drawn the reference's way.
+
+    The box's top-left is ``int(max(0, c - side / 2))`` (a box at the left or
+    top edge is shifted, keeping its size); ImageDraw truncates the float
+    bottom-right corner and fills it inclusively, clipped at the image edge.
+    """
+    if frac <= 0:
+        return img
+    w, h = img.size
+    side = frac * w
+    x0, y0 = int(max(0.0, cx - side / 2.0)), int(max(0.0, cy - side / 2.0))
+    out = img.copy()
+    ImageDraw.Draw(out).rectangle((x0, y0, min(w, x0 + side), min(h, y0 + side)), fill=CUTOUT_FILL)
+    return out
+
+
+def _strong_v2(img: torch.Tensor, rest: list[float]) -> torch.Tensor:
+    """Version 2 strong view of a uint8 CHW crop: two ops then Cutout, from ``(op1, val1, op2, val2, frac, cx, cy)``."""
+    pil = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))
+    pil = _randaugment_pil(pil, int(rest[0]), rest[1])
+    pil = _randaugment_pil(pil, int(rest[2]), rest[3])
+    pil = _cutout_pil(pil, rest[4], rest[5], rest[6])
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(pil).transpose(2, 0, 1)))
+
+
+def _f32_below(x: np.ndarray, high: np.ndarray | float) -> np.ndarray:
+    """``x`` as float32, kept strictly below ``high`` (rounding to float32 must not reach an open upper bound)."""
+    return np.minimum(x.astype(np.float32), np.nextafter(np.float32(high), np.float32(-np.inf)))
+
+
+def _strong_columns_v2(s: np.ndarray, side: int) -> list[np.ndarray]:
+    """Version 2 strong parameters from words ``s``: the reference's draws, in its units (see :data:`STRONG_FIELDS`).
+
+    Ops are uniform with replacement, ``value = low + (high - low) * U``; the
+    Cutout fraction is ``0.5 * U`` and each centre coordinate is
+    ``np.random.uniform(side)``'s ``side - (side - 1) * U``, i.e. in (1, side].
+    """
+    low, high = (np.asarray(r, np.float64) for r in zip(*RANDAUGMENT_RANGES, strict=True))
+    cols: list[np.ndarray] = []
+    for j in (0, 2):
+        op = _below(s[:, j], len(RANDAUGMENT_OPS))
+        cols += [op, _f32_below(low[op] + (high[op] - low[op]) * _unit(s[:, j + 1]), high[op])]
+    cols.append(_f32_below(0.5 * _unit(s[:, 4]), 0.5))
+    above_one = np.nextafter(np.float32(1.0), np.float32(2.0))
+    cols += [np.maximum((side - (side - 1) * _unit(s[:, j])).astype(np.float32), above_one) for j in (5, 6)]
+    return cols
+
+
 @dataclass(frozen=True)
 class Recipe:
     """An augmentation recipe: how to sample a view's parameters and rebuild its pixels.
@@ -198,6 +308,8 @@ class Recipe:
     ``small`` recipes work on 32x32 images (CIFAR-style RandomCrop with zero
     padding); large ones on ImageNet-size images (RandomResizedCrop to
     ``size``, evaluation view resize 256 + center crop 224).
+    ``strong_version`` is the MLKD strong-view semantics (1 or 2; 0 for
+    recipes without strong views); it is part of the recipe's identity.
     """
 
     name: str
@@ -209,6 +321,7 @@ class Recipe:
     fields_strong: tuple[str, ...] = field(default=())
     mix: str = "none"
     mix_alpha: float = 1.0
+    strong_version: int = 0
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -263,7 +376,14 @@ class Recipe:
             "randaugment_ops": list(RANDAUGMENT_OPS) if self.name == "mlkd" else [],
             "cutout_fill": list(CUTOUT_FILL) if self.name == "mlkd" else [],
             **({"mix": self.mix, "mix_alpha": self.mix_alpha} if self.mix != "none" else {}),
+            **self._strong_attrs(),
         }
+
+    def _strong_attrs(self) -> dict[str, object]:
+        """Version 2+ MLKD recipes record their strong-view version and op ranges; version 1 caches predate both."""
+        if self.name != "mlkd" or self.strong_version < 2:
+            return {}
+        return {"strong_version": self.strong_version, "randaugment_ranges": [list(r) for r in RANDAUGMENT_RANGES]}
 
     # ---------------------------------------------------------------- sampling
 
@@ -340,7 +460,9 @@ class Recipe:
         else:
             box = _sample_rrc(words[:, 4 * _BLOCK_RRC :], np.asarray(image_hw, np.int64).reshape(n, 2))
             cols = [box[:, 0], box[:, 1], box[:, 2], box[:, 3], words[:, 4 * _BLOCK_CROP] >> 31]
-        if kind == 1:
+        if kind == 1 and self.strong_version >= 2:
+            cols += _strong_columns_v2(words[:, 4 * _BLOCK_STRONG :], self.size)
+        elif kind == 1:
             s = words[:, 4 * _BLOCK_STRONG :]
             side = self.size
             cols += [
@@ -396,7 +518,9 @@ class Recipe:
             if p[4] >= 0.5:
                 img = img.flip(-1)
             rest = p[5:]
-        if kind == 1:
+        if kind == 1 and self.strong_version >= 2:
+            img = _strong_v2(img, rest)
+        elif kind == 1:
             img = _randaugment_op(img, int(rest[0]), rest[1])
             img = _randaugment_op(img, int(rest[2]), rest[3])
             img = self._cutout(img, int(rest[4]), int(rest[5]), int(rest[6]))
@@ -439,6 +563,7 @@ class Recipe:
 
     @staticmethod
     def _cutout(img: torch.Tensor, cy: int, cx: int, side: int) -> torch.Tensor:
+        """Strong-view version 1 Cutout: a ``side`` box from ``c - side // 2``, clipped on every edge."""
         img = img.clone()
         h, w = img.shape[1:]
         y0, x0 = max(cy - side // 2, 0), max(cx - side // 2, 0)
@@ -451,8 +576,14 @@ class Recipe:
         return make_recipe("none", self.small).apply(image, np.zeros(0, dtype=np.float32))
 
 
-def make_recipe(name: str, small: bool, mix: str = "none", mix_alpha: float = 1.0) -> Recipe:
-    """The recipe ``name`` (one of :data:`RECIPES`) for 32x32 (``small``) or ImageNet-size images, optionally mixed."""
+def make_recipe(
+    name: str, small: bool, mix: str = "none", mix_alpha: float = 1.0, strong_version: int = STRONG_VERSION
+) -> Recipe:
+    """The recipe ``name`` (one of :data:`RECIPES`) for 32x32 (``small``) or ImageNet-size images, optionally mixed.
+
+    ``strong_version`` picks the MLKD strong-view semantics (new dumps get
+    :data:`STRONG_VERSION`; old caches rebuild theirs); other recipes ignore it.
+    """
     if name not in RECIPES:
         raise KdcacheError(f"unknown --augment {name!r}: choose one of {', '.join(RECIPES)}")
     if mix not in MIXES:
@@ -461,31 +592,57 @@ def make_recipe(name: str, small: bool, mix: str = "none", mix_alpha: float = 1.
         raise KdcacheError(f"--mix {mix} works with --augment cifar or imagenet, not {name}")
     if mix != "none" and not mix_alpha > 0:
         raise KdcacheError(f"--mix-alpha must be positive, got {mix_alpha}")
+    if name == "mlkd" and strong_version not in STRONG_VERSIONS:
+        raise KdcacheError(
+            f"MLKD strong-view version {strong_version!r} is unknown to this kdcache (it replays versions "
+            f"{', '.join(map(str, STRONG_VERSIONS))}): upgrade kdcache to use this cache"
+        )
     size = 32 if small else 224
     crop = ("top", "left", "flip") if small else ("top", "left", "height", "width", "flip")
-    strong = crop + ("op1", "mag1", "op2", "mag2", "cutout_y", "cutout_x", "cutout_size")
     if name == "none":
         return Recipe(name, small, size)
     if name == "cifar" and not small:
         raise KdcacheError("--augment cifar needs 32x32 images: use --augment imagenet for ImageNet-size data")
     if name == "imagenet" and small:
         raise KdcacheError("--augment imagenet needs ImageNet-size images: use --augment cifar for 32x32 data")
+    mlkd = name == "mlkd"
     return Recipe(
         name,
         small,
         size,
         fields_weak=crop,
-        fields_strong=strong if name == "mlkd" else (),
+        fields_strong=crop + STRONG_FIELDS[strong_version] if mlkd else (),
         mix=mix,
         mix_alpha=float(mix_alpha),
+        strong_version=int(strong_version) if mlkd else 0,
     )
 
 
 def recipe_from_attrs(attrs: dict[str, object]) -> Recipe:
-    """Rebuild the :class:`Recipe` a cache records."""
-    return make_recipe(
-        str(attrs["name"]), bool(attrs["small"]), str(attrs.get("mix", "none")), float(attrs.get("mix_alpha", 1.0))
+    """Rebuild the :class:`Recipe` a cache records, at the strong-view version it was made with (absent = 1)."""
+    name = str(attrs["name"])
+    version = attrs.get("strong_version", 1) if name == "mlkd" else STRONG_VERSION
+    recipe = make_recipe(
+        name, bool(attrs["small"]), str(attrs.get("mix", "none")), float(attrs.get("mix_alpha", 1.0)), version
     )
+    stored = dict(attrs.get("fields") or {}).get("strong")
+    if stored is not None and list(stored) != list(recipe.fields_strong):
+        raise KdcacheError(
+            f"the cache's strong-view fields {list(stored)} do not match MLKD strong-view version {version}'s "
+            f"{list(recipe.fields_strong)}: the cache's recipe attributes are inconsistent"
+        )
+    return recipe
+
+
+def resumed_recipe(recipe: Recipe, stored: dict[str, object]) -> Recipe:
+    """The recipe a dump resuming or extending a store must use: ``recipe`` at the store's strong-view version.
+
+    A store made before version 2 keeps its version-1 semantics, so its old
+    and new views stay consistent and its identity still matches.
+    """
+    if recipe.name != "mlkd" or stored.get("name") != "mlkd":
+        return recipe
+    return make_recipe(recipe.name, recipe.small, recipe.mix, recipe.mix_alpha, int(stored.get("strong_version", 1)))
 
 
 def normalize(

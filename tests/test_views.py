@@ -50,10 +50,10 @@ def test_replay_from_stored_params_gives_the_same_hash(digits):
 def test_strong_view_has_grey_cutout(digits):
     r = make_recipe("mlkd", True)
     p = r.params(0, 0, 0, 1, (32, 32))
-    p[-3:] = [16, 16, 8]
+    p[-3:] = [0.25, 16, 16]  # side 0.25 * 32 = 8 around (16, 16): columns and rows 12..20 inclusive
     p[3], p[5] = 5, 5  # Identity ops, so only crop, flip and cutout act
     view = r.apply(digits.image(0), p, 1).numpy()
-    assert (view[:, 12:20, 12:20] == np.array([125, 123, 114])[:, None, None]).all()
+    assert (view[:, 12:21, 12:21] == np.array([125, 123, 114])[:, None, None]).all()
 
 
 def test_imagenet_recipe_sizes():
