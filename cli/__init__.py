@@ -130,18 +130,24 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--data-root", type=click.Path())
 @click.option("--download", is_flag=True)
 @click.option(
-    "--loss", default="kd", show_default=True, type=click.Choice(["ce", "kd", "dkd", "mlkd", "nkd", "normkd"])
+    "--loss",
+    default="kd",
+    show_default=True,
+    type=click.Choice(["ce", "kd", "dkd", "mlkd", "nkd", "normkd", "normkd-dkd"]),
+    help="normkd-dkd: DKD with NormKD's per-sample temperatures (NormKD_W_DKD).",
 )
 @click.option("--logit-stand", is_flag=True, help="Z-score standardize teacher and student logits (LS, CVPR 2024).")
 @click.option("--temperature", type=float, help="Default 4 (2 with --logit-stand).")
-@click.option("--ce-weight", type=float, help="Default 0.1 for kd/mlkd, 1 for dkd and ce.")
-@click.option("--kd-weight", type=float, help="Default 0.9 (9 with --logit-stand); dkd: multiplies alpha and beta.")
-@click.option("--alpha", type=float, help="DKD target weight (default 1).")
-@click.option("--beta", type=float, help="DKD non-target weight (default 8).")
-@click.option("--warmup", type=int, help="DKD warm-up epochs (default 20).")
+@click.option("--ce-weight", type=float, help="Default 0.1 for kd/mlkd/normkd, 1 for dkd, normkd-dkd and ce.")
+@click.option(
+    "--kd-weight", type=float, help="Default 0.9 (9 with --logit-stand); dkd, normkd-dkd: 1, multiplies alpha and beta."
+)
+@click.option("--alpha", type=float, help="DKD / normkd-dkd target weight (default 1).")
+@click.option("--beta", type=float, help="DKD / normkd-dkd non-target weight (default 8).")
+@click.option("--warmup", type=int, help="DKD / normkd-dkd warm-up epochs (default 20; 0 for none).")
 @click.option("--mlkd-variant", default="reference", show_default=True, type=click.Choice(["reference", "paper"]))
 @click.option("--gamma", type=float, help="NKD non-target weight (default 1.5).")
-@click.option("--t-norm", type=float, help="NormKD temperature factor (default 2).")
+@click.option("--t-norm", type=float, help="NormKD / normkd-dkd temperature factor (default 2).")
 @click.option(
     "--teacher-fix",
     default="none",
@@ -149,7 +155,35 @@ def dump_logits_cmd(**kw) -> None:
     type=click.Choice(["none", "sort"]),
     help="sort: give the target class the teacher's largest logit (Sort), with any loss.",
 )
-@click.option("--ctkd", is_flag=True, help="Learn a global temperature adversarially (CTKD), with --loss kd.")
+@click.option("--ctkd", is_flag=True, help="Learn a global temperature adversarially (CTKD), with --loss kd or dkd.")
+@click.option(
+    "--ctkd-decay",
+    default="cosine",
+    show_default=True,
+    type=click.Choice(["cosine", "linear"]),
+    help="CTKD λ schedule (upstream --cosine_decay 1 / 0).",
+)
+@click.option(
+    "--ctkd-decay-epochs",
+    default=10,
+    show_default=True,
+    type=int,
+    help="CTKD λ schedule length in epochs (upstream --decay_loops; its ImageNet script uses 5).",
+)
+@click.option(
+    "--ctkd-decay-max",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Start of the CTKD λ schedule (upstream --decay_max).",
+)
+@click.option(
+    "--ctkd-decay-min",
+    default=-1.0,
+    show_default=True,
+    type=float,
+    help="End of the cosine CTKD λ schedule (upstream --decay_min); linear steps by (max − min)/epochs.",
+)
 @click.option("--epochs", default=240, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", type=float, help="Default 0.05 (0.01 for MobileNetV2/ShuffleNet students; MLKD 0.025).")
@@ -165,17 +199,26 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
 @click.option("--verify-views", is_flag=True, help="Check the pixel hash of every view, not a sample of batches.")
 @click.option("--plot", is_flag=True, help="Write RUN_DIR/curves.png.")
+@click.option(
+    "--cache-memory",
+    default="4GiB",
+    show_default=True,
+    help="Keep a cache whole in RAM up to this size (512MiB, 4GiB, ...); above it each epoch streams one view's worth.",
+)
 @_errors
 def train_student_cmd(**kw) -> None:
     """Stage two: train a student from cached logits (or an online teacher, or CE alone)."""
+    from kdcache.feed import parse_size
     from kdcache.train import train_student
 
     kw["cache"] = list(kw["cache"]) or None
+    kw["cache_memory"] = parse_size(kw["cache_memory"])
     result = train_student(**kw)
     if result.main:
+        last = result.last.get("test_top1", float("nan"))
         click.echo(
-            f"best test top-1 {result.best_top1:.2f}%  last {result.last.get('test_top1', float('nan')):.2f}%  "
-            f"-> {result.out}"
+            f"last-epoch test top-1 {last:.2f}% (epoch {result.last.get('epoch', '-')})  "
+            f"best-epoch test top-1 {result.best_top1:.2f}% (epoch {result.best_epoch or '-'})  -> {result.out}"
         )
 
 
@@ -251,7 +294,9 @@ def study_group() -> None:
 @click.option("--checkpoint", type=click.Path(), help="Online teacher weights.")
 @click.option("--weights", help="torchvision weights name for an online torchvision teacher.")
 @click.option("--counts", help="Views to train from, e.g. 1,2,4,8 (default: powers of two up to the cache's views).")
-@click.option("--loss", default="kd", show_default=True, type=click.Choice(["kd", "dkd", "nkd", "normkd"]))
+@click.option(
+    "--loss", default="kd", show_default=True, type=click.Choice(["kd", "dkd", "nkd", "normkd", "normkd-dkd"])
+)
 @click.option("--logit-stand", is_flag=True)
 @click.option("--epochs", default=240, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
@@ -273,7 +318,8 @@ def study_views_cmd(counts: str | None, **kw) -> None:
     points = study_views(counts=parsed, **kw)
     for p in points:
         label = "online" if p.views is None else f"{p.views} view(s)"
-        click.echo(f"{label:>12}  final top-1 {p.final_top1:6.2f}%  best {p.best_top1:6.2f}%  {p.run}")
+        accuracy = f"last-epoch test top-1 {p.final_top1:6.2f}%  best-epoch test top-1 {p.best_top1:6.2f}%"
+        click.echo(f"{label:>12}  {accuracy}  {p.run}")
     click.echo(f"plot         {Path(kw['out']) / 'views.png'}")
 
 

@@ -10,15 +10,30 @@ cache in RAM when it fits) on a background thread and prefetches the next epoch.
 
 from __future__ import annotations
 
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from kdcache.errors import KdcacheError
 from kdcache.store import CHUNK, CacheStore
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 TAG_VIEW, TAG_ORDER, TAG_PERM = 0x5649, 0x4F52, 0x5045
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """A byte count from ``4GiB``, ``512MiB``, ``2GB`` or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match and match[2].lower()
+    if match is None or unit not in _UNITS:
+        raise KdcacheError(f"--cache-memory takes a size such as 512MiB, 4GiB or 2GB, not {text!r}")
+    return int(float(match[1]) * _UNITS[unit])
 
 
 def mix64(*parts: int | np.ndarray) -> np.ndarray:
@@ -33,20 +48,37 @@ def mix64(*parts: int | np.ndarray) -> np.ndarray:
         return h
 
 
-def epoch_views(seed: int, epoch: int, num_samples: int, num_views: int, uniform: bool) -> np.ndarray:
+#: How a seeded cache's views are scheduled: ``chunk`` (every sample of a store chunk takes the same view index in an
+#: epoch, so an epoch reads one view's worth of the cache) or ``sample`` (each sample its own permutation; runs
+#: started before the chunk schedule keep it).
+SCHEDULES = ("chunk", "sample")
+
+
+def epoch_views(
+    seed: int, epoch: int, num_samples: int, num_views: int, uniform: bool, schedule: str = "chunk"
+) -> np.ndarray:
     """The stored view index each sample uses in 0-based ``epoch``.
 
-    ``uniform`` (a cache of every view, ``--views all``) draws uniformly at
-    random per epoch, like online augmentation. Otherwise views are drawn
-    without replacement across epochs: each sample walks its own permutation of
-    the views and starts a fresh permutation once all were used.
+    ``uniform`` (a cache of every view, ``--views all``, where view ``v`` is
+    the same crop for every sample) draws uniformly at random per sample and
+    epoch, like online augmentation. Otherwise views are drawn without
+    replacement across epochs: each sample sees every stored view once per
+    cycle of ``num_views`` epochs, then a fresh permutation starts. With the
+    ``chunk`` schedule the permutation belongs to the sample's chunk of
+    :data:`~kdcache.store.CHUNK` rows. Seeded view ``v`` of different samples
+    are independent draws, so sharing the index changes no statistics, and
+    an epoch then reads one chunk per chunk instead of one per view drawn.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown view schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     i = np.arange(num_samples, dtype=np.uint64)
     if uniform:
         return (mix64(seed, TAG_VIEW, epoch, i) % np.uint64(num_views)).astype(np.int64)
     cycle, pos = divmod(epoch, num_views)
-    keys = mix64(seed, TAG_PERM, cycle, i[:, None], np.arange(num_views, dtype=np.uint64)[None, :])
-    return np.argsort(keys, axis=1, kind="stable")[:, pos].astype(np.int64)
+    owners = np.arange(-(-num_samples // CHUNK), dtype=np.uint64) if schedule == "chunk" else i
+    keys = mix64(seed, TAG_PERM, cycle, owners[:, None], np.arange(num_views, dtype=np.uint64)[None, :])
+    views = np.argsort(keys, axis=1, kind="stable")[:, pos].astype(np.int64)
+    return np.repeat(views, CHUNK)[:num_samples] if schedule == "chunk" else views
 
 
 def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:

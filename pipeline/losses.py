@@ -1,10 +1,11 @@
-"""Logit distillation losses, computed in float32 from raw (cached) logits.
+"""Logit distillation losses, computed in float32 (or float64) from raw (cached) logits.
 
-Every function casts its inputs to float32 before any softmax, std or log, so
-float16 caches are safe, and returns the distillation term *before* the outer
-KD weight (the trainer adds cross-entropy and weights). Reductions follow the
-mdistiller family: KL summed over classes, averaged over the batch, times the
-squared temperature.
+Every function casts half-precision inputs to float32 before any softmax, std
+or log, so float16 caches are safe (float64 inputs stay float64, for reference
+checks), and returns the distillation term *before* the outer KD weight (the
+trainer adds cross-entropy and weights). Reductions follow the mdistiller
+family: KL summed over classes, averaged over the batch, times the squared
+temperature.
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ import torch.nn.functional as F
 from kdcache.topk import TAILS, TopKTeacher, buckets
 
 MLKD_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)  # added to the base temperature T0
-
-
 TEACHER_MIXES = ("logits", "probs")
+CTKD_DECAYS = ("cosine", "linear")
+_LOG_HALF = -math.log(2.0)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or in float64 when it already is."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def ensemble_teachers(logits: list[torch.Tensor], weights: list[float], mix: str = "logits") -> torch.Tensor:
@@ -41,14 +47,14 @@ def ensemble_teachers(logits: list[torch.Tensor], weights: list[float], mix: str
 
 def zscore(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Per-row ``(x - mean) / (std + eps)`` with the unbiased std (ddof=1), as the released LS code does."""
-    x = logits.float()
+    x = _upcast(logits)
     return (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + eps)
 
 
 def _prep(student: torch.Tensor, teacher: torch.Tensor, logit_stand: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if logit_stand:
         return zscore(student), zscore(teacher)
-    return student.float(), teacher.float()
+    return _upcast(student), _upcast(teacher)
 
 
 def _kl_rows(log_p_t: torch.Tensor, log_p_s: torch.Tensor) -> torch.Tensor:
@@ -69,12 +75,30 @@ def kd_loss(
     return kl.mean() * temperature**2
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 − exp(x))`` for ``x ≤ 0``: ``log1p(−exp(x))`` below −log 2, ``log(−expm1(x))`` above (Mächler 2012).
+
+    Each branch sees its input clamped to its own side, so the discarded one stays finite and ``torch.where`` passes
+    no NaN gradient.
+    """
+    low = torch.log1p(-torch.exp(x.clamp(max=_LOG_HALF)))
+    high = torch.log(-torch.expm1(x.clamp(min=_LOG_HALF)))
+    return torch.where(x < _LOG_HALF, low, high)
+
+
 def _binary_log(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """log [p_target, p_non-target] per row, computed in log space (finite for any logit gap)."""
+    """log [p_target, p_non-target] per row, finite for any logit gap and accurate however small either mass is.
+
+    A difference of log-sum-exps is accurate only for the smaller of the two masses (≤ ½); the larger one is
+    :func:`_log1mexp` of it. So ``log(1 − p_t)`` keeps full precision when p_t is tiny, and ``log p_t`` when the
+    non-target mass is.
+    """
     lse = torch.logsumexp(logits, dim=1)
-    tgt = logits.gather(1, target[:, None]).squeeze(1)
-    others = logits.scatter(1, target[:, None], float("-inf"))
-    return torch.stack([tgt - lse, torch.logsumexp(others, dim=1) - lse], dim=1)
+    log_t = logits.gather(1, target[:, None]).squeeze(1) - lse
+    log_o = torch.logsumexp(logits.scatter(1, target[:, None], float("-inf")), dim=1) - lse
+    target_smaller = log_t <= log_o
+    larger = _log1mexp(torch.minimum(log_t, log_o))
+    return torch.stack([torch.where(target_smaller, log_t, larger), torch.where(target_smaller, larger, log_o)], dim=1)
 
 
 def _non_target_log_softmax(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -84,30 +108,34 @@ def _non_target_log_softmax(logits: torch.Tensor, target: torch.Tensor) -> torch
     return F.log_softmax(logits[keep].view(-1, k - 1), dim=1)
 
 
+def _dkd_rows(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row TCKD and NCKD KLs of already tempered logits; NCKD is 0 with one non-target class."""
+    tckd = _kl_rows(_binary_log(t, target), _binary_log(s, target))
+    if s.shape[1] <= 2:
+        return tckd, torch.zeros_like(tckd)
+    return tckd, _kl_rows(_non_target_log_softmax(t, target), _non_target_log_softmax(s, target))
+
+
 def dkd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
     target: torch.Tensor,
     alpha: float,
     beta: float,
-    temperature: float,
+    temperature: float | torch.Tensor,
     logit_stand: bool = False,
 ) -> torch.Tensor:
     """Decoupled KD: ``α·TCKD + β·NCKD``, each ``τ²`` times the batch-mean KL.
 
     TCKD compares the binary (target, non-target) distributions and NCKD the
     distributions over non-target classes. Unlike the published code, the
-    binary masses come from log-sum-exp, so the loss stays finite when the
-    non-target mass underflows. With one non-target class NCKD is 0.
+    binary masses come from log-sum-exp and log1mexp, so the loss stays finite
+    when the non-target mass underflows and accurate when the target mass is tiny.
+    With one non-target class NCKD is 0. ``temperature`` may be a tensor (CTKD).
     """
     s, t = _prep(student, teacher, logit_stand)
-    s, t = s / temperature, t / temperature
-    tckd = _kl_rows(_binary_log(t, target), _binary_log(s, target)).mean()
-    if s.shape[1] > 2:
-        nckd = _kl_rows(_non_target_log_softmax(t, target), _non_target_log_softmax(s, target)).mean()
-    else:
-        nckd = s.new_zeros(())
-    return (alpha * tckd + beta * nckd) * temperature**2
+    tckd, nckd = _dkd_rows(s / temperature, t / temperature, target)
+    return (alpha * tckd.mean() + beta * nckd.mean()) * temperature**2
 
 
 def _check_tail(tail: str) -> None:
@@ -202,7 +230,7 @@ def mlkd_loss(
     """
     if variant not in ("reference", "paper"):
         raise ValueError(f"unknown MLKD variant {variant!r}: choose 'reference' or 'paper'")
-    sw, ss, tw, ts = (x.float() for x in (student_weak, student_strong, teacher_weak, teacher_strong))
+    sw, ss, tw, ts = (_upcast(x) for x in (student_weak, student_strong, teacher_weak, teacher_strong))
     temps = (float(temperature), *MLKD_TEMPERATURES)
     sample_mask, class_mask = _median_masks(tw)
     if variant == "reference":
@@ -239,7 +267,7 @@ def nkd_loss(
     The second term is a cross-entropy, not a KL: it never reaches 0 (it carries
     the teacher's non-target entropy), so do not monitor it as a distance.
     """
-    s, t = student.float(), teacher.float()
+    s, t = _upcast(student), _upcast(teacher)
     idx = target[:, None]
     log_p_y = F.log_softmax(s, dim=1).gather(1, idx).squeeze(1)
     q_y = F.softmax(t, dim=1).gather(1, idx).squeeze(1).detach()
@@ -250,17 +278,37 @@ def nkd_loss(
     return target_term + gamma * temperature**2 * non_target
 
 
+def _norm_temperature(logits: torch.Tensor, t_norm: float) -> torch.Tensor:
+    """NormKD's per-sample temperature ``t_norm·(std + 1e-7)`` (unbiased std), shape (B, 1), not detached."""
+    return t_norm * (logits.std(dim=1, keepdim=True) + 1e-7)
+
+
 def normkd_loss(student: torch.Tensor, teacher: torch.Tensor, t_norm: float) -> torch.Tensor:
     """NormKD: per-sample temperatures ``t_norm·(std + 1e-7)`` (unbiased std), one for the teacher
     and one for the student, and a KL weighted per sample by the squared teacher temperature, batch mean.
 
     The published code has no eps and gives NaN for a constant row; 1e-7 keeps it finite.
     """
-    s, t = student.float(), teacher.float()
-    ts = t_norm * (s.std(dim=1, keepdim=True) + 1e-7)
-    tt = t_norm * (t.std(dim=1, keepdim=True) + 1e-7)
+    s, t = _upcast(student), _upcast(teacher)
+    ts, tt = _norm_temperature(s, t_norm), _norm_temperature(t, t_norm)
     kl = _kl_rows(F.log_softmax(t / tt, dim=1), F.log_softmax(s / ts, dim=1))
     return (kl * tt.squeeze(1) ** 2).mean()
+
+
+def normkd_dkd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float, beta: float, t_norm: float
+) -> torch.Tensor:
+    """NormKD with DKD (NormKD_W_DKD): ``α·TCKD + β·NCKD`` on logits divided by per-sample temperatures.
+
+    The teacher is divided by ``T_t = t_norm·(std_t + 1e-7)`` and the student by
+    its own ``T_s = t_norm·(std_s + 1e-7)`` (not detached); both terms of a row
+    are weighted by ``T_t²`` (the teacher's, no global τ²), then the batch mean.
+    The eps is :func:`normkd_loss`'s.
+    """
+    s, t = _upcast(student), _upcast(teacher)
+    tt = _norm_temperature(t, t_norm)
+    tckd, nckd = _dkd_rows(s / _norm_temperature(s, t_norm), t / tt, target)
+    return ((alpha * tckd + beta * nckd) * tt.squeeze(1) ** 2).mean()
 
 
 def sort_teacher(teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -271,7 +319,7 @@ def sort_teacher(teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     and std) is unchanged, which is why it composes with Z-score and NormKD.
     ``[5, 1, 3, 4, 2]`` with target 2 becomes ``[4, 1, 5, 3, 2]``.
     """
-    t = teacher.float()
+    t = _upcast(teacher)
     boosted = t.scatter(1, target[:, None], float("inf"))
     order = torch.sort(boosted, dim=1, descending=True, stable=True).indices
     values = torch.sort(t, dim=1, descending=True).values
@@ -293,21 +341,44 @@ class CTKDTemperature(torch.nn.Module):
     """CTKD's learnable global temperature ``T = t_start + t_end·sigmoid(θ)``, θ initialised to 1.
 
     θ is trained adversarially: its gradient passes a reversal layer scaled by
-    λ, which follows the cosine curriculum :meth:`lam` from 0 to −1 over
-    ``curriculum`` epochs, so θ ascends the KD loss. Put its parameters in the
-    student's optimizer.
+    λ, which follows CTKD's curriculum :meth:`lam` of the 1-based epoch (by
+    default cosine from ``decay_max`` 0 to ``decay_min`` −1 over ``curriculum``
+    10 epochs, the values of CTKD's CIFAR script), so θ ascends the KD loss.
+    Put its parameters in the student's optimizer.
     """
 
-    def __init__(self, t_start: float = 1.0, t_end: float = 20.0, curriculum: int = 10):
+    def __init__(
+        self,
+        t_start: float = 1.0,
+        t_end: float = 20.0,
+        curriculum: int = 10,
+        decay: str = "cosine",
+        decay_max: float = 0.0,
+        decay_min: float = -1.0,
+    ):
         super().__init__()
+        if decay not in CTKD_DECAYS:
+            raise ValueError(f"unknown CTKD decay {decay!r}: choose 'cosine' or 'linear'")
+        if curriculum < 1:
+            raise ValueError(f"the CTKD curriculum needs at least 1 epoch, got {curriculum}")
         self.t_start, self.t_end, self.curriculum = t_start, t_end, curriculum
+        self.decay, self.decay_max, self.decay_min = decay, decay_max, decay_min
         self.theta = torch.nn.Parameter(torch.ones(1))
 
     def lam(self, epoch: int) -> float:
-        """λ for 0-based ``epoch``: ``−(1 − cos(π·min(epoch, n)/n))/2``."""
-        e = min(epoch, self.curriculum)
-        return -(1 - math.cos(math.pi * e / self.curriculum)) / 2
+        """λ at 1-based ``epoch``, as CTKD's ``CosineDecay`` / ``LinearDecay.get_value(epoch)`` with n = curriculum.
+
+        cosine: ``min + (max − min)·(1 + cos(π·e/n))/2``, e clipped to [0, n], so λ(n) = min.
+        linear: ``−e·(max − min)/n``, e clipped to [0, n − 1]: upstream ignores the max offset and stops one step
+        short of min.
+        """
+        n = self.curriculum
+        if self.decay == "linear":
+            return -min(max(epoch, 0), n - 1) * (self.decay_max - self.decay_min) / n
+        e = min(max(epoch, 0), n)
+        return self.decay_min + (self.decay_max - self.decay_min) * (1 + math.cos(math.pi * e / n)) / 2
 
     def forward(self, epoch: int) -> torch.Tensor:
+        """The temperature for 1-based ``epoch`` (a 0-d tensor), with λ(epoch) on θ's gradient."""
         theta = _GradReverse.apply(self.theta, self.lam(epoch))
         return self.t_start + self.t_end * torch.sigmoid(theta).squeeze()

@@ -25,6 +25,7 @@ from kdcache.data import ImageDataset, build_dataset, test_split
 from kdcache.errors import KdcacheError
 from kdcache.feed import LogitFeed, epoch_order, epoch_views, reuse_warning
 from kdcache.losses import (
+    CTKD_DECAYS,
     TEACHER_MIXES,
     CTKDTemperature,
     dkd_loss,
@@ -32,6 +33,7 @@ from kdcache.losses import (
     kd_loss,
     mlkd_loss,
     nkd_loss,
+    normkd_dkd_loss,
     normkd_loss,
     sort_teacher,
     topk_dkd_loss,
@@ -45,7 +47,8 @@ from kdcache.teacher import Teacher, load_teacher
 from kdcache.topk import LogitFormat, TopKTeacher
 from kdcache.views import Recipe, make_recipe, normalize, parse_views, pixel_hash, recipe_from_attrs
 
-LOSSES = ("ce", "kd", "dkd", "mlkd", "nkd", "normkd")
+LOSSES = ("ce", "kd", "dkd", "mlkd", "nkd", "normkd", "normkd-dkd")
+CTKD_LOSSES = ("kd", "dkd")
 TEACHER_FIXES = ("none", "sort")
 SLOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 HASH_CHECK_EVERY = 16  # verify pixel hashes on every 16th batch (and the first) unless --verify-views
@@ -71,6 +74,10 @@ class TrainConfig:
     ctkd: bool = False
     ctkd_t_start: float = 1.0
     ctkd_t_end: float = 20.0
+    ctkd_decay: str = "cosine"
+    ctkd_decay_epochs: int = 10
+    ctkd_decay_max: float = 0.0
+    ctkd_decay_min: float = -1.0
     epochs: int = 240
     batch_size: int = 64
     lr: float | None = None
@@ -94,7 +101,7 @@ class TrainConfig:
         }
         if self.loss in ("kd", "mlkd", "normkd"):
             d.update(ce_weight=0.1, kd_weight=9.0 if ls else 0.9, temperature=2.0 if ls else 4.0)
-        elif self.loss == "dkd":
+        elif self.loss in ("dkd", "normkd-dkd"):
             d.update(ce_weight=1.0, kd_weight=9.0 if ls else 1.0, temperature=2.0 if ls else 4.0)
         elif self.loss == "nkd":
             d.update(ce_weight=1.0, kd_weight=1.0, temperature=1.0)
@@ -116,6 +123,7 @@ class TrainConfig:
             ("momentum", 0 <= self.momentum < 1),
             ("warmup", (self.warmup if self.warmup is not None else 1) >= 0),
             ("seed", self.seed >= 0),
+            ("ctkd-decay-epochs", self.ctkd_decay_epochs >= 1),
         ]
         for name, ok in checks:
             if not ok:
@@ -127,8 +135,10 @@ class TrainConfig:
             raise KdcacheError(f"unknown --mlkd-variant {self.mlkd_variant!r}: choose reference or paper")
         if self.teacher_fix not in TEACHER_FIXES:
             raise KdcacheError(f"unknown --teacher-fix {self.teacher_fix!r}: choose one of {', '.join(TEACHER_FIXES)}")
-        if self.ctkd and self.loss != "kd":
-            raise KdcacheError(f"--ctkd works with --loss kd (with or without --logit-stand), not {self.loss}")
+        if self.ctkd_decay not in CTKD_DECAYS:
+            raise KdcacheError(f"unknown --ctkd-decay {self.ctkd_decay!r}: choose one of {', '.join(CTKD_DECAYS)}")
+        if self.ctkd and self.loss not in CTKD_LOSSES:
+            raise KdcacheError(f"--ctkd works with --loss kd or dkd (with or without --logit-stand), not {self.loss}")
 
 
 class StudentViews(Dataset):
@@ -251,6 +261,16 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     main: bool = True  # False on torchrun ranks other than 0, which report nothing
 
+    @property
+    def best_epoch(self) -> int | None:
+        """The first epoch that reached ``best_top1`` (the one ``best.pt`` holds), or None without a history."""
+        return next((int(h["epoch"]) for h in self.history if h["test_top1"] == self.best_top1), None)
+
+
+def _warm(cfg: TrainConfig, epoch: int) -> float:
+    """DKD's warm-up factor ``min(epoch / warmup, 1)`` for the 1-based epoch (1 with no warm-up)."""
+    return min(epoch / cfg.warmup, 1.0) if cfg.warmup else 1.0
+
 
 def _distill(
     cfg: TrainConfig,
@@ -277,21 +297,22 @@ def _distill(
     if isinstance(t, TopKTeacher):
         if cfg.loss == "kd":
             return cfg.ce_weight * ce + cfg.kd_weight * topk_kd_loss(s, t, y, temperature, cfg.logit_stand)
-        warm = min(epoch / cfg.warmup, 1.0) if cfg.warmup else 1.0
-        return cfg.ce_weight * ce + warm * cfg.kd_weight * topk_dkd_loss(
+        return cfg.ce_weight * ce + _warm(cfg, epoch) * cfg.kd_weight * topk_dkd_loss(
             s, t, y, cfg.alpha, cfg.beta, temperature, cfg.logit_stand
         )
     if cfg.loss == "kd":
         return cfg.ce_weight * ce + cfg.kd_weight * kd_loss(s, t, temperature, cfg.logit_stand)
     if cfg.loss == "dkd":
-        warm = min(epoch / cfg.warmup, 1.0) if cfg.warmup else 1.0
-        return cfg.ce_weight * ce + warm * cfg.kd_weight * dkd_loss(
+        return cfg.ce_weight * ce + _warm(cfg, epoch) * cfg.kd_weight * dkd_loss(
             s, t, y, cfg.alpha, cfg.beta, temperature, cfg.logit_stand
         )
-    if cfg.loss in ("nkd", "normkd"):
+    if cfg.loss in ("nkd", "normkd", "normkd-dkd"):
         if cfg.logit_stand:
             s, t = zscore(s), zscore(t)
-        term = nkd_loss(s, t, y, temperature, cfg.gamma) if cfg.loss == "nkd" else normkd_loss(s, t, cfg.t_norm)
+        if cfg.loss == "normkd-dkd":
+            term = _warm(cfg, epoch) * normkd_dkd_loss(s, t, y, cfg.alpha, cfg.beta, cfg.t_norm)
+        else:
+            term = nkd_loss(s, t, y, temperature, cfg.gamma) if cfg.loss == "nkd" else normkd_loss(s, t, cfg.t_norm)
         return cfg.ce_weight * ce + cfg.kd_weight * term
     ce = ce + F.cross_entropy(student[1], y)
     return cfg.ce_weight * ce + cfg.kd_weight * mlkd_loss(
@@ -508,6 +529,7 @@ def train_student(
         "augment": recipe.name,
         "num_views": num_views,
         "view_seed": view_seed,
+        "view_schedule": "chunk",
     }
     if len(caches) > 1:
         config_record.update(teacher_weights=mix_weights, teacher_mix=teacher_mix)
@@ -523,7 +545,16 @@ def train_student(
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, static_graph=True
         )
-    ctkd = CTKDTemperature(cfg.ctkd_t_start, cfg.ctkd_t_end).to(dev) if cfg.ctkd else None
+    ctkd = None
+    if cfg.ctkd:
+        ctkd = CTKDTemperature(
+            cfg.ctkd_t_start,
+            cfg.ctkd_t_end,
+            curriculum=cfg.ctkd_decay_epochs,
+            decay=cfg.ctkd_decay,
+            decay_max=cfg.ctkd_decay_max,
+            decay_min=cfg.ctkd_decay_min,
+        ).to(dev)
     params = list(model.parameters()) + (list(ctkd.parameters()) if ctkd is not None else [])
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start_epoch, best, history = 1, -1.0, []
@@ -533,8 +564,7 @@ def train_student(
         raise KdcacheError(f"{out} already holds a run (last.pt): pass --resume to continue it or choose another --out")
     if resume and last_path.exists():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state.get("config", {}) | {"epochs": cfg.epochs} != config_record:
-            raise KdcacheError(f"--resume with different settings than the run in {out}: use the original command")
+        config_record["view_schedule"] = _check_resume(state.get("config", {}), config_record, cfg, out)
         model.load_state_dict(state["model"])
         if ctkd is not None:
             ctkd.load_state_dict(state["ctkd"])
@@ -576,7 +606,7 @@ def train_student(
     batch = cfg.batch_size // ranks.world
 
     def epoch_views_of(epoch: int) -> np.ndarray:
-        return epoch_views(cfg.seed, epoch - 1, n, num_views, uniform)
+        return epoch_views(cfg.seed, epoch - 1, n, num_views, uniform, config_record["view_schedule"])
 
     def epoch_batches(epoch: int) -> list[np.ndarray]:
         # This rank's shard in the epoch's order, padded with its own first samples to the common length.
@@ -645,7 +675,7 @@ def train_student(
                     t_logits = [
                         _teacher_rows(rows, names["teacher"][k], at, store.num_classes, dev) for k in range(kinds)
                     ]
-            temperature = ctkd(epoch - 1) if ctkd is not None else cfg.temperature
+            temperature = ctkd(epoch) if ctkd is not None else cfg.temperature
             mixed = None
             if recipe.mix != "none":
                 partner = mix[:, 0].long().numpy()
@@ -677,7 +707,7 @@ def train_student(
             "seconds": time.perf_counter() - t0,
         }
         if ctkd is not None:
-            record["temperature"] = ctkd(epoch - 1).detach().item()
+            record["temperature"] = ctkd(epoch).detach().item()
         history.append(record)
         improved = metrics["test_top1"] > best
         best = max(best, metrics["test_top1"])
@@ -710,6 +740,35 @@ def train_student(
 
         plot_training({out.name: history}, out / "curves.png")
     return TrainResult(out, best, history[-1] if history else {}, history, ranks.main)
+
+
+#: Settings a run folder made by an earlier kdcache does not record, with the values those runs used.
+LEGACY_SETTINGS = {
+    "view_schedule": "sample",
+    "ctkd_decay": "cosine",
+    "ctkd_decay_epochs": 10,
+    "ctkd_decay_max": 0.0,
+    "ctkd_decay_min": -1.0,
+}
+
+
+def _check_resume(stored: dict, record: dict, cfg: TrainConfig, out: Path) -> str:
+    """Refuse ``--resume`` when a setting differs from the run in ``out`` (naming it); returns the run's view schedule.
+
+    A run started before a setting was recorded resumes with the value it was started with (``LEGACY_SETTINGS``).
+    """
+    if cfg.ctkd and "ctkd_decay" not in stored:
+        raise KdcacheError(
+            f"the CTKD run in {out} was started before CTKD's lambda schedule moved one epoch earlier (as upstream): "
+            "it cannot resume on the new schedule; start it again in a new --out"
+        )
+    stored = {**LEGACY_SETTINGS, **stored, "epochs": cfg.epochs}
+    record = {**record, "view_schedule": stored["view_schedule"]}
+    diff = [k for k in sorted(stored.keys() | record.keys()) if stored.get(k) != record.get(k)]
+    if diff:
+        what = "; ".join(f"{k}: run has {stored.get(k)!r}, this command {record.get(k)!r}" for k in diff)
+        raise KdcacheError(f"--resume with different settings than the run in {out} ({what}): use the original command")
+    return stored["view_schedule"]
 
 
 def _teacher_rows(

@@ -313,7 +313,7 @@ def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, teacher_ck
         return proc
 
     whole = torchrun("whole", "--epochs", "2")
-    assert whole.stdout.count("best test top-1") == 1  # rank 0 reports; rank 1 stays quiet
+    assert whole.stdout.count("best-epoch test top-1") == 1  # rank 0 reports; rank 1 stays quiet
     torchrun("cut", "--epochs", "1")
     torchrun("cut", "--epochs", "2", "--resume")
     import torch

@@ -158,7 +158,7 @@ def test_train_from_topk_cli_and_refusals(caches, cifar_root, tmp_path):
         *common,
         check=True,
     )
-    assert "best test top-1" in ok.stdout
+    assert "best-epoch test top-1" in ok.stdout
     bad = run_cli("train-student", "--cache", str(top), "--loss", "nkd", "--out", str(tmp_path / "r2"), *common)
     assert bad.returncode == 2 and "topk:5 cache" in bad.stderr and "--format full" in bad.stderr
     again = run_cli(

@@ -14,7 +14,8 @@ from conftest import assert_same_arrays, run_cli
 
 from kdcache.dump import dump_logits
 from kdcache.errors import KdcacheError
-from kdcache.train import train_student
+from kdcache.quickstart import Row, format_table
+from kdcache.train import TrainResult, train_student
 
 COMMON = dict(student="resnet8", dataset="cifar100", epochs=2, batch_size=32, progress=False)
 
@@ -144,9 +145,13 @@ def test_metrics_checkpoints_and_plot(cifar_root, cache32, tmp_path):
         "--plot",
         check=True,
     )
-    assert "best test top-1" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+    best = max(rows, key=lambda r: r["test_top1"])  # the first epoch at the maximum, as best.pt
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"last-epoch test top-1 {rows[-1]['test_top1']:.2f}% (epoch 2)  "
+        f"best-epoch test top-1 {best['test_top1']:.2f}% (epoch {best['epoch']})  -> {out}"
+    )
     for key in ("epoch", "lr", "train_loss", "test_top1", "test_top5", "test_nll", "test_ece", "seconds"):
         assert key in rows[0]
     assert 0 <= rows[0]["test_ece"] <= 1 and rows[0]["test_top5"] >= rows[0]["test_top1"]
@@ -270,6 +275,7 @@ def test_mlkd_trains_from_an_mlkd_cache(cifar_root, teacher_ckpt, tmp_path):
         dict(loss="kd", teacher_fix="sort", logit_stand=True),
         dict(loss="dkd", teacher_fix="sort"),
         dict(loss="kd", ctkd=True, logit_stand=True),
+        dict(loss="normkd-dkd"),
     ],
 )
 def test_sibling_methods_train_from_one_cache(cifar_root, cache32, tmp_path, extra):
@@ -278,10 +284,36 @@ def test_sibling_methods_train_from_one_cache(cifar_root, cache32, tmp_path, ext
     if extra.get("ctkd"):
         temps = [h["temperature"] for h in r.history]
         assert all(1.0 < t < 21.0 for t in temps)
-    with pytest.raises(KdcacheError, match="--ctkd works with --loss kd"):
+    with pytest.raises(KdcacheError, match="--ctkd works with --loss kd or dkd"):
         train_student(
-            out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), **{**COMMON, "loss": "dkd", "ctkd": True}
+            out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), **{**COMMON, "loss": "nkd", "ctkd": True}
         )
+
+
+def test_ctkd_with_dkd_learns_its_temperature_from_epoch_one(cifar_root, cache32, tmp_path):
+    run = {**COMMON, "loss": "dkd", "ctkd": True, "warmup": 0, "ctkd_decay_epochs": 1}
+    kw = dict(cache=str(cache32), data_root=str(cifar_root), **run)
+    learned = train_student(out=tmp_path / "a", **kw)
+    frozen = train_student(out=tmp_path / "b", ctkd_decay_min=0.0, **kw)  # λ ≡ 0: only weight decay moves θ
+    t_learned, t_frozen = ([h["temperature"] for h in r.history] for r in (learned, frozen))
+    assert all(np.isfinite(h["train_loss"]) for h in learned.history)
+    assert t_learned[-1] != pytest.approx(1 + 20 * torch.sigmoid(torch.tensor(1.0)).item(), abs=1e-4)
+    # With a 1-epoch curriculum λ(1) = −1 acts in epoch 1 (upstream's 1-based epoch): the DKD gradient reaches θ.
+    assert abs(t_learned[0] - t_frozen[0]) > 1e-4
+    with pytest.raises(KdcacheError, match="--ctkd-decay"):
+        train_student(out=tmp_path / "c", ctkd_decay="step", **kw)
+
+
+def test_summaries_report_last_and_best_epoch():
+    hist = [
+        {"epoch": 1, "test_top1": 60.0, "test_nll": 1.0, "test_ece": 0.2, "seconds": 2.0},
+        {"epoch": 2, "test_top1": 60.0, "test_nll": 1.1, "test_ece": 0.1, "seconds": 2.5},
+        {"epoch": 3, "test_top1": 55.5, "test_nll": 1.2, "test_ece": 0.05, "seconds": 3.0},
+    ]
+    assert TrainResult(Path("run"), 60.0, hist[-1], hist).best_epoch == 1
+    table = format_table([Row.from_history("KD (cache)", hist)]).splitlines()
+    assert table[0] == "| method | last-epoch top-1 (%) | best-epoch top-1 (%) | NLL | ECE | train time (s) |"
+    assert table[2] == "| KD (cache) | 55.50 | 60.00 | 1.200 | 0.050 | 7.5 |"
 
 
 def test_fsspec_url_stores_work_like_local_ones(cifar_root, teacher_ckpt, cache32, tmp_path):
@@ -344,3 +376,28 @@ def test_cache_of_another_split_and_nonsense_numbers_via_cli(cifar_root, teacher
         proc = run_cli(*base, "--loss", "ce", flag, value)
         assert proc.returncode == 2 and f"{flag} {value} is out of range" in proc.stderr
     assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_resume_keeps_a_legacy_runs_view_schedule_and_names_a_changed_setting(cifar_root, cache32, tmp_path):
+    from kdcache.train import train_student
+
+    kw = dict(
+        cache=str(cache32),
+        student="resnet8",
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        batch_size=16,
+        lr_milestones=(5,),
+        progress=False,
+        out=str(tmp_path / "run"),
+    )
+    train_student(epochs=1, **kw)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["config"]["view_schedule"] == "chunk"
+    for key in ("view_schedule", "ctkd_decay", "ctkd_decay_epochs", "ctkd_decay_max", "ctkd_decay_min"):
+        del state["config"][key]  # a run folder as kdcache wrote them before these settings existed
+    torch.save(state, tmp_path / "run" / "last.pt")
+    with pytest.raises(KdcacheError, match=r"lr: run has 0.05, this command 0.1\)"):
+        train_student(epochs=2, resume=True, lr=0.1, **kw)
+    train_student(epochs=2, resume=True, **kw)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["view_schedule"] == "sample"
