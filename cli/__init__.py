@@ -200,6 +200,13 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--verify-views", is_flag=True, help="Check the pixel hash of every view, not a sample of batches.")
 @click.option("--plot", is_flag=True, help="Write RUN_DIR/curves.png.")
 @click.option(
+    "--view-schedule",
+    default="chunk",
+    show_default=True,
+    type=click.Choice(["chunk", "sample"]),
+    help="Seeded caches: one view per store chunk per epoch (reads one view's worth), or one per sample.",
+)
+@click.option(
     "--cache-memory",
     default="4GiB",
     show_default=True,

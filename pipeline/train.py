@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from kdcache.data import ImageDataset, build_dataset, test_split
 from kdcache.errors import KdcacheError
-from kdcache.feed import LogitFeed, epoch_order, epoch_views, reuse_warning
+from kdcache.feed import SCHEDULES, LogitFeed, epoch_order, epoch_views, reuse_warning
 from kdcache.losses import (
     CTKD_DECAYS,
     TEACHER_MIXES,
@@ -420,6 +420,7 @@ def train_student(
     plot: bool = False,
     progress: bool = True,
     cache_memory: int = 4 << 30,
+    view_schedule: str = "chunk",
     **hyper,
 ) -> TrainResult:
     """Train ``student`` and write ``metrics.jsonl``, ``last.pt`` and ``best.pt`` into ``out``.
@@ -430,7 +431,8 @@ def train_student(
     from an online ``teacher`` run on the same views (``augment``, ``mix``,
     ``mix_alpha``, ``views``, ``view_seed``; ``weights`` names torchvision
     weights); ``loss="ce"`` needs neither.
-    ``cache_views`` trains from only the first N views of the cache (see
+    ``view_schedule`` picks how a seeded cache's views are drawn per epoch
+    (:func:`kdcache.feed.epoch_views`). ``cache_views`` trains from only the first N views of the cache (see
     :func:`kdcache.study.study_views`). ``hyper`` holds :class:`TrainConfig` fields.
     Under ``torchrun`` each rank trains on its shard of the samples with
     DistributedDataParallel; ``batch_size`` stays the global batch and rank 0
@@ -438,6 +440,8 @@ def train_student(
     """
     cfg = TrainConfig(student=student, loss=loss, **hyper)
     cfg.validate()
+    if view_schedule not in SCHEDULES:
+        raise KdcacheError(f"unknown --view-schedule {view_schedule!r}: choose one of {', '.join(SCHEDULES)}")
     cfg = cfg.resolved()
     caches = [] if cache is None else [str(cache)] if isinstance(cache, (str, Path)) else [str(c) for c in cache]
     if cfg.loss != "ce" and not caches and teacher is None:
@@ -529,7 +533,7 @@ def train_student(
         "augment": recipe.name,
         "num_views": num_views,
         "view_seed": view_seed,
-        "view_schedule": "chunk",
+        "view_schedule": view_schedule,
     }
     if len(caches) > 1:
         config_record.update(teacher_weights=mix_weights, teacher_mix=teacher_mix)

@@ -81,6 +81,7 @@ train_student(out=out + "/run", cache=out + "/c.zarr", data_root=root, loss="mlk
 """
 
 
+@pytest.mark.slow
 def test_nothing_reads_uninitialized_memory(cifar_root, teacher_ckpt, tmp_path):
     """On a GPU kdcache runs deterministic mode with its NaN fill of new tensors off (the fill stalls busy hosts), which
     is only safe if no step reads memory it did not write. With the fill on, such a read brings NaN into the logits or
@@ -175,6 +176,7 @@ def test_metrics_checkpoints_and_plot(cifar_root, cache32, tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(cifar_root, cache32, tmp_path):
     args = [
         "train-student",
