@@ -201,10 +201,9 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--plot", is_flag=True, help="Write RUN_DIR/curves.png.")
 @click.option(
     "--view-schedule",
-    default="chunk",
-    show_default=True,
     type=click.Choice(["chunk", "sample"]),
-    help="Seeded caches: one view per store chunk per epoch (reads one view's worth), or one per sample.",
+    help="Seeded caches: one view per store chunk per epoch (reads one view's worth; default for new runs), or one "
+    "per sample. --resume continues the run's own.",
 )
 @click.option(
     "--cache-memory",

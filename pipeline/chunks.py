@@ -1,7 +1,8 @@
-"""One chunk of a dump: the views it covers, the teacher rows it checks, how it is written and marked done.
+"""Chunks and work units of a dump: the views they cover, the teacher rows they check, how they are written.
 
 A chunk is one view index x :data:`~kdcache.store.CHUNK` samples, the unit of
-work, storage and resumption. Both the single-process dump
+storage and resumption; a :class:`Unit` (several views of one chunk's
+samples) is the unit of work. Both the single-process dump
 (:mod:`kdcache.dump`) and the dask workers (:mod:`kdcache.cluster`) build its
 views with :class:`ViewSet`, check the teacher's logits with
 :func:`check_logits` and store them with :func:`write_chunk`; only after the
@@ -262,7 +263,7 @@ class ChunkRows:
 
 
 def write_unit(store: CacheStore, chunks: list[ChunkRows]) -> None:
-    """Write every chunk of a unit, then mark them all done: a unit cut short leaves none of them marked."""
+    """Write every chunk of a unit, and only then mark them done (each chunk is durable before its mark)."""
     for chunk in chunks:
         chunk.write(store)
     for chunk in chunks:

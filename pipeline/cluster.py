@@ -29,7 +29,7 @@ from kdcache.data import ImageDataset, build_dataset
 from kdcache.errors import KdcacheError
 from kdcache.store import CacheStore, open_store
 from kdcache.teacher import Teacher, load_teacher
-from kdcache.views import Recipe, recipe_from_attrs
+from kdcache.views import recipe_from_attrs
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,6 @@ class ChunkJob:
     dataset: str
     data_root: str | None
     split: str
-    augment: str
     seed: int
     all_views: bool
     forward_block: int
@@ -58,8 +57,6 @@ class ChunkJob:
 class _WorkerState:
     teacher: Teacher
     dataset: ImageDataset
-    recipe: Recipe
-    store: CacheStore
 
 
 _STATE: dict[ChunkJob, _WorkerState] = {}
@@ -80,7 +77,12 @@ def _worker_device(requested: str) -> str:
 
 
 def _state(job: ChunkJob) -> _WorkerState:
-    """The worker's teacher, dataset and store for ``job``, loaded on its first task and reused after."""
+    """The worker's teacher and dataset for ``job``, loaded on its first task and reused after.
+
+    The store is not kept: a scheduler outlives dumps, and the same command may
+    meet an extended or overwritten store (other shapes, another recipe version)
+    next time, so each task opens it and rebuilds the recipe it records.
+    """
     with _STATE_LOCK:
         if job not in _STATE:
             ds = build_dataset(job.dataset, job.data_root, job.split)
@@ -99,32 +101,34 @@ def _state(job: ChunkJob) -> _WorkerState:
                     f"worker on {os.uname().nodename} sees a different {job.checkpoint} than the client "
                     "(sha256 differs): put the checkpoint on storage every worker shares"
                 )
-            store = open_store(job.location, "r+")
-            _STATE[job] = _WorkerState(teacher, ds, recipe_from_attrs(store.attrs["recipe"]), store)
+            _STATE[job] = _WorkerState(teacher, ds)
         return _STATE[job]
 
 
 def dump_unit(job: ChunkJob, unit: Unit) -> tuple[Unit, int]:
     """Compute and write every chunk of ``unit`` on a worker (not marked done); returns (unit, views computed)."""
     st = _state(job)
-    items = unit.items(st.store.num_samples)
-    view_set = ViewSet(st.dataset, st.recipe, job.seed, items, job.all_views)
+    store = open_store(job.location, "r+")
+    recipe = recipe_from_attrs(store.attrs["recipe"])
+    items = unit.items(store.num_samples)
+    view_set = ViewSet(st.dataset, recipe, job.seed, items, job.all_views)
     labels = torch.from_numpy(np.asarray(st.dataset.labels, dtype=np.int64))
-    size = len(chunk_rows(st.store.num_samples, unit.chunk))
+    size = len(chunk_rows(store.num_samples, unit.chunk))
     chunks: dict[int, ChunkRows] = {}
-    # Blocks start at the unit's first item and the teacher pads the last one, as a single-process dump does.
+    # Blocks start at the unit's first item here and wherever the loader's batches put them in a single-process dump:
+    # a view's logits depend on the fixed block size, not on the other views in its block, so both give the same rows.
     step = max(job.batch_size - job.batch_size % job.forward_block, job.forward_block)
     for s in range(0, len(items), step):
         batch = view_set[list(range(s, min(len(items), s + step)))]
         outs = [st.teacher(x) for x in batch.pixels]
-        teacher = teacher_rows(outs, batch.views, batch.samples, labels, st.store.format, job.dtype)
+        teacher = teacher_rows(outs, batch.views, batch.samples, labels, store.format, job.dtype)
         for v in np.unique(batch.views).tolist():
             sel = np.flatnonzero(batch.views == v)
             if v not in chunks:
                 chunks[v] = ChunkRows.empty(v, unit.chunk, size, teacher, batch.params)
             chunks[v].add(batch, teacher, sel)
     for chunk in chunks.values():
-        chunk.write(st.store)  # the client marks the unit done once the task has returned
+        chunk.write(store)  # the client marks the unit done once the task has returned
     return unit, len(items)
 
 

@@ -125,20 +125,24 @@ def _prefetched(iterable, depth: int):
     stop = threading.Event()
     end = object()
 
+    def put(item: object) -> bool:
+        """Queue ``item`` unless the consumer stopped first; False when it did."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run() -> None:
         try:
             for item in iterable:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(end)
+            put(end)
         except BaseException as exc:  # re-raised in the consumer
-            q.put(exc)
+            put(exc)
 
     thread = threading.Thread(target=run, name="kdcache-views", daemon=True)
     thread.start()
@@ -273,22 +277,21 @@ def dump_logits(
         try:
             if client is not None:
                 job = ChunkJob(
-                    store.location,
-                    teacher,
-                    checkpoint,
-                    model.checkpoint_sha256,
-                    weights,
-                    dataset,
-                    data_root,
-                    split,
-                    augment,
-                    seed,
-                    views_mode == "all",
-                    forward_block,
-                    amp,
-                    dtype,
-                    device,
-                    batch_size,
+                    location=store.location,
+                    teacher=teacher,
+                    checkpoint=checkpoint,
+                    checkpoint_sha256=model.checkpoint_sha256,
+                    weights=weights,
+                    dataset=dataset,
+                    data_root=data_root,
+                    split=split,
+                    seed=seed,
+                    all_views=views_mode == "all",
+                    forward_block=forward_block,
+                    amp=amp,
+                    dtype=dtype,
+                    device=device,
+                    batch_size=batch_size,
                 )
                 return _run_cluster(store, job, client, progress)
             return _run_dump(store, ds, recipe, model, seed, views_mode == "all", batch_size, workers, dtype, progress)
@@ -477,9 +480,13 @@ def _run_dump(
     loop = DumpLoop(store, todo, teacher, ds.labels, dtype, writer, bar)
     try:
         loop.run(loader)
-    finally:
+    except BaseException:
         bar.close()
-        writer.close()
+        with contextlib.suppress(Exception):  # the writer still finishes what it holds; the loop's error is reported
+            writer.close()
+        raise
+    bar.close()
+    writer.close()
     seconds = time.perf_counter() - start
     return _finish(store, writer.written, seconds, len(items), bool(todo), loop.stages if todo else {})
 

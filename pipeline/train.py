@@ -420,7 +420,7 @@ def train_student(
     plot: bool = False,
     progress: bool = True,
     cache_memory: int = 4 << 30,
-    view_schedule: str = "chunk",
+    view_schedule: str | None = None,
     **hyper,
 ) -> TrainResult:
     """Train ``student`` and write ``metrics.jsonl``, ``last.pt`` and ``best.pt`` into ``out``.
@@ -432,15 +432,16 @@ def train_student(
     ``mix_alpha``, ``views``, ``view_seed``; ``weights`` names torchvision
     weights); ``loss="ce"`` needs neither.
     ``view_schedule`` picks how a seeded cache's views are drawn per epoch
-    (:func:`kdcache.feed.epoch_views`). ``cache_views`` trains from only the first N views of the cache (see
-    :func:`kdcache.study.study_views`). ``hyper`` holds :class:`TrainConfig` fields.
+    (:func:`kdcache.feed.epoch_views`; ``chunk`` for a new run, the run's own on ``resume``).
+    ``cache_views`` trains from only the first N views of the cache (see :func:`kdcache.study.study_views`).
+    ``hyper`` holds :class:`TrainConfig` fields.
     Under ``torchrun`` each rank trains on its shard of the samples with
     DistributedDataParallel; ``batch_size`` stays the global batch and rank 0
     alone writes checkpoints and metrics.
     """
     cfg = TrainConfig(student=student, loss=loss, **hyper)
     cfg.validate()
-    if view_schedule not in SCHEDULES:
+    if view_schedule not in (None, *SCHEDULES):
         raise KdcacheError(f"unknown --view-schedule {view_schedule!r}: choose one of {', '.join(SCHEDULES)}")
     cfg = cfg.resolved()
     caches = [] if cache is None else [str(cache)] if isinstance(cache, (str, Path)) else [str(c) for c in cache]
@@ -533,7 +534,7 @@ def train_student(
         "augment": recipe.name,
         "num_views": num_views,
         "view_seed": view_seed,
-        "view_schedule": view_schedule,
+        "view_schedule": view_schedule or "chunk",
     }
     if len(caches) > 1:
         config_record.update(teacher_weights=mix_weights, teacher_mix=teacher_mix)
@@ -568,7 +569,9 @@ def train_student(
         raise KdcacheError(f"{out} already holds a run (last.pt): pass --resume to continue it or choose another --out")
     if resume and last_path.exists():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
-        config_record["view_schedule"] = _check_resume(state.get("config", {}), config_record, cfg, out)
+        config_record["view_schedule"] = _check_resume(
+            state.get("config", {}), config_record, cfg, out, view_schedule is None
+        )
         model.load_state_dict(state["model"])
         if ctkd is not None:
             ctkd.load_state_dict(state["ctkd"])
@@ -756,10 +759,11 @@ LEGACY_SETTINGS = {
 }
 
 
-def _check_resume(stored: dict, record: dict, cfg: TrainConfig, out: Path) -> str:
+def _check_resume(stored: dict, record: dict, cfg: TrainConfig, out: Path, any_schedule: bool) -> str:
     """Refuse ``--resume`` when a setting differs from the run in ``out`` (naming it); returns the run's view schedule.
 
-    A run started before a setting was recorded resumes with the value it was started with (``LEGACY_SETTINGS``).
+    A run started before a setting was recorded resumes with the value it was started with (``LEGACY_SETTINGS``);
+    ``any_schedule`` (no ``--view-schedule`` given) continues the run's own schedule.
     """
     if cfg.ctkd and "ctkd_decay" not in stored:
         raise KdcacheError(
@@ -767,7 +771,8 @@ def _check_resume(stored: dict, record: dict, cfg: TrainConfig, out: Path) -> st
             "it cannot resume on the new schedule; start it again in a new --out"
         )
     stored = {**LEGACY_SETTINGS, **stored, "epochs": cfg.epochs}
-    record = {**record, "view_schedule": stored["view_schedule"]}
+    if any_schedule:
+        record = {**record, "view_schedule": stored["view_schedule"]}
     diff = [k for k in sorted(stored.keys() | record.keys()) if stored.get(k) != record.get(k)]
     if diff:
         what = "; ".join(f"{k}: run has {stored.get(k)!r}, this command {record.get(k)!r}" for k in diff)

@@ -642,7 +642,7 @@ def resumed_recipe(recipe: Recipe, stored: dict[str, object]) -> Recipe:
     """
     if recipe.name != "mlkd" or stored.get("name") != "mlkd":
         return recipe
-    return make_recipe(recipe.name, recipe.small, recipe.mix, recipe.mix_alpha, int(stored.get("strong_version", 1)))
+    return make_recipe(recipe.name, recipe.small, recipe.mix, recipe.mix_alpha, stored.get("strong_version", 1))
 
 
 def normalize(

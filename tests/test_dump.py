@@ -440,3 +440,17 @@ def test_summary_says_which_stage_held_the_loop_back(cifar_root, teacher_ckpt, t
         assert s.stages["views"] >= 0.9 * delays - others
     line = next(x for x in s.lines() if x.startswith("loop"))
     assert ("teacher is the bound" if slow == "teacher" else "raise --workers") in line
+
+
+def test_prefetch_thread_stops_when_the_consumer_stops_early():
+    import threading
+
+    from kdcache.dump import _prefetched
+
+    batches = _prefetched(iter(range(3)), depth=2)
+    next(batches)
+    time.sleep(0.3)  # the producer fills the queue and waits to put its end marker
+    closer = threading.Thread(target=batches.close, daemon=True)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive(), "closing the view prefetcher hung"

@@ -403,3 +403,5 @@ def test_resume_keeps_a_legacy_runs_view_schedule_and_names_a_changed_setting(ci
         train_student(epochs=2, resume=True, lr=0.1, **kw)
     train_student(epochs=2, resume=True, **kw)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["view_schedule"] == "sample"
+    with pytest.raises(KdcacheError, match=r"view_schedule: run has 'sample', this command 'chunk'"):
+        train_student(epochs=3, resume=True, view_schedule="chunk", **kw)
