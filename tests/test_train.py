@@ -198,8 +198,9 @@ def test_resume_after_kill_matches_uninterrupted(cifar_root, cache32, tmp_path):
         "2,3",
     ]
     run_cli(*args, "--out", str(tmp_path / "full"), check=True)
+    stalled = Path(__file__).with_name("stalled_train.py")  # stalls in epoch 2's evaluation until killed
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kdcache.cli", *args, "--out", str(tmp_path / "cut")],
+        [sys.executable, str(stalled), *args, "--out", str(tmp_path / "cut")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -209,7 +210,7 @@ def test_resume_after_kill_matches_uninterrupted(cifar_root, cache32, tmp_path):
         if metrics.exists() and metrics.read_text().count("\n") >= 1:
             break
         time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     run_cli(*args, "--out", str(tmp_path / "cut"), "--resume", check=True)
