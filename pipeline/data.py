@@ -174,6 +174,20 @@ def _cifar100(root: Path, split: str, download: bool) -> ArrayDataset:
     return ArrayDataset("cifar100", split, ds.data, np.asarray(ds.targets), 100, Normalization(CIFAR_MEAN, CIFAR_STD))
 
 
+def check_dataset(ds: ImageDataset) -> None:
+    """Refuse a split with no images, or labels outside ``[0, num_classes)``, before anything is stored from it."""
+    where = f"{ds.name} split {ds.split!r}" + (f" at {ds.root}" if getattr(ds, "root", None) else "")
+    if len(ds) == 0:
+        raise KdcacheError(f"{where} holds no images: check --data-root and --split")
+    labels = np.asarray(ds.labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= ds.num_classes))
+    if len(bad):
+        raise KdcacheError(
+            f"{where}: sample {int(bad[0])} has label {int(labels[bad[0]])}, outside 0..{ds.num_classes - 1} "
+            f"({len(bad)} such samples): fix the dataset's labels"
+        )
+
+
 def build_dataset(
     name: str, root: str | Path | None = None, split: str = "train", download: bool = False
 ) -> ImageDataset:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from kdcache import __version__
 from kdcache.chunks import ChunkRows, Unit, ViewBatch, ViewSet, as_is, chunk_rows, plan_units, teacher_rows
 from kdcache.cluster import ChunkJob, cluster_client, run_on_cluster
-from kdcache.data import ImageDataset, build_dataset
+from kdcache.data import ImageDataset, build_dataset, check_dataset
 from kdcache.errors import KdcacheError
 from kdcache.store import (
     CHUNK,
@@ -245,9 +245,10 @@ def dump_logits(
         raise KdcacheError(f"--workers must be 0 or more, got {workers}")
     if dtype not in DTYPES:
         raise KdcacheError(f"unknown --dtype {dtype!r}: choose float16 or float32")
-    if seed < 0:
-        raise KdcacheError(f"--seed must be 0 or more, got {seed}")
+    if not 0 <= seed < 2**64:
+        raise KdcacheError(f"--seed must be in 0 .. 2**64 - 1 (the view generator's key), got {seed}")
     ds = data if data is not None else build_dataset(dataset, data_root, split, download)
+    check_dataset(ds)
     recipe = make_recipe(augment, ds.small, mix, mix_alpha)
     if store_exists(out) and not overwrite:  # a store made with older strong-view semantics keeps them
         recipe = resumed_recipe(recipe, open_store(out).attrs["recipe"])

@@ -137,7 +137,7 @@ class LogitFeed:
 
     def _load(self, views: np.ndarray) -> dict[str, np.ndarray]:
         try:
-            return self._read(views)
+            rows = self._read(views)
         except Exception:
             for name in self.names:
                 try:
@@ -145,6 +145,14 @@ class LogitFeed:
                 except Exception:
                     raise self.store.locate_corruption(name) from None
             raise
+        for name, a in rows.items():
+            if a.dtype.kind == "f" and not (finite := np.isfinite(a.reshape(len(a), -1)).all(axis=1)).all():
+                j = int(np.flatnonzero(~finite)[0])
+                raise KdcacheError(
+                    f"cache {self.store.location}: {name} of sample {self.lo + j}, view {int(views[j])} is not finite "
+                    f"(chunk {(self.lo + j) // CHUNK} holds no data): run `kdcache verify` on it and dump it again"
+                )
+        return rows
 
     def _read(self, views: np.ndarray) -> dict[str, np.ndarray]:
         if self.whole:

@@ -141,6 +141,23 @@ class CacheStore:
     def num_kinds(self) -> int:
         return 2 if "view_hash_strong" in self.group else 1
 
+    def missing_chunk(self, names: list[str]) -> tuple[str, int, int] | None:
+        """The first (array, view, chunk) of ``names`` whose chunk file is absent (it would read as the fill value).
+
+        Counting stored chunks is one listing per array; only a local store is searched file by file to name one.
+        """
+        for name in names:
+            arr = self.group[name]
+            if arr.nchunks_initialized >= arr.nchunks:
+                continue
+            root = local_path(self.location)
+            grid = [-(-n // c) for n, c in zip(arr.shape, arr.chunks, strict=True)]
+            for coords in np.ndindex(*grid) if root is not None else []:
+                if not (Path(root) / name / "c" / "/".join(map(str, coords))).exists():
+                    return name, coords[0], coords[1]
+            return name, -1, -1
+        return None
+
     def row_bytes(self) -> int:
         """Bytes one sample of one view takes across the per-view arrays (teacher rows, parameters, hashes)."""
         names = array_names(self.num_kinds, self.format)

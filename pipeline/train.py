@@ -328,6 +328,15 @@ def _cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None, mix
             f"cache {store.location} is incomplete ({missing} chunks missing): re-run its dump-logits command to "
             "finish it"
         )
+    names = array_names(store.num_kinds, store.format)
+    hole = store.missing_chunk([a for kind in names["teacher"] for a in kind] + names["view_hash"])
+    if hole is not None:
+        name, v, c = hole
+        where = f"array {name}, view {v}, chunk {c}" if v >= 0 else f"array {name} (a chunk)"
+        raise KdcacheError(
+            f"cache {store.location}: {where} has no data although marked done (a file was lost): restore the store "
+            "or dump it again into a new --out; `kdcache verify` lists every problem"
+        )
     fp = ds.fingerprint()
     stored = store.attrs["dataset"]
     for key in ("name", "split", "length", "num_classes", "labels_sha256", "images_sha256", "files_sha256"):

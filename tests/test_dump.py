@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import assert_same_arrays, run_cli
+from conftest import assert_same_arrays, run_cli, write_cifar100
 
 from kdcache.chunks import UNIT_VIEWS
 from kdcache.data import build_dataset
@@ -454,3 +454,30 @@ def test_prefetch_thread_stops_when_the_consumer_stops_early():
     closer.start()
     closer.join(timeout=10)
     assert not closer.is_alive(), "closing the view prefetcher hung"
+
+
+def _user_data_unchanged(path: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["label-outside-classes", "empty-split", "seed-beyond-key"])
+def test_bad_data_is_refused_before_anything_is_stored(tmp_path, teacher_ckpt, case):
+    import pickle
+
+    root = write_cifar100(tmp_path / "data", n_train=0 if case == "empty-split" else 96)
+    if case == "label-outside-classes":
+        train = root / "cifar-100-python" / "train"
+        entry = pickle.loads(train.read_bytes())
+        entry["fine_labels"][7] = 100
+        train.write_bytes(pickle.dumps(entry))
+    before = _user_data_unchanged(root)
+    extra = ["--seed", str(2**64)] if case == "seed-beyond-key" else []
+    proc = run_cli(*_dump_args(root, teacher_ckpt[100], tmp_path / "o.zarr", *extra))
+    needle = {
+        "label-outside-classes": "sample 7 has label 100, outside 0..99",
+        "empty-split": "holds no images",
+        "seed-beyond-key": "--seed must be in 0 .. 2**64 - 1",
+    }[case]
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.zarr").exists() and _user_data_unchanged(root) == before

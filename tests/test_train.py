@@ -406,3 +406,37 @@ def test_resume_keeps_a_legacy_runs_view_schedule_and_names_a_changed_setting(ci
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["view_schedule"] == "sample"
     with pytest.raises(KdcacheError, match=r"view_schedule: run has 'sample', this command 'chunk'"):
         train_student(epochs=3, resume=True, view_schedule="chunk", **kw)
+
+
+def test_missing_chunk_is_refused_before_training_naming_it(cifar_root, cache32, tmp_path):
+    (cache32 / "logits" / "c" / "1" / "0" / "0").unlink()  # marked done, but the file is gone
+    proc = run_cli(
+        "train-student",
+        "--cache",
+        str(cache32),
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        str(cifar_root),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert proc.returncode == 2 and "array logits, view 1, chunk 0 has no data although marked done" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_non_finite_teacher_row_stops_the_feed_naming_view_and_sample(cache32):
+    from kdcache.feed import LogitFeed
+    from kdcache.store import open_store
+
+    store = open_store(cache32, "r+")
+    store.group["logits"][1, 5, 3] = np.nan
+    views = np.ones(store.num_samples, np.int64)
+    for memory in (1 << 30, 0):  # whole cache in RAM, and streamed chunks
+        with pytest.raises(KdcacheError, match="logits of sample 5, view 1 is not finite"):
+            LogitFeed(store, ["logits"], memory).get(0, views)
+    assert LogitFeed(store, ["logits"], 0).get(0, np.zeros_like(views))["logits"].shape[0] == store.num_samples
