@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 
 DATASETS = ("cifar100", "imagenet", "folder", "digits")
 SPLITS = ("train", "test", "val")
@@ -98,8 +98,7 @@ class FolderDataset(ImageDataset):
             folder = ImageFolder(str(root))
         except (FileNotFoundError, OSError) as exc:
             raise KdcacheError(
-                f"no ImageFolder tree at {root} ({str(exc).splitlines()[0][:120]}): expected {root}/<class>/<image> "
-                "files"
+                f"no ImageFolder tree at {root} ({first_line(exc, 120)}): expected {root}/<class>/<image> files"
             ) from None
         self.name, self.split, self.norm, self.root = name, split, norm, root
         self.classes = folder.classes

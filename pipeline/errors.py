@@ -11,3 +11,9 @@ class KdcacheError(Exception):
     """
 
     exit_code = 2
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), cut to ``limit``."""
+    lines = str(exc).splitlines()
+    return (lines[0] if lines and lines[0].strip() else exc.__class__.__name__)[:limit]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 
 _REGISTRY: dict[str, Callable[[int], nn.Module]] = {}
 TORCHVISION_PREFIX = "torchvision."
@@ -513,6 +513,17 @@ def _unknown_model(name: str) -> KdcacheError:
     return KdcacheError(f"unknown model {name!r}: {hint}")
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a model name that is neither in the zoo nor a torchvision architecture, suggesting near names."""
+    if name.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
+        if name[len(TORCHVISION_PREFIX) :] not in torchvision.models.list_models(module=torchvision.models):
+            raise _unknown_model(name)
+    elif name not in _REGISTRY:
+        raise _unknown_model(name)
+
+
 def create_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """Build a model that maps normalized images to ``num_classes`` logits.
 
@@ -610,9 +621,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a garbled or foreign file
-        raise KdcacheError(
-            f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}; is it a torch .pth file?"
-        ) from None
+        raise KdcacheError(f"cannot read checkpoint {path}: {first_line(exc)}; is it a torch .pth file?") from None
     sd = extract_state_dict(obj)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

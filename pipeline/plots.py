@@ -11,14 +11,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from kdcache.errors import KdcacheError  # noqa: E402
+
 
 def _save(fig, axes, path: str | Path) -> Path:
     """Grid every axis, lay out, write the PNG and free the figure."""
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise KdcacheError(f"cannot write the plot {path} ({exc.strerror or exc}): choose a writable path") from None
+    finally:
+        plt.close(fig)
     return Path(path)
 
 

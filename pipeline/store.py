@@ -37,7 +37,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, first_line
 from kdcache.topk import FULL, STAT_FIELDS, LogitFormat, parse_format, top1_and_confidence
 
 FORMAT_VERSION = 2  # 1: full logits; 2: adds --format topk:K (full-logit stores are still written as 1)
@@ -245,7 +245,7 @@ def open_store(location: str | os.PathLike, mode: str = "r") -> CacheStore:
     try:
         group = zarr.open_group(store=str(lp) if lp is not None else loc, mode=mode)
     except Exception as exc:
-        raise KdcacheError(f"cannot open cache {loc}: {str(exc).splitlines()[0][:160]}") from None
+        raise KdcacheError(f"cannot open cache {loc}: {first_line(exc)}") from None
     return CacheStore(group, loc)
 
 
@@ -261,11 +261,55 @@ def store_exists(location: str | os.PathLike) -> bool:
         return False
 
 
+def check_url(location: str, flag: str) -> None:
+    """Refuse a URL whose scheme fsspec does not know, or whose filesystem package is not installed."""
+    import fsspec
+
+    protocol = str(location).split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise KdcacheError(
+            f"{flag} {location}: unknown URL scheme {protocol}://; use a local path or one fsspec knows (s3://, gs://, "
+            "memory://, ...)"
+        ) from None
+    except ImportError as exc:
+        raise KdcacheError(f"{flag} {location} needs a package that is not installed: {first_line(exc)}") from None
+
+
+def _store_above(path: Path) -> Path | None:
+    """The kdcache store at ``path`` or in a folder above it, if any."""
+    for p in (path, *path.parents):
+        meta = p / "zarr.json"
+        if meta.is_file():
+            try:
+                if "kdcache_format" in json.loads(meta.read_text()).get("attributes", {}):
+                    return p
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse an output folder that is a file or lies in a cache store (a later --overwrite would delete it)."""
+    out = Path(path)
+    if out.is_file():
+        raise KdcacheError(f"{flag} {path} is a file: give a folder path")
+    store = _store_above(out.absolute())
+    if store is not None:
+        raise KdcacheError(f"{flag} {path} is inside the cache store {store}: choose a folder outside it")
+    return out
+
+
 def check_writable_location(location: str | os.PathLike) -> None:
     """Refuse local store paths that are files, non-store directories or read-only, before anything is written."""
     lp = local_path(location)
     if lp is None:
+        check_url(str(location), "--out")
         return
+    store = _store_above(lp.absolute().parent)
+    if store is not None:
+        raise KdcacheError(f"--out {lp} is inside the cache store {store}: choose a path outside it")
     if lp.is_file():
         raise KdcacheError(f"--out {lp} is a file: give a directory path for the Zarr store")
     if lp.is_dir() and any(p.name != LOCK_NAME for p in lp.iterdir()) and not (lp / "zarr.json").is_file():

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
-from kdcache.store import open_store
+from kdcache.store import check_output_dir, open_store
 from kdcache.train import finished_run, train_student
 
 
@@ -78,7 +78,7 @@ def study_views(
     counts = sorted(set(counts)) if counts else default_counts(store.num_views)
     if counts[0] < 1 or counts[-1] > store.num_views:
         raise KdcacheError(f"--counts must lie in 1..{store.num_views} (the views the cache holds), got {counts}")
-    out = Path(out)
+    out = check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(student=student, dataset=dataset, data_root=data_root, progress=progress, **train_kwargs)
     points = []

@@ -19,7 +19,7 @@ from torch import nn
 
 from kdcache.data import Normalization
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model, file_sha256, load_checkpoint
+from kdcache.models import check_model_name, create_model, file_sha256, load_checkpoint
 from kdcache.views import normalize
 
 AMP_MODES = ("none", "bf16", "fp16")
@@ -188,6 +188,7 @@ def load_teacher(
         raise KdcacheError(f"--forward-block must be at least 1, got {forward_block}")
     if amp not in AMP_MODES:
         raise KdcacheError(f"unknown --amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
+    check_model_name(name)
     if not checkpoint and not weights:
         raise KdcacheError(
             f"teacher {name} has no trained weights: pass --checkpoint PATH (or --weights NAME for torchvision.<arch>)"

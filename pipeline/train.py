@@ -42,7 +42,7 @@ from kdcache.losses import (
 )
 from kdcache.models import create_model, load_checkpoint, save_checkpoint
 from kdcache.ranks import init_ranks
-from kdcache.store import CacheStore, array_names, open_store, view_mismatch
+from kdcache.store import CacheStore, array_names, check_output_dir, open_store, view_mismatch
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.topk import LogitFormat, TopKTeacher
 from kdcache.views import Recipe, make_recipe, normalize, parse_views, pixel_hash, recipe_from_attrs
@@ -114,23 +114,24 @@ class TrainConfig:
         """Refuse nonsense numbers with a one-line message."""
         if self.loss not in LOSSES:
             raise KdcacheError(f"unknown --loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        positive, at_least_0, at_least_1 = "must be positive", "must be 0 or more", "must be at least 1"
         checks = [
-            ("epochs", self.epochs >= 1),
-            ("batch-size", self.batch_size >= 1),
-            ("lr", (self.lr or 1) > 0),
-            ("temperature", (self.temperature or 1) > 0),
-            ("weight-decay", self.weight_decay >= 0),
-            ("momentum", 0 <= self.momentum < 1),
-            ("warmup", (self.warmup if self.warmup is not None else 1) >= 0),
-            ("seed", self.seed >= 0),
-            ("ctkd-decay-epochs", self.ctkd_decay_epochs >= 1),
+            ("epochs", self.epochs >= 1, at_least_1),
+            ("batch-size", self.batch_size >= 1, at_least_1),
+            ("lr", self.lr is None or self.lr > 0, positive),
+            ("temperature", self.temperature is None or self.temperature > 0, positive),
+            ("ce-weight", self.ce_weight is None or self.ce_weight >= 0, at_least_0),
+            ("kd-weight", self.kd_weight is None or self.kd_weight >= 0, at_least_0),
+            ("t-norm", self.t_norm is None or self.t_norm > 0, positive),
+            ("weight-decay", self.weight_decay >= 0, at_least_0),
+            ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+            ("warmup", self.warmup is None or self.warmup >= 0, at_least_0),
+            ("seed", 0 <= self.seed < 2**64, "must be in 0 .. 2**64 - 1"),
+            ("ctkd-decay-epochs", self.ctkd_decay_epochs >= 1, at_least_1),
         ]
-        for name, ok in checks:
+        for name, ok, rule in checks:
             if not ok:
-                raise KdcacheError(
-                    f"--{name} {getattr(self, name.replace('-', '_'))} is out of range: see `kdcache train-student "
-                    "--help`"
-                )
+                raise KdcacheError(f"--{name} {rule}, got {getattr(self, name.replace('-', '_'))}")
         if self.mlkd_variant not in ("reference", "paper"):
             raise KdcacheError(f"unknown --mlkd-variant {self.mlkd_variant!r}: choose reference or paper")
         if self.teacher_fix not in TEACHER_FIXES:
@@ -532,7 +533,7 @@ def train_student(
             "dataset"
         )
 
-    out = Path(out)
+    out = check_output_dir(out)
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
     config_record = {

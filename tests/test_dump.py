@@ -273,12 +273,22 @@ def test_float16_overflow_suggests_float32(cifar_root, tmp_path):
         (["--views", "0"], "--views must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--teacher", "resnet9"], "did you mean"),
+        (["--teacher", "torchvision.resnet9000", "--checkpoint", ""], "unknown model 'torchvision.resnet9000'"),
+        (["--out", "foo://bucket/n.zarr"], "unknown URL scheme foo://"),
     ],
 )
 def test_nonsense_numbers_and_names(cifar_root, teacher_ckpt, tmp_path, bad, needle):
     proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], tmp_path / "n.zarr"), *bad)
-    assert proc.returncode == 2 and needle in proc.stderr
+    assert proc.returncode == 2 and needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "n.zarr").exists()
+
+
+def test_store_inside_another_store_is_refused(cifar_root, teacher_ckpt, tmp_path):
+    outer = tmp_path / "outer.zarr"
+    run_cli(*_dump_args(cifar_root, teacher_ckpt[100], outer), check=True)
+    proc = run_cli(*_dump_args(cifar_root, teacher_ckpt[100], outer / "inner.zarr"))
+    assert proc.returncode == 2 and "is inside the cache store" in proc.stderr
+    assert not (outer / "inner.zarr").exists()
 
 
 def test_store_path_that_is_a_file(cifar_root, teacher_ckpt, tmp_path):

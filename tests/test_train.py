@@ -232,7 +232,7 @@ def test_recipe_mismatch_and_missing_teacher(cifar_root, cache32, tmp_path):
         train_student(out=tmp_path / "x", cache=str(cache32), augment="mlkd", data_root=str(cifar_root), **COMMON)
     with pytest.raises(KdcacheError, match="needs a teacher signal"):
         train_student(out=tmp_path / "y", data_root=str(cifar_root), loss="kd", **COMMON)
-    with pytest.raises(KdcacheError, match="--epochs -1 is out of range"):
+    with pytest.raises(KdcacheError, match="--epochs must be at least 1, got -1"):
         train_student(out=tmp_path / "z", data_root=str(cifar_root), loss="ce", **{**COMMON, "epochs": -1})
 
 
@@ -375,9 +375,14 @@ def test_cache_of_another_split_and_nonsense_numbers_via_cli(cifar_root, teacher
     ]
     proc = run_cli(*base, "--cache", str(test_cache))
     assert proc.returncode == 2 and "dataset split is 'test' there, 'train' here" in proc.stderr
-    for flag, value in (("--epochs", "-3"), ("--batch-size", "0")):
+    for flag, value, rule in (
+        ("--epochs", "-3", "must be at least 1, got -3"),
+        ("--batch-size", "0", "must be at least 1, got 0"),
+        ("--temperature", "0", "must be positive, got 0.0"),
+        ("--seed", str(2**64), "must be in 0 .. 2**64 - 1"),
+    ):
         proc = run_cli(*base, "--loss", "ce", flag, value)
-        assert proc.returncode == 2 and f"{flag} {value} is out of range" in proc.stderr
+        assert proc.returncode == 2 and f"{flag} {rule}" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "r" / "last.pt").exists()
 
 
@@ -440,3 +445,48 @@ def test_non_finite_teacher_row_stops_the_feed_naming_view_and_sample(cache32):
         with pytest.raises(KdcacheError, match="logits of sample 5, view 1 is not finite"):
             LogitFeed(store, ["logits"], memory).get(0, views)
     assert LogitFeed(store, ["logits"], 0).get(0, np.zeros_like(views))["logits"].shape[0] == store.num_samples
+
+
+@pytest.mark.parametrize("case", ["out-is-a-file", "out-inside-a-cache", "plot-unwritable", "empty-checkpoint"])
+def test_outputs_and_inputs_that_must_not_be_used(cifar_root, cache32, tmp_path, case):
+    (tmp_path / "a-file").write_text("a user's file")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    before = {p: p.read_bytes() for p in sorted(cache32.rglob("*")) if p.is_file()}
+    args, needle = {
+        "out-is-a-file": (["train-student", "--out", str(tmp_path / "a-file")], "is a file: give a folder path"),
+        "out-inside-a-cache": (["train-student", "--out", str(cache32 / "run")], "is inside the cache store"),
+        "plot-unwritable": (["inspect", str(cache32), "--plot", "/proc/kdcache/none.png"], "cannot write the plot"),
+        "empty-checkpoint": (
+            [
+                "verify",
+                str(cache32),
+                "--teacher",
+                "resnet8",
+                "--checkpoint",
+                str(tmp_path / "empty.pth"),
+                "--sample",
+                "2",
+                "--data-root",
+                str(cifar_root),
+            ],
+            "cannot read checkpoint",
+        ),
+    }[case]
+    if args[0] == "train-student":
+        args += [
+            "--cache",
+            str(cache32),
+            "--student",
+            "resnet8",
+            "--dataset",
+            "cifar100",
+            "--data-root",
+            str(cifar_root),
+            "--epochs",
+            "1",
+        ]
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert (tmp_path / "a-file").read_text() == "a user's file"
+    assert {p: p.read_bytes() for p in sorted(cache32.rglob("*")) if p.is_file()} == before
