@@ -64,7 +64,15 @@ def inspect_cache(location: str) -> CacheReport:
     for v in range(store.num_views):
         if not done[v].all():
             continue
-        pred, confidence = store.predictions(v)
+        try:
+            pred, confidence = store.predictions(v)
+        except Exception:  # a chunk that does not decode: name it, as training and verify do
+            for name in store.teacher_arrays():
+                try:
+                    store.read(name, v)
+                except Exception:
+                    raise store.locate_corruption(name) from None
+            raise
         top1.append(float((pred == labels).mean()))
         conf.append(float(confidence.mean()))
     return CacheReport(store, int(done.sum()), int(done.size), disk_bytes(location), top1, conf)

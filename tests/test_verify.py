@@ -59,3 +59,24 @@ def test_store_of_a_newer_format_is_refused(cifar_root, teacher_ckpt, tmp_path):
     zarr.open_group(str(out), mode="r+").attrs["kdcache_format"] = 99
     proc = run_cli("inspect", str(out))
     assert proc.returncode == 2 and "newer than this kdcache reads" in proc.stderr and "upgrade kdcache" in proc.stderr
+
+
+def test_inspect_names_a_corrupt_chunk(cifar_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "c.zarr"
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_root),
+        augment="cifar",
+        views=2,
+        out=str(out),
+        progress=False,
+    )
+    chunk = out / "logits" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    proc = run_cli("inspect", str(out))
+    assert proc.returncode == 2 and "array logits, view 1, chunk 0 is corrupt" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
