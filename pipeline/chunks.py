@@ -33,7 +33,12 @@ UNIT_VIEWS, UNIT_BYTES = 16, 256 << 20
 
 def chunk_rows(num_samples: int, c: int) -> np.ndarray:
     """The sample indices of chunk ``c`` (the last chunk may be short)."""
-    return np.arange(c * CHUNK, min(num_samples, (c + 1) * CHUNK))
+    return np.arange(c * CHUNK, chunk_end(num_samples, c))
+
+
+def chunk_end(num_samples: int, c: int) -> int:
+    """One past the last sample of chunk ``c``."""
+    return min(num_samples, (c + 1) * CHUNK)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,10 @@ class Unit:
 
     chunk: int
     views: tuple[int, ...]
+
+    def size(self, num_samples: int) -> int:
+        """How many views the unit builds."""
+        return (chunk_end(num_samples, self.chunk) - self.chunk * CHUNK) * len(self.views)
 
     def items(self, num_samples: int) -> np.ndarray:
         """``(n, 2)`` (view, sample) pairs, sample-major: every view of a sample, then the next sample."""

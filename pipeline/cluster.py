@@ -182,7 +182,7 @@ def run_on_cluster(client, store: CacheStore, job: ChunkJob, todo: list[Unit], p
 
     if progress and client.dashboard_link:
         tqdm.write(f"dask dashboard: {client.dashboard_link}")
-    total = sum(len(u.items(store.num_samples)) for u in todo)
+    total = sum(u.size(store.num_samples) for u in todo)
     start = time.perf_counter()
     futures = [
         client.submit(dump_unit, job, u, key=f"kdcache-unit-{u.chunk}-{u.views[0]}-{os.getpid()}", pure=False)

@@ -500,7 +500,7 @@ def _todo(store: CacheStore) -> list[Unit]:
 def _run_cluster(store: CacheStore, job: ChunkJob, client, progress: bool) -> DumpSummary:
     todo = _todo(store)
     written, seconds = run_on_cluster(client, store, job, todo, progress)
-    return _finish(store, written, seconds, sum(len(u.items(store.num_samples)) for u in todo), bool(todo))
+    return _finish(store, written, seconds, sum(u.size(store.num_samples) for u in todo), bool(todo))
 
 
 def _finish(

@@ -534,10 +534,9 @@ def create_model(name: str, num_classes: int, weights: str | None = None) -> nn.
     """
     if num_classes < 1:
         raise KdcacheError(f"num_classes must be positive, got {num_classes}")
+    check_model_name(name)
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(name[len(TORCHVISION_PREFIX) :], num_classes, weights)
-    if name not in _REGISTRY:
-        raise _unknown_model(name)
     if weights:
         raise KdcacheError(f"--weights applies to torchvision models only; load {name} weights with --checkpoint")
     return _REGISTRY[name](num_classes)
@@ -546,8 +545,6 @@ def create_model(name: str, num_classes: int, weights: str | None = None) -> nn.
 def _torchvision_model(arch: str, num_classes: int, weights: str | None) -> nn.Module:
     import torchvision
 
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise _unknown_model(TORCHVISION_PREFIX + arch)
     if not weights:
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     enum = torchvision.models.get_model_weights(arch)
