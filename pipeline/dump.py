@@ -233,20 +233,7 @@ def dump_logits(
     dask.distributed (:mod:`kdcache.cluster`) with the same result.
     """
     distributed = scheduler is not None or local_cluster is not None
-    if scheduler is not None and local_cluster is not None:
-        raise KdcacheError("pass either --scheduler or --local-cluster, not both")
-    if distributed and data is not None:
-        raise KdcacheError("a distributed dump needs a --dataset name the workers can load, not an in-memory dataset")
-    if local_cluster is not None and local_cluster < 1:
-        raise KdcacheError(f"--local-cluster must be at least 1 worker, got {local_cluster}")
-    if batch_size < 1:
-        raise KdcacheError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers < 0:
-        raise KdcacheError(f"--workers must be 0 or more, got {workers}")
-    if dtype not in DTYPES:
-        raise KdcacheError(f"unknown --dtype {dtype!r}: choose float16 or float32")
-    if not 0 <= seed < 2**64:
-        raise KdcacheError(f"--seed must be in 0 .. 2**64 - 1 (the view generator's key), got {seed}")
+    _check_options(scheduler, local_cluster, data is not None, batch_size, workers, dtype, seed)
     ds = data if data is not None else build_dataset(dataset, data_root, split, download)
     check_dataset(ds)
     recipe = make_recipe(augment, ds.small, mix, mix_alpha)
@@ -300,6 +287,33 @@ def dump_logits(
             if created and not store.done().any():
                 remove_store(out)
             raise
+
+
+def _check_options(
+    scheduler: str | None,
+    local_cluster: int | None,
+    in_memory: bool,
+    batch_size: int,
+    workers: int,
+    dtype: str,
+    seed: int,
+) -> None:
+    """Refuse option values no dump can run with, before anything is loaded."""
+    distributed = scheduler is not None or local_cluster is not None
+    if scheduler is not None and local_cluster is not None:
+        raise KdcacheError("pass either --scheduler or --local-cluster, not both")
+    if distributed and in_memory:
+        raise KdcacheError("a distributed dump needs a --dataset name the workers can load, not an in-memory dataset")
+    if local_cluster is not None and local_cluster < 1:
+        raise KdcacheError(f"--local-cluster must be at least 1 worker, got {local_cluster}")
+    if batch_size < 1:
+        raise KdcacheError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise KdcacheError(f"--workers must be 0 or more, got {workers}")
+    if dtype not in DTYPES:
+        raise KdcacheError(f"unknown --dtype {dtype!r}: choose float16 or float32")
+    if not 0 <= seed < 2**64:
+        raise KdcacheError(f"--seed must be in 0 .. 2**64 - 1 (the view generator's key), got {seed}")
 
 
 def _prepare_store(
