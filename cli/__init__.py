@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from kdcache import __version__
 from kdcache.errors import KdcacheError
@@ -34,6 +35,35 @@ def _milestones(ctx, param, value: str) -> tuple[int, ...]:
         raise click.BadParameter("give comma-separated epochs such as 150,180,210") from None
 
 
+_CONFIG = click.option(
+    "--config",
+    type=click.Path(),
+    help="YAML settings: this command's flag names as keys (train-student also reads mdistiller/LS/MLKD configs). "
+    "Flags on the command line override the file.",
+)
+
+
+def _typed(kw: dict) -> dict[str, object]:
+    """The options the user typed (not click's defaults)."""
+    ctx = click.get_current_context()
+    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {k: v for k, v in kw.items() if ctx.get_parameter_source(k) in typed}
+
+
+def _with_config(command: str, kw: dict, required: tuple[str, ...]) -> dict:
+    """Merge ``--config`` under the typed flags, then check the options that must come from one of them."""
+    path = kw.pop("config")
+    if path is not None:
+        from kdcache.configs import load_config, merge
+
+        kw = {**kw, **merge(load_config(path, command, set(kw)), _typed(kw))}
+    missing = [name for name in required if kw.get(name) in (None, ())]
+    if missing:
+        flag = missing[0].replace("_", "-")
+        raise KdcacheError(f"missing option --{flag}: give it on the command line or in the --config file")
+    return kw
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kdcache")
 def main() -> None:
@@ -41,16 +71,14 @@ def main() -> None:
 
 
 @main.command("dump-logits")
-@click.option("--teacher", required=True, help="Zoo name (resnet32x4, wrn_40_2, ...) or torchvision.<arch>.")
+@click.option("--teacher", help="Zoo name (resnet32x4, wrn_40_2, ...), torchvision.<arch> or timm.<name>.  [required]")
 @click.option("--checkpoint", type=click.Path(), help="Teacher weights: {'model': state_dict} or a bare state dict.")
 @click.option("--weights", help="torchvision weights name for torchvision.<arch> teachers (e.g. IMAGENET1K_V1).")
-@click.option("--dataset", required=True, help="cifar100, imagenet, folder or digits (built in, offline).")
+@click.option("--dataset", help="cifar100, imagenet, folder or digits (built in, offline).  [required]")
 @click.option("--data-root", type=click.Path(), help="Dataset root (default data/).")
 @click.option("--split", default="train", show_default=True, help="Dataset split to dump.")
-@click.option("--augment", required=True, type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe.")
-@click.option(
-    "--views", required=True, help="Views per sample: N seeded views, or 'all' (the 162 CIFAR crop/flip views)."
-)
+@click.option("--augment", type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe.  [required]")
+@click.option("--views", help="Views per sample: N seeded views, or 'all' (the 162 CIFAR crop/flip views).  [required]")
 @click.option(
     "--mix",
     default="none",
@@ -59,7 +87,7 @@ def main() -> None:
     help="Mix each view with a partner sample's view (partner, λ and box drawn per view and stored).",
 )
 @click.option("--mix-alpha", default=1.0, show_default=True, type=float, help="λ ~ Beta(alpha, alpha) for --mix.")
-@click.option("--out", required=True, help="Store: a directory or any fsspec URL zarr accepts.")
+@click.option("--out", help="Store: a directory or any fsspec URL zarr accepts.  [required]")
 @click.option("--seed", default=0, show_default=True, type=int, help="Cache seed the views are derived from.")
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Views per loader batch.")
 @click.option(
@@ -86,11 +114,13 @@ def main() -> None:
 @click.option(
     "--local-cluster", type=int, help="Run the chunks on a new dask LocalCluster of N worker processes (one per GPU)."
 )
+@_CONFIG
 @_errors
 def dump_logits_cmd(**kw) -> None:
     """Stage one: run a teacher over replayable views and store its logits in a Zarr cache."""
     from kdcache.dump import dump_logits
 
+    kw = _with_config("dump-logits", kw, ("teacher", "dataset", "augment", "views", "out"))
     summary = dump_logits(**kw)
     click.echo("\n".join(summary.lines()))
 
@@ -107,7 +137,11 @@ def dump_logits_cmd(**kw) -> None:
     type=click.Choice(["logits", "probs"]),
     help="Several caches: average the logits, or the T=1 probabilities (used as log-probability logits).",
 )
-@click.option("--teacher", help="Online teacher instead of a cache (zoo name or torchvision.<arch>).")
+@click.option(
+    "--teacher",
+    help="Online teacher instead of a cache (zoo name, torchvision.<arch>, timm.<name>); with --cache, the teacher "
+    "the cache must hold.",
+)
 @click.option("--checkpoint", type=click.Path(), help="Online teacher weights.")
 @click.option("--weights", help="torchvision weights name for an online torchvision teacher (e.g. IMAGENET1K_V1).")
 @click.option(
@@ -125,16 +159,21 @@ def dump_logits_cmd(**kw) -> None:
     "--forward-block", default=64, show_default=True, type=int, help="Online teacher block size (match the cache's)."
 )
 @click.option("--cache-views", type=int, help="Draw only from the first N views of a seeded cache.")
-@click.option("--student", required=True, help="Student model name.")
-@click.option("--dataset", required=True, help="cifar100, imagenet, folder or digits.")
+@click.option("--student", help="Student model name (`kdcache models`).  [required]")
+@click.option("--dataset", help="cifar100, imagenet, folder or digits.  [required]")
 @click.option("--data-root", type=click.Path())
 @click.option("--download", is_flag=True)
 @click.option(
     "--loss",
     default="kd",
     show_default=True,
-    type=click.Choice(["ce", "kd", "dkd", "mlkd", "nkd", "normkd", "normkd-dkd"]),
-    help="normkd-dkd: DKD with NormKD's per-sample temperatures (NormKD_W_DKD).",
+    help="ce, kd, dkd, mlkd, nkd, normkd, normkd-dkd (`kdcache losses`), or your own package.module:function.",
+)
+@click.option(
+    "--loss-opt",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A keyword option for a loss of your own (repeatable), e.g. --loss-opt margin=0.5.",
 )
 @click.option("--logit-stand", is_flag=True, help="Z-score standardize teacher and student logits (LS, CVPR 2024).")
 @click.option("--temperature", type=float, help="Default 4 (2 with --logit-stand).")
@@ -156,6 +195,8 @@ def dump_logits_cmd(**kw) -> None:
     help="sort: give the target class the teacher's largest logit (Sort), with any loss.",
 )
 @click.option("--ctkd", is_flag=True, help="Learn a global temperature adversarially (CTKD), with --loss kd or dkd.")
+@click.option("--ctkd-t-start", default=1.0, show_default=True, type=float, help="CTKD: T = t_start + t_end·σ(θ).")
+@click.option("--ctkd-t-end", default=20.0, show_default=True, type=float, help="CTKD: the range above t_start.")
 @click.option(
     "--ctkd-decay",
     default="cosine",
@@ -188,14 +229,26 @@ def dump_logits_cmd(**kw) -> None:
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--lr", type=float, help="Default 0.05 (0.01 for MobileNetV2/ShuffleNet students; MLKD 0.025).")
 @click.option("--lr-milestones", default="150,180,210", show_default=True, callback=_milestones)
+@click.option("--lr-decay-rate", default=0.1, show_default=True, type=float, help="LR factor at each milestone.")
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float)
 @click.option("--momentum", default=0.9, show_default=True, type=float)
 @click.option(
     "--seed", default=0, show_default=True, type=int, help="Student init, sample order and per-epoch view draws."
 )
+@click.option(
+    "--amp",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "bf16", "fp16"]),
+    help="Student autocast dtype (the loss is computed in float32; fp16 adds a gradient scaler).",
+)
+@click.option("--channels-last", is_flag=True, help="Student weights and inputs in channels-last memory format.")
+@click.option("--compile", is_flag=True, help="torch.compile the student's training forward pass.")
 @click.option("--workers", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--out", required=True, type=click.Path(), help="Run directory (metrics.jsonl, last.pt, best.pt).")
+@click.option(
+    "--out", type=click.Path(), help="Run directory (config.yaml, metrics.jsonl, last.pt, best.pt).  [required]"
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
 @click.option("--verify-views", is_flag=True, help="Check the pixel hash of every view, not a sample of batches.")
 @click.option("--plot", is_flag=True, help="Write RUN_DIR/curves.png.")
@@ -211,13 +264,21 @@ def dump_logits_cmd(**kw) -> None:
     show_default=True,
     help="Keep a cache whole in RAM up to this size (512MiB, 4GiB, ...); above it each epoch streams one view's worth.",
 )
+@click.option(
+    "--base-temp",
+    type=float,
+    help="With an mdistiller/LS --config and --logit-stand: LS's train.py --base-temp (default 2), as there.",
+)
+@_CONFIG
 @_errors
 def train_student_cmd(**kw) -> None:
     """Stage two: train a student from cached logits (or an online teacher, or CE alone)."""
     from kdcache.feed import parse_size
     from kdcache.train import train_student
 
-    kw["cache"] = list(kw["cache"]) or None
+    kw = _ls_arguments(kw)
+    kw = _with_config("train-student", kw, ("student", "dataset", "out"))
+    kw["cache"] = list(kw["cache"] or ()) or None
     kw["cache_memory"] = parse_size(kw["cache_memory"])
     result = train_student(**kw)
     if result.main:
@@ -226,6 +287,50 @@ def train_student_cmd(**kw) -> None:
             f"last-epoch test top-1 {last:.2f}% (epoch {result.last.get('epoch', '-')})  "
             f"best-epoch test top-1 {result.best_top1:.2f}% (epoch {result.best_epoch or '-'})  -> {result.out}"
         )
+
+
+def _ls_arguments(kw: dict) -> dict:
+    """An mdistiller/LS ``--config`` with ``--logit-stand``: ``--base-temp`` and ``--kd-weight`` act as LS's train.py.
+
+    Otherwise ``--base-temp`` has no meaning (use ``--temperature``) and the flags keep kdcache's meaning.
+    """
+    from kdcache.configs import apply_ls_args, is_mdistiller_file, load_config
+
+    base_temp = kw.pop("base_temp")
+    if kw["config"] is None or not is_mdistiller_file(kw["config"]):
+        if base_temp is not None:
+            raise KdcacheError("--base-temp goes with an mdistiller/LS --config (as LS's train.py): use --temperature")
+        return kw
+    typed = _typed(kw)
+    if "logit_stand" not in typed:
+        if base_temp is not None:
+            raise KdcacheError("--base-temp takes effect only with --logit-stand (as LS's train.py): add it or drop it")
+        return kw
+    settings = load_config(kw.pop("config"), "train-student", set(kw))
+    settings = apply_ls_args(settings, True, base_temp, typed.pop("kd_weight", None))
+    return {**kw, **settings, **{k: v for k, v in typed.items() if k != "logit_stand"}, "config": None}
+
+
+@main.command("losses")
+def losses_cmd() -> None:
+    """List the built-in losses (--loss) with their defaults, and what each works with."""
+    from kdcache.losses import LOSS_REGISTRY
+
+    for spec in LOSS_REGISTRY.values():
+        ls = f"\n{'':<11} with --logit-stand: {_options(spec.ls_defaults)}" if spec.ls_defaults else ""
+        works = [w for w, ok in (("top-K caches", spec.topk), ("mixed views", spec.mixed), ("--ctkd", spec.ctkd)) if ok]
+        click.echo(f"{spec.name:<11} {spec.summary}")
+        click.echo(f"{'':<11} defaults: {_options(spec.defaults)}{ls}")
+        extra = (["weak+strong views (--augment mlkd)"] if spec.kinds == 2 else []) + works
+        if extra:
+            click.echo(f"{'':<11} works with: {', '.join(extra)}")
+    click.echo("your own: --loss package.module:function (student, teacher, labels, **options) with --loss-opt k=v")
+
+
+def _options(values: dict) -> str:
+    """``--flag value`` pairs as a user types them."""
+    shown = {k.replace("_", "-"): v for k, v in values.items() if not isinstance(v, bool)}
+    return ", ".join(f"--{k} {v}" for k, v in shown.items())
 
 
 @main.command("inspect")

@@ -243,7 +243,8 @@ def open_store(location: str | os.PathLike, mode: str = "r") -> CacheStore:
     if lp is not None and lp.is_file():
         raise KdcacheError(f"cache path {lp} is a file, not a Zarr store directory")
     try:
-        group = zarr.open_group(store=str(lp) if lp is not None else loc, mode=mode)
+        # An absolute root: zarr's LocalStore lists no chunks under a relative one (nchunks_initialized reads 0).
+        group = zarr.open_group(store=str(lp.resolve()) if lp is not None else loc, mode=mode)
     except Exception as exc:
         raise KdcacheError(f"cannot open cache {loc}: {first_line(exc)}") from None
     return CacheStore(group, loc)
@@ -378,7 +379,7 @@ def create_store(
     n = len(labels)
     loc = str(location)
     lp = local_path(loc)
-    group = zarr.open_group(store=str(lp) if lp is not None else loc, mode="a" if lp is not None else "w")
+    group = zarr.open_group(store=str(lp.resolve()) if lp is not None else loc, mode="a" if lp is not None else "w")
     names = array_names(kinds, fmt)
     for k in range(kinds):
         _teacher_arrays(group, names["teacher"][k], fmt, num_views, n, num_classes, dtype)

@@ -191,7 +191,8 @@ def load_teacher(
     check_model_name(name)
     if not checkpoint and not weights:
         raise KdcacheError(
-            f"teacher {name} has no trained weights: pass --checkpoint PATH (or --weights NAME for torchvision.<arch>)"
+            f"teacher {name} has no trained weights: pass --checkpoint PATH "
+            "(or --weights NAME for torchvision.<arch> and timm.<name>)"
         )
     dev = resolve_device(device)
     model = create_model(name, num_classes, weights)

@@ -8,7 +8,7 @@ from conftest import run_cli
 
 from kdcache.dump import dump_logits
 from kdcache.inspection import teacher_agreement
-from kdcache.losses import ensemble_teachers
+from kdcache.batches import ensemble_teachers
 from kdcache.models import create_model, save_checkpoint
 from kdcache.train import train_student
 
