@@ -3,9 +3,12 @@
 Stage one (:func:`kdcache.dump.dump_logits`) runs a teacher once over replayable
 augmented views and stores its logits in a Zarr v3 group. Stage two
 (:func:`kdcache.train.train_student`) trains students from that cache with KD,
-DKD and MLKD (optionally Z-score standardized) without loading the teacher.
+DKD, MLKD, NKD, NormKD, Sort, CTKD or a loss of your own (optionally Z-score
+standardized) without loading the teacher; :class:`kdcache.DistillLoader`
+gives the same batches to a training loop of your own.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
 from kdcache.errors import KdcacheError
@@ -15,4 +18,24 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+local"
 
-__all__ = ["KdcacheError", "__version__"]
+#: Public names imported on first use, so ``import kdcache`` stays light (no torch until needed).
+_LAZY = {
+    "DistillLoader": "kdcache.batches",
+    "Batch": "kdcache.batches",
+    "dump_logits": "kdcache.dump",
+    "train_student": "kdcache.train",
+    "TrainConfig": "kdcache.train",
+    "register_loss": "kdcache.losses",
+    "get_loss": "kdcache.objective",
+    "Objective": "kdcache.objective",
+    "create_model": "kdcache.models",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kdcache' has no attribute {name!r}")
+
+
+__all__ = ["KdcacheError", "__version__", *_LAZY]

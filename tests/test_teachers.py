@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import run_cli
 
+from kdcache.batches import ensemble_teachers
 from kdcache.dump import dump_logits
 from kdcache.inspection import teacher_agreement
-from kdcache.batches import ensemble_teachers
 from kdcache.models import create_model, save_checkpoint
 from kdcache.train import train_student
 
