@@ -453,11 +453,13 @@ def quickstart_cmd(out: str, epochs: int) -> None:
 
 @main.command("models")
 @click.option("--torchvision", "with_tv", is_flag=True, help="Also list torchvision.<arch> names.")
-def models_cmd(with_tv: bool) -> None:
+@click.option("--timm", "with_timm", is_flag=True, help="Also list timm.<name> names (needs kdcache[timm]).")
+@_errors
+def models_cmd(with_tv: bool, with_timm: bool) -> None:
     """List model names for --teacher and --student."""
     from kdcache.models import list_models
 
-    click.echo("\n".join(list_models(include_torchvision=with_tv)))
+    click.echo("\n".join(list_models(include_torchvision=with_tv, include_timm=with_timm)))
 
 
 if __name__ == "__main__":

@@ -238,6 +238,16 @@ def _cache_view_count(store: CacheStore, cache_views: int | None) -> tuple[int, 
     return cache_views, False
 
 
+def _online_views(
+    ds: ImageDataset, augment: str | None, mix: str | None, alpha: float, views: str | int | None, epochs: int | None
+) -> tuple[Recipe, int, bool]:
+    """An online teacher's recipe and views: by default every discrete view, else one seeded view per epoch."""
+    recipe = make_recipe(augment or ("cifar" if ds.small else "imagenet"), ds.small, mix or "none", alpha)
+    default = "all" if recipe.num_discrete_views else (epochs or 1)
+    num_views, mode = parse_views(views if views is not None else default, recipe)
+    return recipe, num_views, mode == "all"
+
+
 def _as_list(cache: str | Path | list | tuple | None) -> list[str]:
     return [] if cache is None else [str(cache)] if isinstance(cache, (str, Path)) else [str(c) for c in cache]
 
@@ -309,11 +319,8 @@ class DistillLoader:
             self.weights = mixing_weights(teacher_weights, len(caches), teacher_mix)
             self.num_views, self.uniform = _cache_view_count(self.stores[0], cache_views)
         else:
-            small = self.dataset.small
-            self.recipe = make_recipe(augment or ("cifar" if small else "imagenet"), small, mix or "none", mix_alpha)
-            default = "all" if self.recipe.num_discrete_views else (epochs or 1)
-            self.num_views, mode = parse_views(views if views is not None else default, self.recipe)
-            self.uniform = mode == "all"
+            online = _online_views(self.dataset, augment, mix, mix_alpha, views, epochs)
+            self.recipe, self.num_views, self.uniform = online
         if kinds > len(self.recipe.kinds):
             raise KdcacheError(
                 "--loss mlkd needs weak and strong views: use a cache dumped with --augment mlkd "

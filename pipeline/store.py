@@ -363,6 +363,30 @@ def _teacher_arrays(
     _row_array(group, names[2], (views, n, len(STAT_FIELDS)), "float32", "field", fields=list(STAT_FIELDS))
 
 
+def _view_arrays(group: zarr.Group, params: str, view_hash: str, fields: list[str], num_views: int, n: int) -> None:
+    """One view kind's parameter array (when its recipe has parameters) and pixel-hash array."""
+    if fields:
+        group.create_array(
+            params,
+            shape=(num_views, n, len(fields)),
+            dtype="float32",
+            chunks=(1, CHUNK, len(fields)),
+            fill_value=float("nan"),
+            compressors=[ZstdCodec(level=1), Crc32cCodec()],
+            dimension_names=("view", "sample", "field"),
+            attributes={"fields": list(fields)},
+        )
+    group.create_array(
+        view_hash,
+        shape=(num_views, n),
+        dtype="uint64",
+        chunks=(1, CHUNK),
+        fill_value=0,
+        compressors=[ZstdCodec(level=1), Crc32cCodec()],
+        dimension_names=("view", "sample"),
+    )
+
+
 def create_store(
     location: str | os.PathLike,
     *,
@@ -383,27 +407,7 @@ def create_store(
     names = array_names(kinds, fmt)
     for k in range(kinds):
         _teacher_arrays(group, names["teacher"][k], fmt, num_views, n, num_classes, dtype)
-        fields = param_fields[k]
-        if fields:
-            group.create_array(
-                names["params"][k],
-                shape=(num_views, n, len(fields)),
-                dtype="float32",
-                chunks=(1, CHUNK, len(fields)),
-                fill_value=float("nan"),
-                compressors=[ZstdCodec(level=1), Crc32cCodec()],
-                dimension_names=("view", "sample", "field"),
-                attributes={"fields": list(fields)},
-            )
-        group.create_array(
-            names["view_hash"][k],
-            shape=(num_views, n),
-            dtype="uint64",
-            chunks=(1, CHUNK),
-            fill_value=0,
-            compressors=[ZstdCodec(level=1), Crc32cCodec()],
-            dimension_names=("view", "sample"),
-        )
+        _view_arrays(group, names["params"][k], names["view_hash"][k], param_fields[k], num_views, n)
     group.create_array(
         "labels",
         shape=(n,),

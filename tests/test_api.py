@@ -277,7 +277,7 @@ def test_dump_config_equals_flags(cifar_root, teacher_ckpt, tmp_path):
     assert missing.exit_code == 2 and "missing option --augment" in missing.output
 
 
-@pytest.mark.parametrize("amp,channels_last", [("bf16", True), ("bf16", False)])
+@pytest.mark.parametrize("amp,channels_last", [("bf16", True), ("fp16", False)])
 def test_cached_equals_online_in_the_same_precision_mode(cache, teacher_ckpt, tmp_path, amp, channels_last):
     store, root = cache
     mode = dict(amp=amp, channels_last=channels_last, data_root=str(root), loss="kd", **COMMON)

@@ -69,3 +69,25 @@ def test_dump_on_gpu_gives_the_same_logits_for_any_batch_size(tmp_path):
         torch.ones((2, 3, 3, 4, 4), dtype=torch.uint8),
     ]
     assert join_pixels(parts, pin=True).is_pinned()
+
+
+@pytest.mark.parametrize(
+    "amp,channels_last,compile", [("bf16", True, False), ("fp16", False, False), ("bf16", True, True)]
+)
+def test_student_precision_modes_on_gpu_cached_equals_online(tmp_path, amp, channels_last, compile):
+    from kdcache.dump import dump_logits
+    from kdcache.train import train_student
+
+    ds = build_dataset("digits")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "t.pth", create_model("resnet8", ds.num_classes))
+    teacher = dict(teacher="resnet8", checkpoint=str(tmp_path / "t.pth"))
+    dump_logits(**teacher, dataset="digits", augment="cifar", views=2, out=str(tmp_path / "c.zarr"), dtype="float32")
+    mode = dict(student="resnet8", dataset="digits", epochs=2, device="cuda", progress=False)
+    mode.update(amp=amp, channels_last=channels_last, compile=compile)
+    a = train_student(out=tmp_path / "cached", cache=str(tmp_path / "c.zarr"), **mode)
+    b = train_student(out=tmp_path / "online", **teacher, augment="cifar", views=2, **mode)
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    wa = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "online" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
