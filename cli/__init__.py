@@ -265,6 +265,12 @@ def dump_logits_cmd(**kw) -> None:
     help="Keep a cache whole in RAM up to this size (512MiB, 4GiB, ...); above it each epoch streams one view's worth.",
 )
 @click.option(
+    "--cache-scratch",
+    type=click.Path(),
+    help="A local folder where the cache is kept decompressed and memory-mapped: students of one cache on this "
+    "machine share one copy.",
+)
+@click.option(
     "--base-temp",
     type=float,
     help="With an mdistiller/LS --config and --logit-stand: LS's train.py --base-temp (default 2), as there.",
@@ -449,6 +455,44 @@ def quickstart_cmd(out: str, epochs: int) -> None:
     if epochs < 1:
         raise KdcacheError(f"--epochs must be at least 1, got {epochs}")
     quickstart(out, epochs, teacher_epochs=max(2, 2 * epochs))
+
+
+@main.command("sweep")
+@click.argument("spec", required=False, type=click.Path())
+@click.option("--preset", help="A SPEC shipped with kdcache instead of SPEC (ls-cifar100).")
+@click.option("--out", required=True, type=click.Path(), help="Sweep folder: runs/, caches/, summary.csv, results.md.")
+@click.option("--parallel", default=1, show_default=True, type=int, help="Students at once on this machine.")
+@click.option("--per-gpu", default=1, show_default=True, type=int, help="Students sharing one GPU.")
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=int,
+    help="CPU threads per student, whatever --parallel is (CPU results depend on it, so keep it to compare sweeps).",
+)
+@click.option("--local-cluster", type=int, help="Run each student as a task on a new dask LocalCluster of N workers.")
+@click.option("--scheduler", help="Run each student as a task on an existing dask.distributed cluster (tcp://...).")
+@click.option("--report", "report_only", is_flag=True, help="Only rebuild the report from the runs finished so far.")
+@_errors
+def sweep_cmd(spec: str | None, preset: str | None, out: str, report_only: bool, **kw) -> None:
+    """Many students from one cache: a SPEC's methods x grid x seeds, run side by side, reported as mean ± std."""
+    from kdcache.report import write_report
+    from kdcache.sweep import load_spec, preset_path, run_sweep
+
+    if report_only:
+        report = write_report(out)
+        click.echo("\n".join(f"report     {p}" for p in report.paths))
+        return
+    if (spec is None) == (preset is None):
+        raise KdcacheError("give a SPEC.yaml or --preset NAME (one of them)")
+    result = run_sweep(load_spec(spec or preset_path(preset)), out, **kw)
+    click.echo(
+        f"results    {Path(out) / 'results.md'}  ({len(result.runs) - len(result.failed)} of {len(result.runs)} runs)"
+    )
+    if result.failed:
+        for name, line in result.failed.items():
+            click.echo(f"FAILED     {name}: {line}", err=True)
+        sys.exit(1)
 
 
 @main.command("models")

@@ -266,11 +266,12 @@ class DistillLoader:
     recipe, an incomplete cache or a lost chunk; it checks the pixel hashes of every 16th batch (every batch with
     ``verify_views``) and stops at a non-finite teacher row. Call :meth:`set_epoch` (0-based) before each epoch:
     views and order are counter-based functions of ``(seed, epoch, sample)``, so a resumed loop draws what an
-    uninterrupted one would. ``kinds=2`` yields MLKD's weak and strong views. Under torchrun (``ranks``) each
-    process gets its shard and ``batch_size`` stays the global batch. Without a cache, ``teacher`` (an online
-    :class:`~kdcache.teacher.Teacher`) labels views sampled from the recipe (``augment``, ``mix``, ``views``,
-    ``view_seed``) exactly as a dump would have; ``with_teacher=False`` yields views and labels only.
-    ``epochs`` (if known) stops the prefetch of an epoch that will not come.
+    uninterrupted one would. ``cache_scratch`` (a local folder) keeps each cache array there decompressed and
+    memory-maps it, so every student of the cache on the machine shares one copy. ``kinds=2`` yields MLKD's weak
+    and strong views. Under torchrun (``ranks``) each process gets its shard and ``batch_size`` stays the global
+    batch. Without a cache, ``teacher`` (an online :class:`~kdcache.teacher.Teacher`) labels views sampled from the
+    recipe (``augment``, ``mix``, ``views``, ``view_seed``) exactly as a dump would have; ``with_teacher=False``
+    yields views and labels only. ``epochs`` (if known) stops the prefetch of an epoch that will not come.
     """
 
     def __init__(
@@ -289,6 +290,7 @@ class DistillLoader:
         view_schedule: str = "chunk",
         cache_views: int | None = None,
         cache_memory: int = 4 << 30,
+        cache_scratch: str | Path | None = None,
         teacher_weights: str | list[float] | None = None,
         teacher_mix: str = "logits",
         teacher: Teacher | None = None,
@@ -329,7 +331,7 @@ class DistillLoader:
         self.format = self.stores[0].format if self.stores else LogitFormat()
         self.names = array_names(len(self.recipe.kinds), self.format)
         self.lo, self.hi = self.ranks.shard(len(self.dataset))
-        self.feeds = self._feeds(with_teacher, cache_memory)
+        self.feeds = self._feeds(with_teacher, cache_memory, cache_scratch)
         self.samples = StudentViews(self.dataset, self.recipe, kinds)
         self.epoch = 0
 
@@ -342,7 +344,7 @@ class DistillLoader:
     def num_classes(self) -> int:
         return self.dataset.num_classes
 
-    def _feeds(self, with_teacher: bool, memory: int) -> list[LogitFeed]:
+    def _feeds(self, with_teacher: bool, memory: int, scratch: str | Path | None) -> list[LogitFeed]:
         """One feed per cache: the first reads views' parameters and hashes, every one its teacher rows."""
         if not self.stores:
             return []

@@ -99,9 +99,11 @@ _FLOATS = (
 )
 _BOOLS = "logit_stand ctkd download resume verify_views plot overwrite progress channels_last compile"
 _TEXTS = (
-    "student teacher loss dataset data_root out checkpoint weights augment mix device teacher_mix mlkd_variant "
-    "teacher_fix ctkd_decay view_schedule split amp dtype format scheduler"
+    "cache_scratch student teacher loss dataset data_root out checkpoint weights augment mix device teacher_mix "
+    "mlkd_variant teacher_fix ctkd_decay view_schedule split amp dtype format scheduler"
 )
+
+
 def _as_loss_opts(value: object) -> dict[str, object]:
     """``loss-opt``: a mapping of option names to single values (as ``config.yaml`` writes it)."""
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -142,7 +144,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     """The file's top-level mapping, or a one-line error for a missing, unreadable or malformed file."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -169,7 +171,7 @@ def _is_yacs(data: dict) -> bool:
 
 def is_mdistiller_file(path: str | Path) -> bool:
     """Whether ``path`` holds an mdistiller-family (yacs, upper-case sections) config rather than kdcache's form."""
-    return _is_yacs(_read_yaml(Path(path)))
+    return _is_yacs(read_yaml(Path(path)))
 
 
 def load_config(path: str | Path, command: str, options: Collection[str]) -> dict[str, object]:
@@ -179,9 +181,9 @@ def load_config(path: str | Path, command: str, options: Collection[str]) -> dic
     with :func:`from_mdistiller`; it describes a student run, so only ``train-student`` takes it.
     """
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not _is_yacs(data):
-        return _kdcache_form(data, command, options, path)
+        return parse_settings(data, command, options, path)
     if command != "train-student":
         raise KdcacheError(
             f"{path} is an mdistiller config (upper-case sections), which describes a student run: "
@@ -201,8 +203,8 @@ def load_config(path: str | Path, command: str, options: Collection[str]) -> dic
     return settings
 
 
-def _kdcache_form(data: dict, command: str, options: Collection[str], path: Path) -> dict[str, object]:
-    """Flag-named keys to python names, each value checked and normalised for its option."""
+def parse_settings(data: dict, command: str, options: Collection[str], path: str | Path) -> dict[str, object]:
+    """Flag-named keys to python names, each value checked and normalised for its option (``path`` names the source)."""
     flags = {name.replace("_", "-"): name for name in options}
     settings: dict[str, object] = {}
     for key, value in data.items():

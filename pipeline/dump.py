@@ -31,8 +31,10 @@ from tqdm import tqdm
 from kdcache import __version__
 from kdcache.chunks import ChunkRows, Unit, ViewBatch, ViewSet, as_is, chunk_rows, plan_units, teacher_rows
 from kdcache.cluster import ChunkJob, cluster_client, run_on_cluster
-from kdcache.data import ImageDataset, build_dataset, check_dataset
+from kdcache.data import ImageDataset, build_dataset, check_dataset, worker_errors
 from kdcache.errors import KdcacheError
+from kdcache.inspection import view_predictions
+from kdcache.options import check_options
 from kdcache.store import (
     CHUNK,
     CacheStore,
@@ -49,6 +51,7 @@ from kdcache.store import (
 )
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.topk import LogitFormat, parse_format
+from kdcache.verify import open_checked
 from kdcache.views import Recipe, make_recipe, parse_views, resumed_recipe
 from kdcache.writer import chunk_writer
 
@@ -170,7 +173,7 @@ def view_batches(view_set: ViewSet, batch_size: int, workers: int, pin: bool) ->
         persistent_workers=False,
         pin_memory=pin,
     )
-    return _prefetched(loader, depth=2) if workers == 0 else loader
+    return _prefetched(loader, depth=2) if workers == 0 else worker_errors(loader)
 
 
 def join_pixels(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
@@ -190,7 +193,7 @@ def join_pixels(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
 
 def _teacher_top1(store: CacheStore) -> list[float]:
     labels = store.labels()
-    return [store.top1(v, labels) for v in range(store.num_views)]
+    return [float((view_predictions(store, v)[0] == labels).mean()) for v in range(store.num_views)]
 
 
 def dump_logits(
@@ -233,12 +236,23 @@ def dump_logits(
     dask.distributed (:mod:`kdcache.cluster`) with the same result.
     """
     distributed = scheduler is not None or local_cluster is not None
-    _check_options(scheduler, local_cluster, data is not None, batch_size, workers, dtype, seed)
+    check_options(
+        {
+            "seed": seed,
+            "batch_size": batch_size,
+            "workers": workers,
+            "forward_block": forward_block,
+            "mix_alpha": mix_alpha,
+            "local_cluster": local_cluster,
+        }
+    )
+    _check_options(scheduler, local_cluster, data is not None, dtype)
     ds = data if data is not None else build_dataset(dataset, data_root, split, download)
     check_dataset(ds)
+    existing = None if overwrite or not store_exists(out) else open_checked(out)
     recipe = make_recipe(augment, ds.small, mix, mix_alpha)
-    if store_exists(out) and not overwrite:  # a store made with older strong-view semantics keeps them
-        recipe = resumed_recipe(recipe, open_store(out).attrs["recipe"])
+    if existing is not None:  # a store made with older strong-view semantics keeps them
+        recipe = resumed_recipe(recipe, existing.attrs["recipe"])
     num_views, views_mode = parse_views(views, recipe)
     fmt = parse_format(format, ds.num_classes)
     check_writable_location(out)
@@ -246,6 +260,7 @@ def dump_logits(
     model = load_teacher(
         teacher, ds.num_classes, ds.norm, checkpoint, weights, "cpu" if distributed else device, forward_block, amp
     )
+    ds.check_images(_samples_to_decode(existing, num_views, len(ds), recipe))
     identity = {
         "teacher": model.identity(),
         "dataset": ds.fingerprint(),
@@ -289,31 +304,27 @@ def dump_logits(
             raise
 
 
-def _check_options(
-    scheduler: str | None,
-    local_cluster: int | None,
-    in_memory: bool,
-    batch_size: int,
-    workers: int,
-    dtype: str,
-    seed: int,
-) -> None:
-    """Refuse option values no dump can run with, before anything is loaded."""
+def _check_options(scheduler: str | None, local_cluster: int | None, in_memory: bool, dtype: str) -> None:
+    """Refuse option combinations no dump can run with, before anything is loaded (numbers: :mod:`kdcache.options`)."""
     distributed = scheduler is not None or local_cluster is not None
     if scheduler is not None and local_cluster is not None:
         raise KdcacheError("pass either --scheduler or --local-cluster, not both")
     if distributed and in_memory:
         raise KdcacheError("a distributed dump needs a --dataset name the workers can load, not an in-memory dataset")
-    if local_cluster is not None and local_cluster < 1:
-        raise KdcacheError(f"--local-cluster must be at least 1 worker, got {local_cluster}")
-    if batch_size < 1:
-        raise KdcacheError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers < 0:
-        raise KdcacheError(f"--workers must be 0 or more, got {workers}")
     if dtype not in DTYPES:
         raise KdcacheError(f"unknown --dtype {dtype!r}: choose float16 or float32")
-    if not 0 <= seed < 2**64:
-        raise KdcacheError(f"--seed must be in 0 .. 2**64 - 1 (the view generator's key), got {seed}")
+
+
+def _samples_to_decode(existing: CacheStore | None, num_views: int, num_samples: int, recipe: Recipe) -> np.ndarray:
+    """The samples whose images this dump will decode: those of chunks some view of ``existing`` lacks, or all.
+
+    A resumed dump skips its finished chunks, so it need not re-check their
+    images; new views, or a mixing recipe's partners, may decode any sample.
+    """
+    everything = np.arange(num_samples)
+    if existing is None or recipe.mix != "none" or existing.num_views < num_views:
+        return everything
+    return everything[np.isin(everything // CHUNK, np.flatnonzero(~existing.done().all(axis=0)))]
 
 
 def _prepare_store(

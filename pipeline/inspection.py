@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdcache.errors import KdcacheError
-from kdcache.store import CacheStore, disk_bytes, open_store, view_mismatch
+from kdcache.store import CacheStore, disk_bytes, view_mismatch
+from kdcache.topk import top1_and_confidence
+from kdcache.verify import open_checked
 
 
 @dataclass
@@ -55,24 +57,29 @@ def _recipe_name(recipe: dict) -> str:
     return f"mlkd (strong views v{recipe.get('strong_version', 1)})"
 
 
+def read_view(store: CacheStore, name: str, view: int) -> np.ndarray:
+    """Array ``name`` at ``view``; a chunk that does not decode is named (array, view, chunk), as training does."""
+    try:
+        return store.read(name, view)
+    except Exception:  # the codec pipeline raises anything on a checksum mismatch or a damaged file
+        raise store.locate_corruption(name) from None
+
+
+def view_predictions(store: CacheStore, view: int) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's predicted class and confidence per sample of one view, naming a chunk that does not decode."""
+    return top1_and_confidence({name: read_view(store, name, view) for name in store.teacher_arrays()})
+
+
 def inspect_cache(location: str) -> CacheReport:
     """Read a cache's attributes and compute per-view teacher accuracy and confidence on its finished views."""
-    store = open_store(location)
+    store = open_checked(location)
     done = store.done()
     labels = store.labels()
     top1, conf = [], []
     for v in range(store.num_views):
         if not done[v].all():
             continue
-        try:
-            pred, confidence = store.predictions(v)
-        except Exception:  # a chunk that does not decode: name it, as training and verify do
-            for name in store.teacher_arrays():
-                try:
-                    store.read(name, v)
-                except Exception:
-                    raise store.locate_corruption(name) from None
-            raise
+        pred, confidence = view_predictions(store, v)
         top1.append(float((pred == labels).mean()))
         conf.append(float(confidence.mean()))
     return CacheReport(store, int(done.sum()), int(done.size), disk_bytes(location), top1, conf)
@@ -118,7 +125,7 @@ def _js(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 def teacher_agreement(locations: list[str]) -> Agreement:
     """Per-view top-1 of each teacher, the share of samples where all agree, and their mean pairwise JS divergence."""
-    stores = [open_store(loc) for loc in locations]
+    stores = [open_checked(loc) for loc in locations]
     for other in stores[1:]:
         diff = view_mismatch(stores[0], other)
         if diff:
@@ -136,12 +143,12 @@ def teacher_agreement(locations: list[str]) -> Agreement:
         preds, probs = [], []
         for j, st in enumerate(stores):
             if full:  # one read serves both the prediction and the distribution
-                z = st.read("logits", v).astype(np.float64)
+                z = read_view(st, "logits", v).astype(np.float64)
                 e = np.exp(z - z.max(axis=1, keepdims=True))
                 probs.append(e / e.sum(axis=1, keepdims=True))
                 pred = z.argmax(axis=1)
             else:
-                pred, _ = st.predictions(v)
+                pred, _ = view_predictions(st, v)
             preds.append(pred)
             top1[j].append(float((pred == labels).mean()))
         agree.append(float(np.all([p == preds[0] for p in preds], axis=0).mean()))

@@ -11,13 +11,20 @@ so re-running the same command after a crash only does the missing work.
 from __future__ import annotations
 
 import json
+import numbers
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
-from kdcache.store import check_output_dir, open_store
+from kdcache.options import check_options
+from kdcache.store import check_output_dir
 from kdcache.train import finished_run, train_student
+from kdcache.verify import open_checked
+
+#: What a study folder holds: one run folder per point, the results and the plot.
+STUDY_ENTRIES = re.compile(r"views-[0-9]+|online|study\.json|views\.png")
 
 
 @dataclass
@@ -37,6 +44,39 @@ def default_counts(num_views: int) -> list[int]:
         counts.append(n)
         n *= 2
     return counts + [num_views]
+
+
+def _check_counts(counts: list[int] | None, num_views: int) -> list[int]:
+    """The distinct view counts to train from, sorted (default :func:`default_counts`); each must be in 1..num_views."""
+    if not counts:
+        return default_counts(num_views)
+    if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in counts):
+        raise KdcacheError(f"--counts takes integers such as 1,2,4,8, got {counts!r}")
+    counts = sorted(set(counts))
+    if counts[0] < 1 or counts[-1] > num_views:
+        raise KdcacheError(f"--counts must lie in 1..{num_views} (the views the cache holds), got {counts}")
+    return counts
+
+
+def _study_dir(out: str | Path) -> Path:
+    """Create the study folder, refusing one that is a file, lies in a cache store, holds files a study does not
+    write, or cannot be created.
+
+    A study's own folder (its runs, ``study.json``, ``views.png``) is resumed; anything else there is a user's.
+    """
+    out = check_output_dir(out)
+    foreign = sorted(p.name for p in out.iterdir() if not STUDY_ENTRIES.fullmatch(p.name)) if out.is_dir() else []
+    if foreign:
+        raise KdcacheError(
+            f"--out {out} holds {foreign[0]!r}, which a study does not write: choose a new or empty folder"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KdcacheError(
+            f"--out {out} cannot be created ({exc.strerror or exc}): choose a folder you can write to"
+        ) from None
+    return out
 
 
 def _point(views: int | None, run: Path, epochs: int, **kwargs) -> StudyPoint:
@@ -70,16 +110,14 @@ def study_views(
     hyper-parameters, device, workers), so every point differs only in the
     number of views it may draw from.
     """
-    store = open_store(cache)
+    check_options({"epochs": epochs, **train_kwargs})
+    store = open_checked(cache)
     if store.attrs["views_mode"] == "all":
         raise KdcacheError(
             f"{cache} enumerates all views in a fixed order: the study needs a cache of seeded views (--views N)"
         )
-    counts = sorted(set(counts)) if counts else default_counts(store.num_views)
-    if counts[0] < 1 or counts[-1] > store.num_views:
-        raise KdcacheError(f"--counts must lie in 1..{store.num_views} (the views the cache holds), got {counts}")
-    out = check_output_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    counts = _check_counts(counts, store.num_views)
+    out = _study_dir(out)
     common = dict(student=student, dataset=dataset, data_root=data_root, progress=progress, **train_kwargs)
     points = []
     for n in counts:

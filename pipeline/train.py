@@ -352,6 +352,7 @@ def train_student(
     plot: bool = False,
     progress: bool = True,
     cache_memory: int = 4 << 30,
+    cache_scratch: str | None = None,
     view_schedule: str | None = None,
     **hyper,
 ) -> TrainResult:
@@ -365,7 +366,8 @@ def train_student(
     neither. With ``cache``, ``teacher`` only checks which teacher the cache holds.
     ``view_schedule`` picks how a seeded cache's views are drawn per epoch
     (:func:`kdcache.feed.epoch_views`; ``chunk`` for a new run, the run's own on ``resume``).
-    ``cache_views`` trains from only the first N views of the cache.
+    ``cache_views`` trains from only the first N views of the cache; ``cache_scratch`` shares one decompressed copy
+    of the cache between the students of a machine (:class:`~kdcache.batches.DistillLoader`).
     ``hyper`` holds :class:`TrainConfig` fields. ``config.yaml`` holds every
     resolved setting: ``train-student --config`` with it repeats the run.
     Under ``torchrun`` each rank trains on its shard of the samples with
@@ -421,6 +423,7 @@ def _build_loader(cfg: TrainConfig, given: dict, ranks: Ranks, dev: torch.device
         view_schedule=g["view_schedule"],
         cache_views=g["cache_views"],
         cache_memory=g["cache_memory"],
+        cache_scratch=g["cache_scratch"],
         teacher_weights=g["teacher_weights"],
         teacher_mix=g["teacher_mix"],
         teacher=online,

@@ -1,23 +1,31 @@
 """``kdcache verify``: prove a cache is complete, uncorrupted and still replays the teacher's views.
 
 Checks, each reported as a problem line rather than raised, so one run lists
-everything: every chunk marked done; every stored chunk decodes (its crc32c
-checksum matches) and its logits are finite; attributes agree with the arrays;
-and, with a teacher, ``sample`` random views are rebuilt from their stored
-parameters, their pixel hashes compared and the teacher re-run on them, which
-catches augmentation or model drift after a library upgrade.
+everything: the attributes and arrays a cache needs are there with agreeing
+shapes (:func:`layout_problems`; nothing else is read without them); every
+chunk marked done has its file (:func:`holes`), decodes (its crc32c checksum
+matches) and holds finite logits; attributes agree with the arrays; and, with
+a teacher and no lost or corrupt rows, ``sample`` random views of finished
+chunks are rebuilt from their stored parameters, their pixel hashes compared
+and the teacher re-run on them, which catches augmentation or model drift
+after a library upgrade.
+:func:`check_cache` raises the first layout problem or hole instead, for the
+commands that read a cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from kdcache.data import build_dataset
 from kdcache.errors import KdcacheError
-from kdcache.store import CHUNK, CacheStore, array_names, num_chunks, open_store
+from kdcache.options import check_options
+from kdcache.store import CHUNK, CacheStore, array_names, local_path, num_chunks, open_store
 from kdcache.teacher import load_teacher
 from kdcache.topk import encode
 from kdcache.views import pixel_hash, recipe_from_attrs
@@ -36,6 +44,117 @@ class VerifyReport:
         return not self.problems
 
 
+#: Attributes every reader relies on, with the keys it reads inside them.
+REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
+    "num_samples": (),
+    "num_classes": (),
+    "dtype": (),
+    "split": (),
+    "seed": (),
+    "views_mode": (),
+    "recipe": ("name", "small"),
+    "dataset": ("name", "length"),
+    "teacher": ("name", "checkpoint_sha256", "forward_block", "amp"),
+}
+REDUMP = "restore the store, or dump it again (--overwrite or a new --out)"
+DAMAGED = "(its zarr.json was edited or damaged)"
+
+
+def per_view_arrays(store: CacheStore) -> list[str]:
+    """The arrays with a row per (view, sample): teacher outputs, view hashes and (where the recipe has any) params."""
+    names = array_names(store.num_kinds, store.format)
+    params = [name for name in names["params"] if store.has(name)]
+    return [name for kind in names["teacher"] for name in kind] + names["view_hash"] + params
+
+
+def _attr_problems(attrs: dict) -> list[str]:
+    """The required attributes (or keys inside them) a store's ``zarr.json`` lacks."""
+    out = []
+    for name, keys in REQUIRED_ATTRS.items():
+        value = attrs.get(name)
+        if value is None or (keys and not isinstance(value, dict)):
+            out.append(f"attribute {name!r} is missing {DAMAGED}")
+        else:
+            out += [f"attribute {name}.{k} is missing {DAMAGED}" for k in keys if k not in value]
+    return out
+
+
+def layout_problems(store: CacheStore) -> list[str]:
+    """What keeps a cache from being read at all: required attributes or arrays that are missing, or shapes that
+    disagree with ``num_samples`` and the view count of ``done``."""
+    problems = _attr_problems(store.attrs)
+    if problems:
+        return problems
+    names = ["done", "labels", *per_view_arrays(store)]
+    problems = [f"array {name} is missing (its folder or zarr.json was lost)" for name in names if not store.has(name)]
+    if problems:
+        return problems
+    n, views = store.num_samples, store.num_views
+    for name in names:
+        shape = tuple(store.array(name).shape)
+        want = {"labels": (n,), "done": (views, num_chunks(n))}.get(name, (views, n))
+        if shape[: len(want)] != want:
+            problems.append(f"array {name} has shape {shape[: len(want)]}, but num_samples {n} needs {want}")
+    return problems
+
+
+def _labels_problem(store: CacheStore) -> str | None:
+    """Why the stored labels are not the ones the cache was made with (``dataset.labels_sha256``, where recorded), or
+    None.
+
+    A chunk equal to its fill value is never written, so all-zero labels have no file; only the hash tells a lost
+    chunk from those.
+    """
+    try:
+        labels = np.ascontiguousarray(store.labels(), dtype=np.int64)
+    except Exception:  # the codec pipeline raises anything on a damaged file
+        return "array labels does not decode (its chunk file is damaged)"
+    recorded = store.attrs["dataset"].get("labels_sha256")
+    if recorded is None or hashlib.sha256(labels.tobytes()).hexdigest() == recorded:
+        return None
+    if store.array("labels").nchunks_initialized < store.array("labels").nchunks:
+        return "array labels has no data (its chunk file was lost)"
+    return "array labels differs from the labels the cache was made with (dataset.labels_sha256)"
+
+
+def holes(store: CacheStore) -> dict[str, str]:
+    """Per array, its chunks marked done whose files are absent (they would read back as the fill value), described.
+
+    A local store is searched file by file to name the first; elsewhere the stored chunks are counted. Top-1
+    indices are skipped: a chunk whose top class is 0 throughout equals the fill value and is never written.
+    """
+    done = store.done()
+    root = local_path(store.location)
+    out = {"labels": problem} if (problem := _labels_problem(store)) else {}
+    for name in per_view_arrays(store):
+        if name.startswith("topk_indices") and store.format.k == 1:
+            continue
+        arr = store.array(name)
+        if root is None:
+            lost, where = int(done.sum()) - arr.nchunks_initialized, ""
+        else:
+            tail = ["0"] * (len(arr.shape) - 2)
+            gone = [(v, c) for v, c in np.argwhere(done) if not Path(root, name, "c", str(v), str(c), *tail).exists()]
+            lost, where = len(gone), f", view {gone[0][0]}, chunk {gone[0][1]}" if gone else ""
+        if lost > 0:
+            out[name] = f"array {name}{where} has no data although marked done ({lost} chunk file(s) lost)"
+    return out
+
+
+def check_cache(store: CacheStore) -> None:
+    """Refuse a cache that lacks what a reader needs or has a hole, naming the first problem, the cause and the fix."""
+    problems = layout_problems(store) or list(holes(store).values())
+    if problems:
+        raise KdcacheError(f"cache {store.location}: {problems[0]}: {REDUMP}; `kdcache verify` lists every problem")
+
+
+def open_checked(location: str) -> CacheStore:
+    """Open a cache for reading, refusing one that lacks attributes or arrays or has a hole (:func:`check_cache`)."""
+    store = open_store(location)
+    check_cache(store)
+    return store
+
+
 def _check_chunks(store: CacheStore, report: VerifyReport) -> None:
     done = store.done()
     n = store.num_samples
@@ -45,7 +164,9 @@ def _check_chunks(store: CacheStore, report: VerifyReport) -> None:
         report.problems.append(
             f"incomplete: {len(missing)} chunks not written (first: view {v}, chunk {c}); re-run the dump command"
         )
-    names = [name for name in store.group.array_keys() if name not in ("labels", "done")]
+    lost = holes(store)
+    report.problems += [("labels: " if name == "labels" else "missing: ") + line for name, line in lost.items()]
+    names = [name for name in per_view_arrays(store) if name not in lost]  # a lost chunk reads as the fill value
     for name in sorted(names):
         arr = store.group[name]
         for v in range(arr.shape[0]):
@@ -69,15 +190,16 @@ def _check_chunks(store: CacheStore, report: VerifyReport) -> None:
     report.checked.append(f"{int(done.sum())} chunks x {len(names)} arrays decoded")
 
 
+def _rows_lost(report: VerifyReport) -> bool:
+    """Whether some stored rows are lost or do not decode, so nothing may be computed from them."""
+    return any(p.startswith(("corrupt", "missing", "labels")) for p in report.problems)
+
+
 def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
     a = store.attrs
     fmt = store.format
     main = store.group[fmt.arrays()[0]]
     width = fmt.k if fmt.is_topk else a["num_classes"]
-    if main.shape[1] != a["num_samples"] or store.group["labels"].shape[0] != a["num_samples"]:
-        report.problems.append(
-            f"attributes: num_samples {a['num_samples']} but {fmt.arrays()[0]} has {main.shape[1]} rows"
-        )
     if main.shape[2] != width:
         report.problems.append(
             f"attributes: format {fmt} with {a['num_classes']} classes but {fmt.arrays()[0]} has {main.shape[2]} "
@@ -89,7 +211,7 @@ def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
     if (fmt.arrays()[0] + "_strong" in store.group) != (len(recipe.kinds) == 2):
         report.problems.append(f"attributes: recipe {recipe.name} does not match the arrays present")
     top1 = a.get("teacher_top1")
-    readable = not any(p.startswith("corrupt") for p in report.problems)
+    readable = not _rows_lost(report)
     if top1 is not None and store.complete() and readable:
         if len(top1) != store.num_views:
             report.problems.append(f"attributes: teacher_top1 has {len(top1)} entries for {store.num_views} views")
@@ -103,6 +225,15 @@ def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
                     )
                     break
     report.checked.append("attributes consistent with arrays")
+
+
+def _replay_items(store: CacheStore, sample: int) -> tuple[np.ndarray, np.ndarray]:
+    """``sample`` random (view, sample) pairs from finished chunks only: an unfinished one has no parameters yet."""
+    rng = np.random.default_rng(0)
+    cells = np.argwhere(store.done())[rng.integers(0, int(store.done().sum()), sample)]
+    first = cells[:, 1] * CHUNK
+    size = np.minimum(CHUNK, store.num_samples - first)
+    return cells[:, 0], first + (rng.random(sample) * size).astype(np.int64)
 
 
 def _check_replay(
@@ -129,9 +260,7 @@ def _check_replay(
     recipe = recipe_from_attrs(a["recipe"])
     names = array_names(len(recipe.kinds), store.format)
     labels = store.labels()
-    rng = np.random.default_rng(0)
-    views = rng.integers(0, store.num_views, sample)
-    samples = rng.integers(0, store.num_samples, sample)
+    views, samples = _replay_items(store, sample)
     bad_hash = bad_logits = 0
     worst = 0.0
     for v, i in zip(views.tolist(), samples.tolist(), strict=True):
@@ -172,15 +301,20 @@ def verify_cache(
     device: str = "auto",
 ) -> VerifyReport:
     """Check a cache and return every problem found (see the module docstring)."""
-    if sample < 0:
-        raise KdcacheError(f"--sample must be 0 or more, got {sample}")
+    check_options({"sample": sample})
     if sample and teacher is None:
         raise KdcacheError("--sample needs --teacher (and --checkpoint) to re-run the teacher")
     store = open_store(location)
     report = VerifyReport(str(location))
+    report.problems += [f"layout: {line}; {REDUMP}" for line in layout_problems(store)]
+    if report.problems:  # nothing else can be read without its attributes and arrays
+        return report
     _check_chunks(store, report)
     _check_attrs(store, report)
     if teacher is not None and sample:
+        if _rows_lost(report) or not store.done().any():  # views cannot be rebuilt from lost or unwritten rows
+            report.checked.append("replay skipped: no finished chunk, or the problems above come first")
+            return report
         with torch.inference_mode():
             _check_replay(store, report, teacher, checkpoint, weights, sample, data_root, device)
     return report

@@ -52,3 +52,24 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_function_level_import_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _long_functions(limit: int = 60) -> list[str]:
+    """Functions of the library and CLI longer than ``limit`` lines, not counting their docstrings."""
+    found = []
+    for folder in ("pipeline", "cli"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                lines = node.end_lineno - node.lineno + 1
+                first = node.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                    lines -= first.end_lineno - first.lineno + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_functions_fit_on_a_screen():
+    assert _long_functions() == []

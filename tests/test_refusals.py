@@ -1,0 +1,571 @@
+"""The refusal battery: bad input and faults, per command and per class of failure.
+
+Every case runs the real CLI in-process (click's runner) and asserts what a
+user must see: exit code 2, exactly one ``error:`` line on stderr naming the
+cause, no traceback, and every file of the user's data and caches byte-identical
+afterwards (nothing written where it must not go). The classes:
+
+* ``traceback``: input that used to escape as a traceback (damaged stores,
+  a worker's decode error, unwritable folders);
+* ``bad-data``: data that must be refused, not used;
+* ``hole``: a cache with a lost chunk, refused before anything trusts it;
+* ``message``: the message names the setting with both values, and the fix;
+* ``outputs``: an output location that is a user's file or folder or lies in a cache store.
+
+``verify`` reports what it finds with exit code 1 (its contract), so its hole
+case is its own test below; it writes nothing, so it has no ``outputs`` case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from conftest import write_cifar100
+
+from kdcache.cli import main
+from kdcache.data import FolderDataset, build_dataset
+from kdcache.dump import dump_logits
+from kdcache.errors import KdcacheError
+from kdcache.options import check_options
+from kdcache.verify import verify_cache
+
+UNWRITABLE = "/proc/kdcache-refusals"  # procfs refuses new entries, even to root
+
+
+@dataclass
+class Ctx:
+    """One case's folders and the module's shared inputs."""
+
+    data: Path  # the user's data and caches of this case: hashed before and after
+    outs: Path  # where outputs may go: not hashed
+    cache: Path  # the module's digits cache (2 seeded views): hashed too
+    ckpt: dict[int, Path]
+    #: Python run before the CLI, in a process of its own (for a case that patches kdcache and starts workers)
+    prelude: str | None = None
+
+    def copy(self, edit=None) -> Path:
+        """A copy of the module cache under ``data``, optionally changed by ``edit(path)``."""
+        path = self.data / "copy.zarr"
+        shutil.copytree(self.cache, path)
+        if edit is not None:
+            edit(path)
+        return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, teacher_ckpt) -> Path:
+    out = tmp_path_factory.mktemp("refusals") / "digits.zarr"
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[10]),
+        dataset="digits",
+        augment="cifar",
+        views=2,
+        out=str(out),
+        progress=False,
+    )
+    return out
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under ``roots``: any change, new file or removal shows."""
+    files = [p for root in roots for p in sorted(root.rglob("*")) if p.is_file()]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def invoke(args: list, prelude: str | None = None) -> Outcome:
+    """The CLI run as a user would run it (warnings off, as in ``conftest.run_cli``): in-process, or after
+    ``prelude`` in a process of its own."""
+    args = [str(a) for a in args]
+    if prelude is not None:
+        code = f"{prelude}\nfrom kdcache.cli import main\nmain()"
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+        return Outcome(proc.returncode, proc.stdout, proc.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = CliRunner().invoke(main, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError("".join(traceback.format_exception(*result.exc_info)))  # the user would see this
+    return Outcome(result.exit_code, result.stdout, result.stderr)
+
+
+def assert_refused(result: Outcome, needle: str) -> None:
+    """Exit code 2, one ``error:`` line on stderr holding ``needle``, and no traceback anywhere."""
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.stdout)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+# -- building blocks -------------------------------------------------------------------------------------------------
+
+
+def edit_attrs(**changes):
+    """An edit of a store's root attributes: a value replaces, None removes."""
+
+    def edit(path: Path) -> None:
+        meta = json.loads((path / "zarr.json").read_text())
+        for key, value in changes.items():
+            meta["attributes"].pop(key) if value is None else meta["attributes"].update({key: value})
+        (path / "zarr.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def lose_chunk(path: Path) -> None:
+    (path / "logits" / "c" / "1" / "0" / "0").unlink()
+
+
+def flip_byte(path: Path) -> None:
+    chunk = path / "logits" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+
+
+def image_folder(root: Path, count: int = 70) -> FolderDataset:
+    """An ImageFolder of ``count`` tiny PNGs in 10 classes: more than the 64 images a fingerprint decodes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        d = root / f"class_{i % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    return build_dataset("folder", root)
+
+
+def outside_fingerprint(ds: FolderDataset) -> str:
+    """A file the dataset fingerprint does not decode (so only the pre-check or the loader meets it)."""
+    n = len(ds)
+    sampled = {int(round(x)) for x in np.linspace(0, n - 1, min(n, 64))}
+    return ds.paths[next(i for i in range(n) if i not in sampled)]
+
+
+def truncate(path: str) -> None:
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+
+
+def folder_dump(ctx: Ctx, *extra) -> list:
+    """dump-logits of the image folder under ``data/images`` (no augmentation) into ``outs``."""
+    folder = ["--dataset", "folder", "--data-root", ctx.data / "images", "--augment", "none", "--views", "1"]
+    return dump(ctx, ctx.outs / "o.zarr", *folder, *extra)
+
+
+def dump(ctx: Ctx, out, *extra) -> list:
+    """dump-logits of the digits cache's settings into ``out``; a flag in ``extra`` overrides (click keeps the last)."""
+    base = ["dump-logits", "--teacher", "resnet8", "--dataset", "digits", "--augment", "cifar", "--views", "2"]
+    return [*base, "--checkpoint", ctx.ckpt[10], "--out", out, *extra]
+
+
+def train(ctx: Ctx, cache, out, *extra) -> list:
+    base = ["train-student", "--student", "resnet8", "--dataset", "digits", "--epochs", "1", "--batch-size", "256"]
+    return [*base, "--cache", cache, "--out", out, *extra]
+
+
+def study(ctx: Ctx, cache, out, *extra) -> list:
+    base = ["study", "views", "--student", "resnet8", "--dataset", "digits", "--epochs", "1", "--batch-size", "256"]
+    return [*base, "--cache", cache, "--out", out, *extra]
+
+
+# -- the cases: each returns (args, what the error line must say) ----------------------------------------------------
+
+CASES = []
+
+
+def case(command: str, klass: str, xfail: str | None = None):
+    def register(fn):
+        marks = [pytest.mark.xfail(reason=xfail, strict=True)] if xfail else []
+        CASES.append(pytest.param(fn, id=f"{command}-{klass}-{fn.__name__}", marks=marks))
+        return fn
+
+    return register
+
+
+@case("dump-logits", "traceback")
+def worker_decode_error(ctx: Ctx):
+    ds = image_folder(ctx.data / "images")
+    bad = outside_fingerprint(ds)
+    truncate(bad)
+    # The file breaks after the pre-check; a process of its own, as torch's workers of a failed loader take ~10 s
+    # to shut down when garbage-collected inside pytest (a CLI process exits at once).
+    ctx.prelude = "from kdcache.data import FolderDataset\nFolderDataset.check_images = lambda self, samples=None: None"
+    args = folder_dump(ctx, "--workers", "2", "--batch-size", "8", "--forward-block", "8")
+    return args, f"cannot decode image {bad} (image file is truncated)"
+
+
+@case("dump-logits", "traceback")
+def resume_store_without_recipe(ctx: Ctx):
+    return dump(ctx, ctx.copy(edit_attrs(recipe=None))), "attribute 'recipe' is missing"
+
+
+@case("dump-logits", "bad-data")
+def label_outside_classes(ctx: Ctx):
+    import pickle
+
+    root = write_cifar100(ctx.data / "cifar")
+    train_file = root / "cifar-100-python" / "train"
+    entry = pickle.loads(train_file.read_bytes())
+    entry["fine_labels"][7] = 100
+    train_file.write_bytes(pickle.dumps(entry))
+    args = dump(ctx, ctx.outs / "o.zarr", "--dataset", "cifar100", "--data-root", root, "--checkpoint", ctx.ckpt[100])
+    return args, "sample 7 has label 100, outside 0..99"
+
+
+@case("dump-logits", "bad-data")
+def undecodable_image(ctx: Ctx):
+    ds = image_folder(ctx.data / "images")
+    truncate(ds.paths[3])
+    return folder_dump(ctx), f"cannot decode image {ds.paths[3]} (image file is truncated): remove or replace it"
+
+
+@case("dump-logits", "bad-data")
+def seed_beyond_generator(ctx: Ctx):
+    return dump(ctx, ctx.outs / "o.zarr", "--seed", str(2**64)), f"--seed must be in 0 .. 2**64 - 1, got {2**64}"
+
+
+@case("dump-logits", "hole")
+def resume_store_with_lost_chunk(ctx: Ctx):
+    return dump(ctx, ctx.copy(lose_chunk)), "array logits, view 1, chunk 0 has no data although marked done"
+
+
+@case("dump-logits", "message")
+def resume_with_other_seed(ctx: Ctx):
+    return dump(ctx, ctx.copy(), "--seed", "1"), "seed (store has 0, this run 1); use the same settings to resume"
+
+
+@case("dump-logits", "outputs")
+def dump_out_is_a_users_file(ctx: Ctx):
+    (ctx.data / "notes.txt").write_text("mine")
+    return dump(ctx, ctx.data / "notes.txt"), "is a file"
+
+
+@case("dump-logits", "outputs")
+def dump_out_is_a_users_folder(ctx: Ctx):
+    (ctx.data / "mine").mkdir()
+    (ctx.data / "mine" / "notes.txt").write_text("mine")
+    return dump(ctx, ctx.data / "mine"), "is a non-empty directory that is not a kdcache store"
+
+
+@case("dump-logits", "outputs")
+def dump_out_inside_a_cache(ctx: Ctx):
+    return dump(ctx, ctx.cache / "inner.zarr"), "is inside the cache store"
+
+
+@case("train-student", "traceback")
+def train_cache_without_recipe(ctx: Ctx):
+    return train(ctx, ctx.copy(edit_attrs(recipe=None)), ctx.outs / "run"), "recipe"
+
+
+@case("train-student", "traceback")
+def train_out_unwritable(ctx: Ctx):
+    return train(ctx, ctx.cache, f"{UNWRITABLE}/run"), f"--out {UNWRITABLE}/run"
+
+
+@case("train-student", "bad-data")
+def non_finite_teacher_rows(ctx: Ctx):
+    def nan_rows(path: Path) -> None:
+        zarr.open_group(str(path), mode="r+")["logits"][:, 5, 3] = np.nan
+
+    return train(ctx, ctx.copy(nan_rows), ctx.outs / "run"), "logits of sample 5, view"
+
+
+@case("train-student", "hole")
+def train_cache_with_lost_chunk(ctx: Ctx):
+    return (
+        train(ctx, ctx.copy(lose_chunk), ctx.outs / "run"),
+        "array logits, view 1, chunk 0 has no data although marked done",
+    )
+
+
+@case("train-student", "message")
+def cache_views_beyond_the_cache(ctx: Ctx):
+    return (
+        train(ctx, ctx.cache, ctx.outs / "run", "--cache-views", "5"),
+        "--cache-views 5 is out of range: the cache holds 2 views per sample",
+    )
+
+
+@case("train-student", "outputs")
+def train_out_is_a_users_file(ctx: Ctx):
+    (ctx.data / "notes.txt").write_text("mine")
+    return train(ctx, ctx.cache, ctx.data / "notes.txt"), "is a file"
+
+
+@case("train-student", "outputs")
+def train_out_inside_a_cache(ctx: Ctx):
+    return train(ctx, ctx.cache, ctx.cache / "run"), "is inside the cache store"
+
+
+@case("inspect", "traceback")
+def inspect_store_without_teacher(ctx: Ctx):
+    return ["inspect", ctx.copy(edit_attrs(teacher=None))], "attribute 'teacher' is missing"
+
+
+@case("inspect", "bad-data")
+def inspect_corrupt_chunk(ctx: Ctx):
+    return ["inspect", ctx.copy(flip_byte)], "array logits, view 1, chunk 0 is corrupt"
+
+
+@case("inspect", "hole")
+def inspect_lost_chunk(ctx: Ctx):
+    return ["inspect", ctx.copy(lose_chunk)], "array logits, view 1, chunk 0 has no data although marked done"
+
+
+@case("inspect", "message")
+def compare_caches_of_other_views(ctx: Ctx):
+    return ["inspect", ctx.cache, ctx.copy(edit_attrs(seed=1))], "do not hold the same views (seed differs (0 vs 1))"
+
+
+@case("inspect", "outputs")
+def plot_unwritable(ctx: Ctx):
+    return ["inspect", ctx.cache, "--plot", f"{UNWRITABLE}/views.png"], "cannot write the plot"
+
+
+@case("inspect", "outputs", xfail="the CLI writes --plot without checking where (a PNG lands inside the store)")
+def plot_inside_a_cache(ctx: Ctx):
+    copy = ctx.copy()
+    return ["inspect", copy, "--plot", copy / "views.png"], "is inside the cache store"
+
+
+@case("verify", "traceback")
+def replay_with_other_class_count(ctx: Ctx):
+    args = ["verify", ctx.cache, "--teacher", "resnet8", "--checkpoint", ctx.ckpt[100], "--sample", "2"]
+    return args, "shape mismatch"
+
+
+@case("verify", "bad-data")
+def verify_a_plain_zarr_group(ctx: Ctx):
+    zarr.open_group(str(ctx.data / "plain.zarr"), mode="w").attrs["mine"] = 1
+    return ["verify", ctx.data / "plain.zarr"], "is not a kdcache store"
+
+
+@case("verify", "message")
+def sample_without_teacher(ctx: Ctx):
+    return ["verify", ctx.cache, "--sample", "2"], "--sample needs --teacher"
+
+
+@case("verify", "message")
+def negative_sample(ctx: Ctx):
+    return ["verify", ctx.cache, "--sample", "-1"], "--sample must be 0 or more, got -1"
+
+
+@case("study-views", "traceback")
+def study_cache_without_views_mode(ctx: Ctx):
+    return study(ctx, ctx.copy(edit_attrs(views_mode=None)), ctx.outs / "s"), "attribute 'views_mode' is missing"
+
+
+@case("study-views", "traceback")
+def study_out_unwritable(ctx: Ctx):
+    return study(ctx, ctx.cache, f"{UNWRITABLE}/s"), "cannot be created"
+
+
+@case("study-views", "bad-data")
+def study_cache_of_all_views(ctx: Ctx):
+    return study(ctx, ctx.copy(edit_attrs(views_mode="all")), ctx.outs / "s"), "needs a cache of seeded views"
+
+
+@case("study-views", "hole")
+def study_cache_with_lost_chunk(ctx: Ctx):
+    return study(ctx, ctx.copy(lose_chunk), ctx.outs / "s"), "array logits, view 1, chunk 0 has no data"
+
+
+@case("study-views", "message")
+def counts_beyond_the_cache(ctx: Ctx):
+    return (
+        study(ctx, ctx.cache, ctx.outs / "s", "--counts", "1,3"),
+        "--counts must lie in 1..2 (the views the cache holds), got [1, 3]",
+    )
+
+
+@case("study-views", "outputs")
+def study_out_inside_a_cache(ctx: Ctx):
+    return study(ctx, ctx.cache, ctx.cache / "s"), "is inside the cache store"
+
+
+@case("study-views", "outputs")
+def study_out_holds_a_users_file(ctx: Ctx):
+    (ctx.data / "mine").mkdir()
+    (ctx.data / "mine" / "notes.txt").write_text("mine")
+    return study(ctx, ctx.cache, ctx.data / "mine"), "holds 'notes.txt', which a study does not write"
+
+
+@case("quickstart", "traceback", xfail="quickstart creates --out unguarded: an unwritable folder is a traceback")
+def quickstart_out_unwritable(ctx: Ctx):
+    return ["quickstart", "--out", f"{UNWRITABLE}/qs"], f"--out {UNWRITABLE}/qs"
+
+
+@case("quickstart", "message")
+def quickstart_zero_epochs(ctx: Ctx):
+    return ["quickstart", "--out", ctx.outs / "qs", "--epochs", "0"], "--epochs must be at least 1, got 0"
+
+
+@case("quickstart", "outputs")
+def quickstart_out_is_a_users_file(ctx: Ctx):
+    (ctx.data / "notes.txt").write_text("mine")
+    return ["quickstart", "--out", ctx.data / "notes.txt"], "is a file"
+
+
+@case("quickstart", "outputs")
+def quickstart_out_inside_a_cache(ctx: Ctx):
+    return ["quickstart", "--out", ctx.cache / "qs"], "is inside the cache store"
+
+
+@pytest.mark.parametrize("build", CASES)
+def test_refused_in_one_line_with_user_data_untouched(build, cache, teacher_ckpt, tmp_path):
+    ctx = Ctx(tmp_path / "data", tmp_path / "outs", cache, teacher_ckpt)
+    ctx.data.mkdir()
+    ctx.outs.mkdir()
+    args, needle = build(ctx)
+    before = snapshot(ctx.data, cache)
+    assert_refused(invoke(args, ctx.prelude), needle)
+    assert snapshot(ctx.data, cache) == before
+
+
+# -- one rule per flag, whichever command takes it -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--seed", str(2**64), f"--seed must be in 0 .. 2**64 - 1, got {2**64}"),
+        ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+        ("--workers", "-1", "--workers must be 0 or more, got -1"),
+    ],
+)
+@pytest.mark.parametrize("command", ["dump-logits", "train-student", "study-views"])
+def test_a_flag_is_checked_the_same_way_by_every_command(cache, teacher_ckpt, tmp_path, flag, value, message, command):
+    ctx = Ctx(tmp_path, tmp_path, cache, teacher_ckpt)
+    build = {"dump-logits": dump, "train-student": train, "study-views": study}[command]
+    args = build(ctx, tmp_path / "o.zarr") if command == "dump-logits" else build(ctx, cache, tmp_path / "o")
+    before = snapshot(cache)
+    assert_refused(invoke(args + [flag, value]), message)
+    assert snapshot(cache) == before and not (tmp_path / "o.zarr").exists()
+
+
+def test_verify_names_a_hole_and_skips_the_replay(cache, teacher_ckpt, tmp_path):
+    ctx = Ctx(tmp_path, tmp_path, cache, teacher_ckpt)
+    copy = ctx.copy(lambda p: (p / "params" / "c" / "1" / "0" / "0").unlink())
+    before = snapshot(tmp_path)
+    result = invoke(["verify", copy, "--teacher", "resnet8", "--checkpoint", teacher_ckpt[10], "--sample", "3"])
+    assert result.exit_code == 1
+    assert "PROBLEM   missing: array params, view 1, chunk 0 has no data although marked done" in result.stdout
+    assert "replay skipped" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_verify_replays_only_finished_chunks(cache, teacher_ckpt, tmp_path):
+    def interrupted(path: Path) -> None:  # view 1 was never written
+        for name in ("logits/c/1/0/0", "params/c/1/0/0", "view_hash/c/1/0"):
+            (path / name).unlink()
+        zarr.open_group(str(path), mode="r+")["done"][1, 0] = 0
+
+    copy = Ctx(tmp_path, tmp_path, cache, teacher_ckpt).copy(interrupted)
+    report = verify_cache(str(copy), "resnet8", str(teacher_ckpt[10]), sample=6, device="cpu")
+    assert [p.split(" (")[0] for p in report.problems] == ["incomplete: 1 chunks not written"]
+    assert "6 random views rebuilt and re-run through resnet8 (max |logit diff| 0)" in report.checked
+
+
+def test_verify_lists_a_layout_problem_instead_of_crashing(cache, tmp_path):
+    ctx = Ctx(tmp_path, tmp_path, cache, {})
+    report = verify_cache(str(ctx.copy(edit_attrs(dataset=None))))
+    assert report.problems == [
+        "layout: attribute 'dataset' is missing (its zarr.json was edited or damaged); restore the store, or dump it "
+        "again (--overwrite or a new --out)"
+    ]
+
+
+# -- images at dump time ---------------------------------------------------------------------------------------------
+
+
+def test_the_image_check_decodes_rather_than_verifies(tmp_path):
+    from PIL import Image
+
+    ds = image_folder(tmp_path / "images", count=12)
+    jpeg = Path(ds.paths[5]).with_suffix(".jpg")
+    Image.open(ds.paths[5]).convert("RGB").resize((64, 48)).save(jpeg, quality=90)
+    Path(ds.paths[5]).unlink()
+    ds = build_dataset("folder", tmp_path / "images")
+    truncate(ds.paths[5])
+    with Image.open(ds.paths[5]) as im:
+        im.verify()  # PIL's verify() passes a truncated JPEG: only a decode finds it
+    truncate(ds.paths[9])
+    with pytest.raises(KdcacheError, match=r"cannot decode image .*truncated.*remove or replace it; 1 more fail"):
+        ds.check_images()
+    ds.check_images([0, 1, 2])  # the samples a resumed dump still decodes
+
+
+def test_a_resumed_dump_checks_only_the_images_it_will_decode(tmp_path, teacher_ckpt):
+    ds = image_folder(tmp_path / "images")
+    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="folder", data_root=str(tmp_path / "images"))
+    kw |= dict(augment="imagenet", out=str(tmp_path / "o.zarr"), forward_block=16, batch_size=16, progress=False)
+    dump_logits(views=1, **kw)
+    bad = outside_fingerprint(ds)
+    truncate(bad)
+    assert dump_logits(views=1, **kw).notes == ["nothing to do: every chunk of every view was already written"]
+    before = snapshot(tmp_path / "o.zarr")
+    with pytest.raises(KdcacheError, match=f"cannot decode image {bad}"):
+        dump_logits(views=2, **kw)  # the new view decodes every sample
+    assert snapshot(tmp_path / "o.zarr") == before
+
+
+# -- the shared validator, as Python callers meet it -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"lr": 0.0}, "--lr must be positive, got 0.0"),
+        ({"weight_decay": -1e-4}, "--weight-decay must be 0 or more, got -0.0001"),
+        ({"momentum": 1.0}, "--momentum must be in [0, 1), got 1.0"),
+        ({"epochs": 0}, "--epochs must be at least 1, got 0"),
+        ({"seed": -1}, "--seed must be in 0 .. 2**64 - 1, got -1"),
+        ({"lr_decay_rate": 1.5}, "--lr-decay-rate must be in (0, 1], got 1.5"),
+        ({"batch_size": "64"}, "--batch-size must be an integer, got '64'"),
+        ({"epochs": 2.5}, "--epochs must be an integer, got 2.5"),
+        ({"workers": True}, "--workers must be an integer, got True"),
+        ({"temperature": "4"}, "--temperature must be a number, got '4'"),
+        ({"lr": float("nan")}, "--lr must be a finite number, got nan"),
+        ({"ce_weight": 1, "kd_weight": -1}, "--kd-weight must be 0 or more, got -1"),
+    ],
+)
+def test_check_options_names_the_flag_the_rule_and_the_value(values, message):
+    with pytest.raises(KdcacheError) as err:
+        check_options(values)
+    assert str(err.value) == message
+
+
+def test_check_options_skips_absent_and_unknown_names():
+    check_options({"lr": None, "temperature": 4, "student": "resnet8", "seed": 2**64 - 1, "momentum": 0})
+
+
+@pytest.mark.parametrize("call", ["dump", "verify"])
+def test_library_functions_validate_like_the_cli(call, tmp_path):
+    with pytest.raises(KdcacheError, match=r"^--workers must be 0 or more, got -1$|^--sample must be an integer"):
+        if call == "dump":
+            dump_logits(teacher="resnet8", dataset="digits", augment="cifar", views=1, out=str(tmp_path), workers=-1)
+        else:
+            verify_cache(str(tmp_path), sample="3")

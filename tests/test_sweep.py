@@ -1,0 +1,169 @@
+"""kdcache sweep: grid expansion and run names, bad SPECs, parallel = serial, resume after SIGKILL, shared dumps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from kdcache.dump import dump_logits
+from kdcache.sweep import expand, load_spec
+
+STUDENT = {"dataset": "digits", "student": "resnet8", "batch-size": 64}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, teacher_ckpt) -> dict[str, Path]:
+    """A float32 cache of two cifar views of the built-in digits, and its teacher checkpoint."""
+    base = tmp_path_factory.mktemp("sweep")
+    cache = base / "c.zarr"
+    dump_logits(
+        teacher="resnet8",
+        checkpoint=str(teacher_ckpt[10]),
+        dataset="digits",
+        augment="cifar",
+        views=2,
+        out=str(cache),
+        dtype="float32",
+        progress=False,
+    )
+    return {"ckpt": teacher_ckpt[10], "cache": cache, "base": base}
+
+
+def _spec(path: Path, setup: dict, **extra) -> Path:
+    body = {**STUDENT, "cache": str(setup["cache"]), "epochs": 1}
+    body.update(extra)
+    path.write_text(json.dumps(body))  # JSON is YAML
+    return path
+
+
+def _metrics(out: Path) -> dict[str, list[dict]]:
+    """Every run's metrics without the wall-clock seconds, by run folder."""
+    runs = {}
+    for m in sorted(out.glob("runs/*/*/seed-*/metrics.jsonl")):
+        rows = [json.loads(x) for x in m.read_text().splitlines() if x.strip()]
+        runs[str(m.parent.relative_to(out))] = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return runs
+
+
+def test_grid_expansion_and_run_names(tmp_path, setup):
+    spec = _spec(
+        tmp_path / "s.yaml",
+        setup,
+        methods={"kd": {"loss": "kd"}, "kd+ls": {"loss": "kd", "logit-stand": True}},
+        grid={"kd-weight": [1, 9], "temperature": [2, 4]},
+        seeds=[0, 5],
+        reference={"kd": 71.5, "kd+ls": {"kd-weight=9,temperature=2": 76.6}},
+    )
+    runs = expand(load_spec(spec))
+    assert len(runs) == 2 * 4 * 2
+    assert runs[0].name == "kd/kd-weight=1,temperature=2/seed-0"
+    assert runs[-1].name == "kd+ls/kd-weight=9,temperature=4/seed-5"
+    assert [r.name for r in runs[:4]] == [
+        "kd/kd-weight=1,temperature=2/seed-0",
+        "kd/kd-weight=1,temperature=2/seed-5",
+        "kd/kd-weight=1,temperature=4/seed-0",
+        "kd/kd-weight=1,temperature=4/seed-5",
+    ]
+    ls = {r.name: r for r in runs if r.method == "kd+ls"}
+    hit = ls["kd+ls/kd-weight=9,temperature=2/seed-0"]
+    assert hit.reference == 76.6 and hit.options["kd_weight"] == 9.0 and hit.options["logit_stand"] is True
+    assert ls["kd+ls/kd-weight=1,temperature=2/seed-0"].reference is None
+    assert {r.reference for r in runs if r.method == "kd"} == {71.5}
+    assert str(runs[0].folder) == "runs/kd/kd-weight=1,temperature=2/seed-0"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"kd-wieght": 9}, "kd-weight"),
+        ({"grid": {"kd-weight": []}}, "grid kd-weight needs a non-empty list"),
+        ({"seeds": [0, "one"]}, "seeds: takes a list of distinct integers"),
+        ({"cache": "/nonexistent/c.zarr"}, "does not exist"),
+        ({"methods": {"kd": {"loss": "kd", "tempreature": 2}}}, "method kd"),
+        ({"seed": 3}, "seed is set by the sweep"),
+        ({"reference": {"nope": 70.0}}, "'nope', which is not a method"),
+    ],
+)
+def test_bad_specs_are_refused_before_any_run(tmp_path, setup, extra, message):
+    spec = _spec(tmp_path / "bad.yaml", setup, **extra)
+    r = run_cli("sweep", str(spec), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "runs").exists()
+
+
+METHODS = {"kd": {"loss": "kd"}, "dkd+ls": {"loss": "dkd", "logit-stand": True}}
+
+
+@pytest.mark.slow
+def test_parallel_equals_serial_and_changed_specs(tmp_path, setup):
+    spec = _spec(tmp_path / "s.yaml", setup, methods=METHODS, seeds=[0, 1])
+    serial = run_cli("sweep", str(spec), "--out", str(tmp_path / "p1"), check=True)
+    assert "results" in serial.stdout
+    run_cli("sweep", str(spec), "--out", str(tmp_path / "p2"), "--parallel", "2", check=True)
+    a, b = _metrics(tmp_path / "p1"), _metrics(tmp_path / "p2")
+    assert len(a) == 4 and a == b
+    for f in ("summary.csv", "results.md", "curves.png"):
+        assert (tmp_path / "p1" / f).is_file()
+    finished = tmp_path / "p1" / "runs" / "kd" / "default" / "seed-0" / "last.pt"
+    stamp = finished.stat().st_mtime_ns
+    more = _spec(tmp_path / "more.yaml", setup, methods=METHODS, seeds=[0, 1, 2])
+    again = run_cli("sweep", str(more), "--out", str(tmp_path / "p1"), check=True)
+    assert again.stdout.count("started") == 2 and finished.stat().st_mtime_ns == stamp
+    changed = _spec(tmp_path / "changed.yaml", setup, methods={**METHODS, "kd": {"loss": "kd", "temperature": 3}})
+    r = run_cli("sweep", str(changed), "--out", str(tmp_path / "p1"))
+    assert r.returncode == 2 and "sweep run kd/default/seed-0" in r.stderr and "temperature" in r.stderr
+
+
+def _sweep_process(spec: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "kdcache.cli", "sweep", str(spec), "--out", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+@pytest.mark.slow
+def test_sigkill_then_the_same_command_gives_the_uninterrupted_results(tmp_path, setup):
+    spec = _spec(tmp_path / "s.yaml", setup, methods=METHODS, seeds=[0, 1], epochs=2)
+    run_cli("sweep", str(spec), "--out", str(tmp_path / "whole"), check=True)
+    out = tmp_path / "cut"
+    proc = _sweep_process(spec, out)
+    second = out / "runs" / "kd" / "default" / "seed-1" / "last.pt"  # the second run has saved an epoch
+    deadline = time.monotonic() + 300
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)  # the student child dies with its parent (PR_SET_PDEATHSIG)
+    assert second.exists() and not (out / "results.md").exists()
+    run_cli("sweep", str(spec), "--out", str(out), check=True)
+    assert _metrics(out) == _metrics(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_teacher_checkpoint_methods_share_one_dumped_cache(tmp_path, setup):
+    teacher = {"teacher": "resnet8", "checkpoint": str(setup["ckpt"])}
+    methods = {"kd": {**teacher, "loss": "kd"}, "dkd": {**teacher, "loss": "dkd"}}
+    body = {**STUDENT, "epochs": 1, "methods": methods, "dump": {"views": 1}}
+    spec = tmp_path / "s.yaml"
+    spec.write_text(json.dumps(body))
+    r = run_cli("sweep", str(spec), "--out", str(tmp_path / "out"), check=True)
+    caches = list((tmp_path / "out" / "caches").glob("*.zarr"))
+    assert len(caches) == 1 and sum(line.startswith("finished") for line in r.stdout.splitlines()) == 2
+    for run in (tmp_path / "out" / "runs").glob("*/default/seed-0"):
+        assert json.loads((run / "run.json").read_text())["options"]["cache"] == [str(caches[0])]
+        assert (run / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_sweep_equals_local(tmp_path, setup):
+    spec = _spec(tmp_path / "s.yaml", setup, methods=METHODS, epochs=1)
+    run_cli("sweep", str(spec), "--out", str(tmp_path / "local"), check=True)
+    run_cli("sweep", str(spec), "--out", str(tmp_path / "dask"), "--local-cluster", "2", check=True)
+    assert _metrics(tmp_path / "dask") == _metrics(tmp_path / "local")
