@@ -64,7 +64,28 @@ def _with_config(command: str, kw: dict, required: tuple[str, ...]) -> dict:
     return kw
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    """The command group, with click's usage errors as one ``error:`` line (exit 2) like kdcache's own."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "kdcache --help"
+            click.echo(f"error: {exc.format_message()} (see `{where}`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="kdcache")
 def main() -> None:
     """kdcache: pay the teacher's forward pass once, train many students from its cached logits."""
@@ -355,7 +376,10 @@ def inspect_cmd(stores: tuple[str, ...], plot_path: str | None) -> None:
     teachers agree per view.
     """
     from kdcache.inspection import inspect_cache, teacher_agreement
+    from kdcache.store import check_output_dir
 
+    if plot_path:
+        check_output_dir(Path(plot_path).absolute().parent, "--plot folder")
     for store in stores:
         report = inspect_cache(store)
         click.echo("\n".join(report.lines()))

@@ -29,6 +29,7 @@ from kdcache.ranks import Ranks
 from kdcache.store import CacheStore, array_names, open_store, view_mismatch
 from kdcache.teacher import Teacher, resolve_device
 from kdcache.topk import LogitFormat, TopKTeacher
+from kdcache.verify import check_cache
 from kdcache.views import Recipe, make_recipe, normalize, parse_views, pixel_hash, recipe_from_attrs
 
 HASH_CHECK_EVERY = 16  # verify pixel hashes on every 16th batch (and the first) unless verify_views
@@ -145,21 +146,14 @@ class EvalViews(Dataset):
 
 
 def cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None, mix: str | None = None) -> Recipe:
-    """Fail closed: the cache must be complete, whole, and made from this dataset, split and recipe; its recipe."""
+    """Fail closed: the cache must be complete, whole (:func:`kdcache.verify.check_cache`), and made from this
+    dataset, split and recipe; its recipe."""
+    check_cache(store)
     if not store.complete():
         missing = int((~store.done()).sum())
         raise KdcacheError(
             f"cache {store.location} is incomplete ({missing} chunks missing): re-run its dump-logits command to "
             "finish it"
-        )
-    names = array_names(store.num_kinds, store.format)
-    hole = store.missing_chunk([a for kind in names["teacher"] for a in kind] + names["view_hash"])
-    if hole is not None:
-        name, v, c = hole
-        where = f"array {name}, view {v}, chunk {c}" if v >= 0 else f"array {name} (a chunk)"
-        raise KdcacheError(
-            f"cache {store.location}: {where} has no data although marked done (a file was lost): restore the store "
-            "or dump it again into a new --out; `kdcache verify` lists every problem"
         )
     fp, stored = ds.fingerprint(), store.attrs["dataset"]
     for key in ("name", "split", "length", "num_classes", "labels_sha256", "images_sha256", "files_sha256"):

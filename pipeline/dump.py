@@ -196,6 +196,10 @@ def _teacher_top1(store: CacheStore) -> list[float]:
     return [float((view_predictions(store, v)[0] == labels).mean()) for v in range(store.num_views)]
 
 
+#: dump_logits arguments checked by :func:`kdcache.options.check_options` before anything is loaded.
+NUMERIC_OPTIONS = ("seed", "batch_size", "workers", "forward_block", "mix_alpha", "local_cluster")
+
+
 def dump_logits(
     *,
     teacher: str,
@@ -235,17 +239,9 @@ def dump_logits(
     address) or ``local_cluster`` (N worker processes) runs the chunks on
     dask.distributed (:mod:`kdcache.cluster`) with the same result.
     """
+    args = dict(locals())
     distributed = scheduler is not None or local_cluster is not None
-    check_options(
-        {
-            "seed": seed,
-            "batch_size": batch_size,
-            "workers": workers,
-            "forward_block": forward_block,
-            "mix_alpha": mix_alpha,
-            "local_cluster": local_cluster,
-        }
-    )
+    check_options({k: args[k] for k in NUMERIC_OPTIONS})
     _check_options(scheduler, local_cluster, data is not None, dtype)
     ds = data if data is not None else build_dataset(dataset, data_root, split, download)
     check_dataset(ds)
@@ -261,7 +257,36 @@ def dump_logits(
         teacher, ds.num_classes, ds.norm, checkpoint, weights, "cpu" if distributed else device, forward_block, amp
     )
     ds.check_images(_samples_to_decode(existing, num_views, len(ds), recipe))
-    identity = {
+    identity = _identity(model, ds, recipe, seed, dtype, views_mode, fmt)
+    session = cluster_client(scheduler, local_cluster) if distributed else contextlib.nullcontext()
+    with session as client, writer_lock(out):
+        store, created = _prepare_store(out, overwrite, identity, num_views, str(views), ds, recipe, dtype, fmt)
+        try:
+            if client is not None:
+                return _run_cluster(store, _chunk_job(store, model, views_mode, args), client, progress)
+            return _run_dump(store, ds, recipe, model, seed, views_mode == "all", batch_size, workers, dtype, progress)
+        except BaseException:
+            if created and not store.done().any():
+                remove_store(out)
+            raise
+
+
+def _chunk_job(store: CacheStore, model: Teacher, views_mode: str, args: dict) -> ChunkJob:
+    """What a dask worker needs to run this dump's units (``args``: dump_logits's arguments)."""
+    fields = ("teacher", "checkpoint", "weights", "dataset", "data_root", "split", "seed", "forward_block", "amp")
+    return ChunkJob(
+        location=store.location,
+        checkpoint_sha256=model.checkpoint_sha256,
+        all_views=views_mode == "all",
+        **{k: args[k] for k in (*fields, "dtype", "device", "batch_size")},
+    )
+
+
+def _identity(
+    model: Teacher, ds: ImageDataset, recipe: Recipe, seed: int, dtype: str, views_mode: str, fmt: LogitFormat
+) -> dict[str, object]:
+    """What a store is: the fields a resume or extension must find unchanged (``IDENTITY_FIELDS``)."""
+    return {
         "teacher": model.identity(),
         "dataset": ds.fingerprint(),
         "split": ds.split,
@@ -272,36 +297,6 @@ def dump_logits(
         "views_mode": views_mode,
         "format": fmt.to_attrs(),
     }
-    session = contextlib.nullcontext()
-    if distributed:
-        session = cluster_client(scheduler, local_cluster)
-    with session as client, writer_lock(out):
-        store, created = _prepare_store(out, overwrite, identity, num_views, str(views), ds, recipe, dtype, fmt)
-        try:
-            if client is not None:
-                job = ChunkJob(
-                    location=store.location,
-                    teacher=teacher,
-                    checkpoint=checkpoint,
-                    checkpoint_sha256=model.checkpoint_sha256,
-                    weights=weights,
-                    dataset=dataset,
-                    data_root=data_root,
-                    split=split,
-                    seed=seed,
-                    all_views=views_mode == "all",
-                    forward_block=forward_block,
-                    amp=amp,
-                    dtype=dtype,
-                    device=device,
-                    batch_size=batch_size,
-                )
-                return _run_cluster(store, job, client, progress)
-            return _run_dump(store, ds, recipe, model, seed, views_mode == "all", batch_size, workers, dtype, progress)
-        except BaseException:
-            if created and not store.done().any():
-                remove_store(out)
-            raise
 
 
 def _check_options(scheduler: str | None, local_cluster: int | None, in_memory: bool, dtype: str) -> None:

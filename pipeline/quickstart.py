@@ -20,7 +20,7 @@ import click
 from kdcache.dump import dump_logits
 from kdcache.inspection import inspect_cache
 from kdcache.plots import plot_training
-from kdcache.store import check_output_dir
+from kdcache.store import make_output_dir
 from kdcache.train import finished_run, train_student
 
 TEACHER, STUDENT = "resnet8", "resnet8"
@@ -95,8 +95,7 @@ def _dump(kw: dict, log: list[str]) -> None:
 
 def quickstart(out: str | Path = "data/quickstart", epochs: int = 5, teacher_epochs: int = 10) -> list[Row]:
     """Run the pipeline end to end and return the comparison table's rows (also written to ``out``)."""
-    out = check_output_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out)
     log: list[str] = []
     t_hist, _ = _train(
         out,

@@ -141,23 +141,6 @@ class CacheStore:
     def num_kinds(self) -> int:
         return 2 if "view_hash_strong" in self.group else 1
 
-    def missing_chunk(self, names: list[str]) -> tuple[str, int, int] | None:
-        """The first (array, view, chunk) of ``names`` whose chunk file is absent (it would read as the fill value).
-
-        Counting stored chunks is one listing per array; only a local store is searched file by file to name one.
-        """
-        for name in names:
-            arr = self.group[name]
-            if arr.nchunks_initialized >= arr.nchunks:
-                continue
-            root = local_path(self.location)
-            grid = [-(-n // c) for n, c in zip(arr.shape, arr.chunks, strict=True)]
-            for coords in np.ndindex(*grid) if root is not None else []:
-                if not (Path(root) / name / "c" / "/".join(map(str, coords))).exists():
-                    return name, coords[0], coords[1]
-            return name, -1, -1
-        return None
-
     def row_bytes(self) -> int:
         """Bytes one sample of one view takes across the per-view arrays (teacher rows, parameters, hashes)."""
         names = array_names(self.num_kinds, self.format)
@@ -299,7 +282,29 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     store = _store_above(out.absolute())
     if store is not None:
         raise KdcacheError(f"{flag} {path} is inside the cache store {store}: choose a folder outside it")
+    _check_writable(out, flag)
     return out
+
+
+def make_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """:func:`check_output_dir`, then create the folder (a failure is one line naming it, not a traceback)."""
+    out = check_output_dir(path, flag)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KdcacheError(
+            f"{flag} {path} cannot be created ({exc.strerror or exc}): choose a folder you can write to"
+        ) from None
+    return out
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Refuse a path whose nearest existing folder cannot be written (or is a file), before any work starts."""
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise KdcacheError(f"{flag} {path} is not writable ({parent} is not a folder you can write): choose another")
 
 
 def check_writable_location(location: str | os.PathLike) -> None:
@@ -315,11 +320,7 @@ def check_writable_location(location: str | os.PathLike) -> None:
         raise KdcacheError(f"--out {lp} is a file: give a directory path for the Zarr store")
     if lp.is_dir() and any(p.name != LOCK_NAME for p in lp.iterdir()) and not (lp / "zarr.json").is_file():
         raise KdcacheError(f"--out {lp} is a non-empty directory that is not a kdcache store: choose a new path")
-    parent = lp if lp.is_dir() else lp.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise KdcacheError(f"--out {lp} is not writable: choose a path you can write to")
+    _check_writable(lp, "--out")
 
 
 def remove_store(location: str | os.PathLike) -> None:

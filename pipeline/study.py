@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kdcache.errors import KdcacheError
 from kdcache.options import check_options
-from kdcache.store import check_output_dir
+from kdcache.store import check_output_dir, make_output_dir
 from kdcache.train import finished_run, train_student
 from kdcache.verify import open_checked
 
@@ -70,13 +70,7 @@ def _study_dir(out: str | Path) -> Path:
         raise KdcacheError(
             f"--out {out} holds {foreign[0]!r}, which a study does not write: choose a new or empty folder"
         )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KdcacheError(
-            f"--out {out} cannot be created ({exc.strerror or exc}): choose a folder you can write to"
-        ) from None
-    return out
+    return make_output_dir(out)
 
 
 def _point(views: int | None, run: Path, epochs: int, **kwargs) -> StudyPoint:

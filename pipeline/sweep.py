@@ -33,8 +33,9 @@ from kdcache.configs import dump_config, parse_settings, read_yaml
 from kdcache.dump import dump_logits
 from kdcache.errors import KdcacheError
 from kdcache.report import write_report
-from kdcache.store import check_output_dir, local_path, open_store
+from kdcache.store import check_output_dir, local_path, make_output_dir
 from kdcache.train import TrainConfig, finished_run, train_student
+from kdcache.verify import open_checked
 
 SPEC_KEYS = ("methods", "grid", "seeds", "reference", "dump")
 #: train-student options a SPEC may not set: the sweep owns the run folder, seeds and resumption.
@@ -245,7 +246,7 @@ def check_caches(runs: list[SweepRun]) -> None:
                 raise KdcacheError(
                     f"run {run.name}: cache {cache} does not exist: dump it first or fix the SPEC's cache"
                 )
-            open_store(cache)
+            open_checked(cache)
 
 
 def check_planned(runs: list[SweepRun], out: Path) -> None:
@@ -279,8 +280,9 @@ def prepare(spec: SweepSpec, out: str | Path, scheduler: str | None = None, loca
     out = check_output_dir(out)
     runs = expand(spec)
     check_planned(runs, out)
+    check_caches([r for r in runs if cache_plan(r, spec.dump, out) is None])
+    make_output_dir(out)
     runs = _with_caches(runs, spec.dump, out, scheduler, local_cluster)
-    check_caches(runs)
     for run in runs:
         folder = out / run.folder
         folder.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,10 @@ from kdcache.feed import SCHEDULES
 from kdcache.losses import CTKD_DECAYS, CTKDTemperature, LossSpec
 from kdcache.models import create_model, load_checkpoint, save_checkpoint
 from kdcache.objective import Objective, check_loss_opts, get_loss, parse_loss_opts
+from kdcache.options import check_options
 from kdcache.ranks import Ranks, init_ranks
 from kdcache.runlog import RunLog
-from kdcache.store import check_output_dir
+from kdcache.store import check_output_dir, make_output_dir
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.views import normalize
 
@@ -99,25 +100,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse nonsense settings with a one-line message naming the flag."""
-        positive, at_least_0, at_least_1 = "must be positive", "must be 0 or more", "must be at least 1"
-        checks = [
-            ("epochs", self.epochs >= 1, at_least_1),
-            ("batch-size", self.batch_size >= 1, at_least_1),
-            ("lr", self.lr is None or self.lr > 0, positive),
-            ("temperature", self.temperature is None or self.temperature > 0, positive),
-            ("ce-weight", self.ce_weight is None or self.ce_weight >= 0, at_least_0),
-            ("kd-weight", self.kd_weight is None or self.kd_weight >= 0, at_least_0),
-            ("t-norm", self.t_norm is None or self.t_norm > 0, positive),
-            ("weight-decay", self.weight_decay >= 0, at_least_0),
-            ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
-            ("warmup", self.warmup is None or self.warmup >= 0, at_least_0),
-            ("seed", 0 <= self.seed < 2**64, "must be in 0 .. 2**64 - 1"),
-            ("ctkd-decay-epochs", self.ctkd_decay_epochs >= 1, at_least_1),
-            ("lr-decay-rate", 0 < self.lr_decay_rate <= 1, "must be in (0, 1]"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise KdcacheError(f"--{name} {rule}, got {getattr(self, name.replace('-', '_'))}")
+        check_options({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         choices = [("mlkd-variant", ("reference", "paper")), ("teacher-fix", TEACHER_FIXES)]
         for name, allowed in [*choices, ("ctkd-decay", CTKD_DECAYS), ("amp", AMP_MODES)]:
             value = getattr(self, name.replace("-", "_"))
@@ -375,6 +358,7 @@ def train_student(
     alone writes checkpoints and metrics.
     """
     given = {k: v for k, v in locals().items() if k not in NOT_SETTINGS}
+    check_options(given)
     cfg = TrainConfig(student=student, loss=loss, **{**hyper, "loss_opt": parse_loss_opts(hyper.get("loss_opt"))})
     cfg.validate()
     if view_schedule not in (None, *SCHEDULES):
@@ -544,7 +528,7 @@ def _fit(
 def _resume_state(out: Path, resume: bool, ranks: Ranks) -> dict | None:
     """The checkpoint to continue (``--resume`` of a run that saved one), refusing to start over a saved run."""
     if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out)
     ranks.barrier()  # every rank checks the output folder before rank 0 writes to it
     last = out / "last.pt"
     if not last.exists():
