@@ -47,10 +47,7 @@ def main() -> None:
         epochs=args.epochs,
     )
     test_batches = eval_loader(test, loader.recipe)  # uint8 eval views; evaluate() normalizes them
-    defaults = spec.resolved_defaults(logit_stand=False)  # CE and KD weights, temperature, ... as published
-    options = {name: defaults[name] for name in spec.options}
-    # warmup: DKD's published 20-epoch ramp of its term (losses without a warm-up ignore it).
-    objective = kdcache.Objective(spec, options, defaults["ce_weight"], defaults["kd_weight"], warmup=20)
+    objective = kdcache.Objective.create(args.loss)  # the published weights, temperature and warm-up
     torch.manual_seed(args.seed)
     student = kdcache.create_model(args.student, loader.num_classes).to(loader.device)
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)

@@ -396,8 +396,8 @@ class LossSpec:
 
     @property
     def options(self) -> tuple[str, ...]:
-        """Keyword options ``fn`` takes (the defaults beside the two weights)."""
-        return tuple(k for k in self.defaults if k not in ("ce_weight", "kd_weight"))
+        """Keyword options ``fn`` takes (the defaults beside the two weights and the warm-up)."""
+        return tuple(k for k in self.defaults if k not in ("ce_weight", "kd_weight", "warmup"))
 
     def resolved_defaults(self, logit_stand: bool) -> dict[str, object]:
         """The defaults with or without Z-score standardization."""
@@ -441,7 +441,8 @@ def kd_term(student, teacher, labels, *, temperature, logit_stand):
 @register_loss(
     "dkd",
     "Decoupled KD (CVPR 2022): alpha TCKD + beta NCKD, warmed up over --warmup epochs",
-    {"ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "logit_stand": False},
+    {"ce_weight": 1.0, "kd_weight": 1.0, "warmup": 20, "alpha": 1.0, "beta": 8.0, "temperature": 4.0}
+    | {"logit_stand": False},
     ls_defaults=_LS,
     warmup=True,
     topk=True,
@@ -500,7 +501,7 @@ def normkd_term(student, teacher, labels, *, t_norm, logit_stand):
 @register_loss(
     "normkd-dkd",
     "DKD with NormKD's per-sample temperatures (NormKD_W_DKD)",
-    {"ce_weight": 1.0, "kd_weight": 1.0, "alpha": 1.0, "beta": 8.0, "t_norm": 2.0, "logit_stand": False},
+    {"ce_weight": 1.0, "kd_weight": 1.0, "warmup": 20, "alpha": 1.0, "beta": 8.0, "t_norm": 2.0, "logit_stand": False},
     ls_defaults={"kd_weight": 9.0},
     warmup=True,
 )

@@ -164,6 +164,36 @@ class Objective(torch.nn.Module):
         weight = (min(epoch / self.warmup, 1.0) if self.warmup else 1.0) * self.kd_weight
         return self.ce_weight * ce + weight * term, {"ce": ce, "kd": term}
 
+    @classmethod
+    def create(
+        cls,
+        loss: str,
+        *,
+        logit_stand: bool = False,
+        teacher_fix: str = "none",
+        ctkd: CTKDTemperature | None = None,
+        **overrides: object,
+    ) -> Objective:
+        """``loss`` with its registered defaults (as ``kdcache losses`` lists them), any of them overridden.
+
+        ``Objective.create("dkd", logit_stand=True, beta=2)`` is what ``train-student --loss dkd --logit-stand
+        --beta 2`` trains with, warm-up included.
+        """
+        spec = get_loss(loss)
+        values = {**spec.resolved_defaults(logit_stand), **overrides}
+        unknown = sorted(set(overrides) - set(spec.defaults)) if spec.builtin else []
+        if unknown:
+            raise KdcacheError(f"--loss {loss} takes no option {unknown[0]}: it takes {', '.join(spec.defaults)}")
+        if "logit_stand" in spec.defaults:
+            values["logit_stand"] = logit_stand
+        options = (
+            {k: values[k] for k in spec.options}
+            if spec.builtin
+            else {k: v for k, v in values.items() if k not in ("ce_weight", "kd_weight")}
+        )
+        warmup = int(values.get("warmup", 0))
+        return cls(spec, options, float(values["ce_weight"]), float(values["kd_weight"]), warmup, teacher_fix, ctkd)
+
     def temperature(self, epoch: int) -> float | None:
         """CTKD's learned temperature at ``epoch`` (None without CTKD), for the metrics."""
         return None if self.ctkd is None else self.ctkd(epoch).detach().item()

@@ -317,3 +317,21 @@ def test_losses_command_lists_the_registry():
     names = [line.split()[0] for line in r.output.splitlines() if line and not line.startswith(" ")]
     assert names[: len(LOSS_REGISTRY)] == list(LOSS_REGISTRY)
     assert "--beta 8.0" in r.output and "--kd-weight 9.0" in r.output
+
+
+@pytest.mark.parametrize("loss,ls", [("dkd", True), ("kd", False), ("mlkd", True), ("normkd-dkd", False)])
+def test_objective_create_matches_what_train_student_builds(loss, ls):
+    from kdcache.train import TrainConfig, build_objective
+
+    made = Objective.create(loss, logit_stand=ls, beta=2.0) if "dkd" in loss else Objective.create(loss, logit_stand=ls)
+    hyper = {"beta": 2.0} if "dkd" in loss else {}
+    built = build_objective(TrainConfig("resnet8", loss=loss, logit_stand=ls, **hyper).resolved(), torch.device("cpu"))
+    assert (made.options, made.ce_weight, made.kd_weight, made.warmup) == (
+        built.options,
+        built.ce_weight,
+        built.kd_weight,
+        built.warmup,
+    )
+    assert made.warmup == (20 if "dkd" in loss else 0)
+    with pytest.raises(kdcache.KdcacheError, match="takes no option tempreature"):
+        Objective.create(loss, tempreature=2)
