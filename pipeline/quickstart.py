@@ -1,10 +1,11 @@
 """``kdcache quickstart``: the whole pipeline, offline, on the built-in digits dataset.
 
 It prints each step as the command it stands for and runs it through the
-library function behind that command: train a teacher with CE, dump its logits
-for every crop/flip view (and MLKD weak/strong views), train the same small
-student from those caches with several losses and with the online teacher, and
-compare them in a table and a PNG. Finished steps are reused on a re-run.
+library function behind that command: train a teacher with CE, dump its float32
+logits for seeded crop/flip views (and MLKD weak/strong views), then sweep the
+same small student over several losses and seeds from those caches (and KD with
+the teacher online), and compare them as mean ± std in a table and a PNG.
+Finished steps are reused on a re-run.
 """
 
 from __future__ import annotations
@@ -12,37 +13,27 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import torch
+import yaml
 
 from kdcache.dump import dump_logits
-from kdcache.inspection import inspect_cache
-from kdcache.plots import plot_training
+from kdcache.report import Report, write_report
 from kdcache.store import make_output_dir
+from kdcache.sweep import load_spec, run_sweep
 from kdcache.train import finished_run, train_student
 
 TEACHER, STUDENT = "resnet8", "resnet8"
-
-
-@dataclass
-class Row:
-    """One line of the quickstart table: last-epoch test metrics, and the best test top-1 over all epochs."""
-
-    method: str
-    top1: float
-    best_top1: float
-    nll: float
-    ece: float
-    seconds: float
-
-    @classmethod
-    def from_history(cls, method: str, history: list[dict]) -> Row:
-        """The row of a run from its ``metrics.jsonl`` records."""
-        last, best = history[-1], max(h["test_top1"] for h in history)
-        seconds = sum(h["seconds"] for h in history)
-        return cls(method, last["test_top1"], best, last["test_nll"], last["test_ece"], seconds)
+LABELS = {
+    "ce": "CE only",
+    "kd": "KD (cache)",
+    "kd-online": "KD (online teacher)",
+    "kd+ls": "KD + Z-score (cache)",
+    "dkd+ls": "DKD + Z-score (cache)",
+    "mlkd+ls": "MLKD + Z-score (cache)",
+}
 
 
 def command_line(name: str, kw: dict, positional: tuple[str, ...] = ()) -> str:
@@ -82,7 +73,7 @@ def _train(out: Path, name: str, kw: dict, epochs: int, log: list[str], mileston
     if done is not None:
         click.echo(f"\n# {name}: finished earlier, reused ({run_dir})")
         return done, sum(r["seconds"] for r in done)
-    kw = {**kw, "dataset": "digits", "epochs": epochs, "lr_milestones": milestones, "batch_size": 64}
+    kw = {**kw, "dataset": "digits", "epochs": epochs, "lr_milestones": milestones, "batch_size": 32}
     kw |= {"out": str(run_dir), "resume": (run_dir / "last.pt").exists()}
     _, seconds = _run("train-student", train_student, kw, log)
     return finished_run(run_dir, epochs) or [], seconds
@@ -93,66 +84,103 @@ def _dump(kw: dict, log: list[str]) -> None:
     click.echo("\n".join(summary.lines()))
 
 
-def quickstart(out: str | Path = "data/quickstart", epochs: int = 5, teacher_epochs: int = 10) -> list[Row]:
-    """Run the pipeline end to end and return the comparison table's rows (also written to ``out``)."""
+def _spec(ckpt: str, cache: str, mlkd_cache: str, epochs: int, seeds: tuple[int, ...]) -> dict[str, object]:
+    """The quickstart's sweep: each method from the float32 caches (and KD with the teacher online), per seed."""
+    teacher = {"teacher": TEACHER, "checkpoint": ckpt, "augment": "cifar", "views": epochs, "forward-block": 64}
+    milestones = f"{int(epochs * 0.6)},{int(epochs * 0.85)}"
+    return {
+        "dataset": "digits",
+        "student": STUDENT,
+        "epochs": epochs,
+        "batch-size": 32,
+        "lr-milestones": milestones,
+        "methods": {
+            "ce": {"loss": "ce", "cache": [cache]},
+            "kd": {"loss": "kd", "cache": [cache]},
+            "kd-online": {"loss": "kd", "online": True, **teacher},
+            "kd+ls": {"loss": "kd", "logit-stand": True, "cache": [cache]},
+            "dkd+ls": {
+                "loss": "dkd",
+                "logit-stand": True,
+                "kd-weight": 1.0,
+                "warmup": 2,
+                "cache": [cache],
+            },
+            "mlkd+ls": {"loss": "mlkd", "logit-stand": True, "kd-weight": 1.0, "cache": [mlkd_cache]},
+        },
+        "seeds": list(seeds),
+    }
+
+
+def quickstart(
+    out: str | Path = "data/quickstart",
+    epochs: int = 6,
+    teacher_epochs: int = 8,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    parallel: int = 2,
+) -> Report:
+    """Run the pipeline end to end: a teacher, two float32 caches, then a sweep of every method over ``seeds``.
+
+    The table (``results.md`` in ``out``) reports each method as mean ± std over the seeds, and says whether the
+    cached and the online KD students came out bit-identical.
+    """
     out = make_output_dir(out)
     log: list[str] = []
+    milestones = (int(teacher_epochs * 0.6), int(teacher_epochs * 0.85))
     t_hist, _ = _train(
-        out,
-        "teacher",
-        {"student": TEACHER, "loss": "ce", "augment": "cifar"},
-        teacher_epochs,
-        log,
-        (int(teacher_epochs * 0.6), int(teacher_epochs * 0.85)),
+        out, "teacher", {"student": TEACHER, "loss": "ce", "augment": "cifar"}, teacher_epochs, log, milestones
     )
     ckpt = str(out / "teacher" / "last.pt")
-    dump = {"teacher": TEACHER, "checkpoint": ckpt, "dataset": "digits", "forward_block": 256, "batch_size": 256}
-    cache, mlkd_cache = str(out / "cache-cifar-all.zarr"), str(out / "cache-mlkd.zarr")
-    _dump({**dump, "augment": "cifar", "views": "all", "out": cache}, log)
-    _dump({**dump, "augment": "mlkd", "views": epochs, "out": mlkd_cache, "workers": 2}, log)
-    report, _ = _run("inspect", inspect_cache, {"location": cache}, log, ("location",))
-    click.echo("\n".join(report.lines()))
-    milestones = (int(epochs * 0.6), int(epochs * 0.85))
-    online = {"teacher": TEACHER, "checkpoint": ckpt, "augment": "cifar", "views": "all", "forward_block": 256}
-    methods = [
-        ("CE only", {"loss": "ce", "augment": "cifar"}, "ce"),
-        ("KD (cache)", {"cache": [cache], "loss": "kd"}, "kd"),
-        ("KD + Z-score (cache)", {"cache": [cache], "loss": "kd", "logit_stand": True}, "kd-ls"),
-        (
-            "DKD + Z-score (cache)",
-            {"cache": [cache], "loss": "dkd", "logit_stand": True, "kd_weight": 1.0, "warmup": 2},
-            "dkd-ls",
-        ),
-        (
-            "MLKD + Z-score (cache)",
-            {"cache": [mlkd_cache], "loss": "mlkd", "logit_stand": True, "kd_weight": 1.0},
-            "mlkd-ls",
-        ),
-        ("KD (online teacher)", {**online, "loss": "kd"}, "kd-online"),
-    ]
-    rows = [Row.from_history(f"teacher (CE, {teacher_epochs} epochs)", t_hist)]
-    curves = {}
-    for label, kw, name in methods:
-        hist, seconds = _train(out, name, {"student": STUDENT, **kw}, epochs, log, milestones)
-        curves[label] = hist
-        rows.append(Row.from_history(label, hist))
-    table = format_table(rows)
+    dump = {"teacher": TEACHER, "checkpoint": ckpt, "dataset": "digits", "views": epochs, "dtype": "float32"}
+    dump |= {"forward_block": 64, "batch_size": 256}  # the online teacher's block: bit-identical logits
+    cache, mlkd_cache = str(out / "cache-cifar.zarr"), str(out / "cache-mlkd.zarr")
+    _dump({**dump, "augment": "cifar", "out": cache}, log)
+    _dump({**dump, "augment": "mlkd", "out": mlkd_cache, "workers": 2}, log)
+    spec_path = out / "sweep.yaml"
+    spec_path.write_text(yaml.safe_dump(_spec(ckpt, cache, mlkd_cache, epochs, seeds), sort_keys=False))
+    sweep = {"spec": str(spec_path), "out": str(out / "sweep"), "parallel": parallel, "threads": 1}
+    _run("sweep", _sweep, sweep, log, ("spec",))
+    report = write_report(out / "sweep")
+    table = results_table(report, t_hist, identical_online(out / "sweep", seeds))
     click.echo("\n" + table)
     (out / "results.md").write_text(table + "\n")
     (out / "commands.txt").write_text("\n".join(log) + "\n")
-    png = plot_training(curves, out / "quickstart.png", reference=t_hist[-1]["test_top1"])
-    click.echo(f"\nplot: {png}\ntable: {out / 'results.md'}")
-    return rows
+    click.echo(f"\nplot: {report.curves_png}\ntable: {out / 'results.md'}")
+    return report
 
 
-def format_table(rows: list[Row]) -> str:
-    """A Markdown table of the quickstart results: last-epoch test metrics, plus the best-epoch top-1 (what the
-    mdistiller family reports)."""
+def _sweep(spec: str, out: str, parallel: int, threads: int) -> object:
+    return run_sweep(load_spec(spec), out, parallel=parallel, threads=threads)
+
+
+def identical_online(sweep_dir: Path, seeds: tuple[int, ...]) -> bool:
+    """Whether KD from the float32 cache and KD with the online teacher trained bit-identical students, every seed."""
+    runs = sweep_dir / "runs"
+    for seed in seeds:
+        a, b = (runs / m / "default" / f"seed-{seed}" / "last.pt" for m in ("kd", "kd-online"))
+        wa, wb = (torch.load(p, map_location="cpu", weights_only=True)["model"] for p in (a, b))
+        if any(not torch.equal(wa[k], wb[k]) for k in wa):
+            return False
+    return True
+
+
+def results_table(report: Report, teacher: list[dict], identical: bool) -> str:
+    """The quickstart table: the teacher, then every method as mean ± std over its seeds."""
     lines = [
-        "| method | last-epoch top-1 (%) | best-epoch top-1 (%) | NLL | ECE | train time (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | n | last-epoch top-1 (%) | best-epoch top-1 (%) | NLL | ECE | train time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| teacher (CE, {len(teacher)} epochs) | 1 | {teacher[-1]['test_top1']:.2f} | "
+        f"{max(h['test_top1'] for h in teacher):.2f} | {teacher[-1]['test_nll']:.3f} | {teacher[-1]['test_ece']:.3f} | "
+        f"{sum(h['seconds'] for h in teacher):.1f} |",
     ]
-    lines += [
-        f"| {r.method} | {r.top1:.2f} | {r.best_top1:.2f} | {r.nll:.3f} | {r.ece:.3f} | {r.seconds:.1f} |" for r in rows
-    ]
+    for row in report.rows:
+        last, best = (f"{m:.2f} ± {s:.2f}" if s is not None else f"{m:.2f}" for m, s in (row.last_top1, row.best_top1))
+        nll, ece, secs = row.mean("nll"), row.mean("ece"), row.mean("train_seconds")
+        label = LABELS.get(row.method, row.method)
+        lines.append(f"| {label} | {row.n} | {last} | {best} | {nll:.3f} | {ece:.3f} | {secs:.1f} |")
+    same = "bit-identical" if identical else "NOT bit-identical"
+    lines.append(
+        f"\nKD (cache) and KD (online teacher) see the same float32 teacher logits and views: their students are "
+        f"{same} in every seed."
+    )
     return "\n".join(lines)

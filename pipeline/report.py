@@ -44,6 +44,7 @@ class RunResult:
     epochs: int
     history: list[dict[str, Any]]
     path: Path
+    order: int = 0  # the method's place in the SPEC (rows follow it)
 
     @property
     def last_top1(self) -> float:
@@ -151,16 +152,18 @@ def _read_run(folder: Path) -> RunResult | None:
         epochs=int(meta["epochs"]),
         history=history,
         path=folder,
+        order=int(meta.get("order", 0)),
     )
 
 
 def _scan(sweep_dir: str | Path) -> tuple[list[RunResult], int]:
-    """The finished runs of a sweep, ordered by method, point and seed, and how many runs are unfinished."""
+    """The finished runs of a sweep, ordered by method (as the SPEC lists them), point and seed, and how many runs
+    are unfinished."""
     root = Path(sweep_dir)
     if not root.is_dir():
         raise KdcacheError(f"sweep folder {root} does not exist: pass the --out folder of a `kdcache sweep`")
     found = [_read_run(p.parent) for p in sorted((root / "runs").glob(f"*/*/seed-*/{RUN_FILE}"))]
-    runs = sorted((r for r in found if r is not None), key=lambda r: (r.method, r.point, r.seed))
+    runs = sorted((r for r in found if r is not None), key=lambda r: (r.order, r.method, r.point, r.seed))
     return runs, len(found) - len(runs)
 
 
