@@ -14,7 +14,8 @@ from conftest import assert_same_arrays, run_cli
 
 from kdcache.dump import dump_logits
 from kdcache.errors import KdcacheError
-from kdcache.quickstart import Row, format_table
+from kdcache.quickstart import results_table
+from kdcache.report import Report, Row, RunResult
 from kdcache.train import TrainResult, train_student
 
 COMMON = dict(student="resnet8", dataset="cifar100", epochs=2, batch_size=32, progress=False)
@@ -314,9 +315,14 @@ def test_summaries_report_last_and_best_epoch():
         {"epoch": 3, "test_top1": 55.5, "test_nll": 1.2, "test_ece": 0.05, "seconds": 3.0},
     ]
     assert TrainResult(Path("run"), 60.0, hist[-1], hist).best_epoch == 1
-    table = format_table([Row.from_history("KD (cache)", hist)]).splitlines()
-    assert table[0] == "| method | last-epoch top-1 (%) | best-epoch top-1 (%) | NLL | ECE | train time (s) |"
-    assert table[2] == "| KD (cache) | 55.50 | 60.00 | 1.200 | 0.050 | 7.5 |"
+    other = [{**h, "test_top1": h["test_top1"] + 1.0} for h in hist]
+    runs = [RunResult("kd", {}, "default", s, None, 3, hs, Path(f"s{s}")) for s, hs in enumerate([hist, other])]
+    report = Report([Row("kd", "default", {}, None, runs)], runs, 0, Path("a"), Path("b"), Path("c"))
+    table = results_table(report, hist, identical=True).splitlines()
+    assert table[0] == "| method | n | last-epoch top-1 (%) | best-epoch top-1 (%) | NLL | ECE | train time (s) |"
+    assert table[2] == "| teacher (CE, 3 epochs) | 1 | 55.50 | 60.00 | 1.200 | 0.050 | 7.5 |"
+    assert table[3] == "| KD (cache) | 2 | 56.00 ± 0.71 | 60.50 ± 0.71 | 1.200 | 0.050 | 7.5 |"
+    assert "bit-identical in every seed" in table[-1]
 
 
 def test_fsspec_url_stores_work_like_local_ones(cifar_root, teacher_ckpt, cache32, tmp_path):
