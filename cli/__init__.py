@@ -73,6 +73,9 @@ class _Main(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as click prints it
+                click.echo(exc.ctx.get_help())
+                sys.exit(0)
             where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "kdcache --help"
             click.echo(f"error: {exc.format_message()} (see `{where}`)", err=True)
             sys.exit(exc.exit_code)

@@ -237,7 +237,9 @@ def _online_views(
 ) -> tuple[Recipe, int, bool]:
     """An online teacher's recipe and views: by default every discrete view, else one seeded view per epoch."""
     recipe = make_recipe(augment or ("cifar" if ds.small else "imagenet"), ds.small, mix or "none", alpha)
-    default = "all" if recipe.num_discrete_views else (epochs or 1)
+    if views is None and epochs is None and not recipe.num_discrete_views:
+        raise KdcacheError(f"an online teacher on {recipe.name} views needs views= (seeded views) or epochs=")
+    default = "all" if recipe.num_discrete_views else epochs
     num_views, mode = parse_views(views if views is not None else default, recipe)
     return recipe, num_views, mode == "all"
 

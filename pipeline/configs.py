@@ -105,10 +105,10 @@ _TEXTS = (
 
 
 def _as_loss_opts(value: object) -> dict[str, object]:
-    """``loss-opt``: a mapping of option names to single values (as ``config.yaml`` writes it)."""
+    """``loss-opt``: a mapping of option names to YAML values (as ``config.yaml`` writes it)."""
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ValueError("a mapping such as {margin: 0.5}")
-    return {k: _as_scalar(v) for k, v in value.items()}
+    return dict(value)
 
 
 # How a kdcache-form value is read, per option; an option not listed takes any single value as is.

@@ -11,6 +11,7 @@ unless it says ``online: true`` (the teacher then runs online in every step, as 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -18,6 +19,7 @@ import inspect
 import itertools
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import signal
@@ -32,9 +34,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kdcache.cluster import cluster_client
-from kdcache.configs import dump_config, parse_settings, read_yaml
+from kdcache.configs import dump_config, load_config, parse_settings, read_yaml
 from kdcache.dump import dump_logits
 from kdcache.errors import KdcacheError
+from kdcache.feed import parse_size
 from kdcache.report import write_report
 from kdcache.store import check_output_dir, local_path, make_output_dir
 from kdcache.train import TrainConfig, finished_run, train_student
@@ -236,6 +239,7 @@ def cache_plan(run: SweepRun, dump: dict[str, object], out: Path) -> dict[str, o
         "augment": augment,
         "views": str(views),
         "mix": o.get("mix") or "none",
+        "mix_alpha": o.get("mix_alpha", 1.0),
         **{k: v for k, v in dump.items() if k != "views"},
     }
     key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -293,11 +297,13 @@ class SweepResult:
 def prepare(spec: SweepSpec, out: str | Path, scheduler: str | None = None, local_cluster: int | None = None) -> list:
     """Check everything a sweep needs, dump the caches its methods name by teacher, and write each run's plan."""
     out = check_output_dir(out)
-    runs = expand(spec)
+    runs, dumps = _with_caches(expand(spec), spec.dump, out)
     check_planned(runs, out)
-    check_caches([r for r in runs if cache_plan(r, spec.dump, out) is None])
+    check_caches([r for r in runs if not any(c in dumps for c in r.options.get("cache") or [])])
     make_output_dir(out)
-    runs = _with_caches(runs, spec.dump, out, scheduler, local_cluster)
+    for location, plan in dumps.items():
+        tqdm.write(f"sweep: dumping {plan['teacher']} ({plan['augment']} views) once into {location}")
+        dump_logits(**plan, scheduler=scheduler, local_cluster=local_cluster)
     for run in runs:
         folder = out / run.folder
         folder.mkdir(parents=True, exist_ok=True)
@@ -306,22 +312,23 @@ def prepare(spec: SweepSpec, out: str | Path, scheduler: str | None = None, loca
     return runs
 
 
-def _with_caches(runs: list[SweepRun], dump: dict, out: Path, scheduler: str | None, local_cluster: int | None):
-    """Runs whose method names a teacher checkpoint, pointed at that teacher's cache (dumped once, resumably)."""
-    done: dict[str, str] = {}
+def _with_caches(runs: list[SweepRun], dump: dict, out: Path) -> tuple[list[SweepRun], dict[str, dict]]:
+    """Runs whose method names a teacher checkpoint, pointed at that teacher's cache, and the dumps (by location)
+    those caches need (each dumped once, resumably); online methods keep their teacher and drop any cache."""
+    dumps: dict[str, dict] = {}
     placed = []
     for run in runs:
+        if run.online:
+            placed.append(dataclasses.replace(run, options={k: v for k, v in run.options.items() if k != "cache"}))
+            continue
         plan = cache_plan(run, dump, out)
         if plan is None:
             placed.append(run)
             continue
-        if plan["out"] not in done:
-            tqdm.write(f"sweep: dumping {plan['teacher']} ({plan['augment']} views) once into {plan['out']}")
-            dump_logits(**plan, scheduler=scheduler, local_cluster=local_cluster)
-            done[plan["out"]] = plan["out"]
+        dumps.setdefault(plan["out"], plan)
         options = {k: v for k, v in run.options.items() if k not in ("checkpoint", "weights")}
         placed.append(dataclasses.replace(run, options={**options, "cache": [plan["out"]]}))
-    return placed
+    return placed, dumps
 
 
 PLAN_FILE = "plan.yaml"
@@ -408,26 +415,38 @@ class _Progress:
 
 
 def _student_process(folder: str, env: dict[str, str]) -> None:
-    """A forked student: its environment and threads, its log, then ``train-student`` on its plan."""
+    """A forked student: its environment and threads, its log, then ``train-student`` on its plan (exit 2 on a
+    refusal, as the command would)."""
     import torch
 
-    from kdcache.cli import main
-
-    _die_with_parent()  # its parent is the fork server, which exits with the sweep
+    # Its parent is the fork server, which exits with the sweep once no child holds its alive pipe open.
+    alive = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_forkserver_alive_fd", None)
+    if alive is not None:
+        with contextlib.suppress(OSError):
+            os.close(alive)
+    _die_with_parent()
     os.environ.update({**env, "PYTHONWARNINGS": "ignore"})
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     log = os.open(Path(folder) / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     for fd in (1, 2):
         os.dup2(log, fd)
     warnings.simplefilter("ignore")
-    main(_command(Path(folder))[3:], prog_name="kdcache")
+    try:
+        settings = load_config(Path(folder) / PLAN_FILE, "train-student", train_options() | {"seed"})
+        if "cache_memory" in settings:
+            settings["cache_memory"] = parse_size(settings["cache_memory"])
+        result = train_student(**settings, out=folder, resume=True)
+    except KdcacheError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    print(f"last-epoch test top-1 {result.last.get('test_top1', float('nan')):.2f}%  -> {result.out}", flush=True)
 
 
 def _fork_server() -> multiprocessing.context.BaseContext:
     """Students forked from a server that imported torch and kdcache once (saves seconds per run)."""
     if sys.platform.startswith("linux"):
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "kdcache.train", "kdcache.cli"])
+        context.set_forkserver_preload(["torch", "kdcache.train", "kdcache.sweep"])
         return context
     return multiprocessing.get_context("spawn")
 
@@ -454,7 +473,12 @@ def _run_local(todo: list[SweepRun], out: Path, slots: list[dict[str, str]], pro
 
 
 def _run_on_cluster(
-    todo: list[SweepRun], out: Path, scheduler: str | None, local_cluster: int | None, progress: _Progress
+    todo: list[SweepRun],
+    out: Path,
+    scheduler: str | None,
+    local_cluster: int | None,
+    progress: _Progress,
+    env: dict[str, str],
 ) -> dict[str, str]:
     """Each run is a dask task; a task whose worker is lost runs again elsewhere and resumes from its last.pt."""
     from distributed import as_completed
@@ -464,7 +488,7 @@ def _run_on_cluster(
         futures = {}
         for run in todo:
             key = f"kdcache-run-{hashlib.sha256(str(out / run.folder).encode()).hexdigest()[:16]}"
-            futures[client.submit(run_student, str(out / run.folder), key=key, pure=False, retries=2)] = run
+            futures[client.submit(run_student, str(out / run.folder), env, key=key, pure=False, retries=2)] = run
             progress.line(run, "queued")
         for future in as_completed(futures):
             run = futures[future]
@@ -503,7 +527,8 @@ def run_sweep(
     if todo and slots:
         failed = _run_local(todo, out, slots, bar)
     elif todo:
-        failed = _run_on_cluster(todo, out, scheduler, local_cluster, bar)
+        threads = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        failed = _run_on_cluster(todo, out, scheduler, local_cluster, bar, threads)
     else:
         failed = {}
     bar.bar.close()

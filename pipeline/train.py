@@ -10,10 +10,14 @@ epoch is strictly past, as mdistiller does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,18 +374,19 @@ def train_student(
         )
     ranks, dev = init_ranks(device)
     out = check_output_dir(out)
-    state = _resume_state(out, resume, ranks)
-    given["view_schedule"] = view_schedule or (_stored(state)["view_schedule"] if state else "chunk")
-    loader, test_ds = _build_loader(cfg, given, ranks, dev)
-    record = _run_record(cfg, loader, given)
-    if state is not None:
-        _check_resume(state.get("config", {}), record, cfg, out)
-    settings = {**given, **dataclasses.asdict(cfg), "cache": loader.cache_locations or None}
-    try:
-        return _fit(cfg, loader, test_ds, out, state, record, settings, ranks, dev, progress and ranks.main)
-    finally:
-        loader.close()
-        ranks.close()
+    with _run_lock(out, ranks):
+        state = _resume_state(out, resume, ranks)
+        given["view_schedule"] = view_schedule or (_stored(state)["view_schedule"] if state else "chunk")
+        loader, test_ds = _build_loader(cfg, given, ranks, dev)
+        record = _run_record(cfg, loader, given)
+        settings = {**given, **dataclasses.asdict(cfg), "cache": loader.cache_locations or None}
+        try:
+            if state is not None:
+                _check_resume(state.get("config", {}), record, cfg, out)
+            return _fit(cfg, loader, test_ds, out, state, record, settings, ranks, dev, progress and ranks.main)
+        finally:
+            loader.close()
+            ranks.close()
 
 
 def _build_loader(cfg: TrainConfig, given: dict, ranks: Ranks, dev: torch.device) -> tuple[DistillLoader, object]:
@@ -525,10 +530,27 @@ def _fit(
     return TrainResult(out, best, history[-1] if history else {}, history, ranks.main)
 
 
+@contextlib.contextmanager
+def _run_lock(out: Path, ranks: Ranks) -> Iterator[None]:
+    """Hold ``out`` for this run (rank 0 creates it and takes ``out/.lock``): a second run into it is refused."""
+    if not ranks.main:
+        yield
+        return
+    make_output_dir(out)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise KdcacheError(f"{out} is in use by another running student: wait for it or choose another --out") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def _resume_state(out: Path, resume: bool, ranks: Ranks) -> dict | None:
     """The checkpoint to continue (``--resume`` of a run that saved one), refusing to start over a saved run."""
-    if ranks.main:
-        make_output_dir(out)
     ranks.barrier()  # every rank checks the output folder before rank 0 writes to it
     last = out / "last.pt"
     if not last.exists():

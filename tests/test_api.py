@@ -27,6 +27,11 @@ def scaled_mse(student, teacher, labels, *, scale=1.0):
     return value
 
 
+def masked(student, teacher, labels, *, scale=1.0, mask=None, classes=(0, 1)):
+    """A user loss whose defaults are not plain numbers (None, a tuple): config.yaml must still read back."""
+    return scale * (student.float() - teacher).pow(2).mean()
+
+
 def per_row(student, teacher, labels):
     return (student - teacher).pow(2).mean(dim=1)
 
@@ -335,3 +340,31 @@ def test_objective_create_matches_what_train_student_builds(loss, ls):
     assert made.warmup == (20 if "dkd" in loss else 0)
     with pytest.raises(kdcache.KdcacheError, match="takes no option tempreature"):
         Objective.create(loss, tempreature=2)
+
+
+def test_config_of_a_user_loss_with_none_and_list_defaults_reads_back(cache, tmp_path):
+    from kdcache.configs import load_config
+    from kdcache.sweep import train_options
+
+    store, root = cache
+    r = _cli(*r_args(store, root, tmp_path / "m"), "--loss", "test_api:masked", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    settings = load_config(tmp_path / "m" / "config.yaml", "train-student", train_options() | {"seed"})
+    assert settings["loss_opt"] == {"scale": 1.0, "mask": None, "classes": [0, 1]}
+
+
+def test_a_run_folder_in_use_is_refused(cache, tmp_path):
+    import fcntl
+    import os
+
+    store, root = cache
+    out = tmp_path / "busy"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another student holds it
+    try:
+        r = _cli(*r_args(store, root, out))
+    finally:
+        os.close(fd)
+    assert r.exit_code == 2 and "is in use by another running student" in r.output
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -1,5 +1,6 @@
 """kdcache sweep: grid expansion and run names, bad SPECs, parallel = serial, resume after SIGKILL, shared dumps."""
 
+import fcntl
 import json
 import os
 import signal
@@ -140,8 +141,17 @@ def test_sigkill_then_the_same_command_gives_the_uninterrupted_results(tmp_path,
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    time.sleep(1.0)  # the student child dies with its parent (PR_SET_PDEATHSIG)
     assert second.exists() and not (out / "results.md").exists()
+    lock = os.open(second.parent / ".lock", os.O_RDWR)
+    deadline = time.monotonic() + 10
+    while True:  # the student dies with the sweep (no orphan keeps training): its run lock comes free
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            assert time.monotonic() < deadline, "the student outlived the killed sweep"
+            time.sleep(0.1)
+    os.close(lock)
     run_cli("sweep", str(spec), "--out", str(out), check=True)
     assert _metrics(out) == _metrics(tmp_path / "whole")
 
@@ -156,6 +166,8 @@ def test_teacher_checkpoint_methods_share_one_dumped_cache(tmp_path, setup):
     r = run_cli("sweep", str(spec), "--out", str(tmp_path / "out"), check=True)
     caches = list((tmp_path / "out" / "caches").glob("*.zarr"))
     assert len(caches) == 1 and sum(line.startswith("finished") for line in r.stdout.splitlines()) == 2
+    again = run_cli("sweep", str(spec), "--out", str(tmp_path / "out"), check=True)  # nothing to redo or refuse
+    assert "started" not in again.stdout and sum(line.startswith("finished") for line in again.stdout.splitlines()) == 2
     for run in (tmp_path / "out" / "runs").glob("*/default/seed-0"):
         assert json.loads((run / "run.json").read_text())["options"]["cache"] == [str(caches[0])]
         assert (run / "config.yaml").is_file()
