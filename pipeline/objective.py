@@ -69,7 +69,7 @@ def _checked(fn: LossFn, name: str) -> LossFn:
             what = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
             raise KdcacheError(f"--loss {name} returned {what}, not a scalar tensor: reduce it (e.g. .mean())")
         if not torch.isfinite(value.detach()).all():
-            raise KdcacheError(f"--loss {name} returned {float(value)}: it must be finite for every batch")
+            raise KdcacheError(f"--loss {name} returned {float(value.detach())}: it must be finite for every batch")
         return value.reshape(())
 
     return call
