@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from kdcache.errors import KdcacheError  # noqa: E402
-from kdcache.runlog import METRICS_FILE, _read_records  # noqa: E402
+from kdcache.runlog import METRICS_FILE, read_records  # noqa: E402
 
 RUN_FILE = "run.json"
 SUMMARY_CSV, RESULTS_MD, CURVES_PNG = "summary.csv", "results.md", "curves.png"
@@ -139,7 +139,7 @@ def _read_run(folder: Path) -> RunResult | None:
     missing = [key for key in _RUN_KEYS if not isinstance(meta, dict) or key not in meta]
     if missing:
         raise KdcacheError(f"{path} lacks {missing[0]!r}: it was not written by kdcache sweep; delete that run folder")
-    history = _read_records(folder / METRICS_FILE)
+    history = read_records(folder / METRICS_FILE)
     if not history or int(history[-1]["epoch"]) < int(meta["epochs"]):
         return None
     reference = meta.get("reference")

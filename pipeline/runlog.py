@@ -28,7 +28,7 @@ def _summary_writer_class() -> type | None:
     return SummaryWriter
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl``; a torn last line (a crash mid-write) is dropped."""
     if not path.exists():
         return []
@@ -61,7 +61,7 @@ class RunLog:
         if resume_epoch is None:
             self._history: list[dict[str, Any]] = []
         else:
-            self._history = [r for r in _read_records(self.path) if r["epoch"] <= resume_epoch]
+            self._history = [r for r in read_records(self.path) if r["epoch"] <= resume_epoch]
         self._writer = None
         if not enabled:
             return

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import os
 import time
 import warnings
@@ -36,7 +35,7 @@ from kdcache.models import create_model, load_checkpoint, save_checkpoint
 from kdcache.objective import Objective, check_loss_opts, get_loss, parse_loss_opts
 from kdcache.options import check_options
 from kdcache.ranks import Ranks, init_ranks
-from kdcache.runlog import RunLog
+from kdcache.runlog import METRICS_FILE, RunLog, read_records
 from kdcache.store import check_output_dir, make_output_dir
 from kdcache.teacher import Teacher, load_teacher
 from kdcache.views import normalize
@@ -630,10 +629,7 @@ def _check_resume(stored: dict, record: dict, cfg: TrainConfig, out: Path) -> No
 def finished_run(run_dir: str | Path, epochs: int) -> list[dict] | None:
     """The metrics history of a run folder that already trained ``epochs`` epochs, else None (not started or cut
     off)."""
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    rows = read_records(Path(run_dir) / METRICS_FILE)
     return rows if rows and rows[-1]["epoch"] >= epochs else None
 
 
