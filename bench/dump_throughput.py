@@ -42,12 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.chunks import ViewSet
-from kdcache.data import ImageDataset, build_dataset
-from kdcache.dump import DumpSummary, dump_logits, view_batches
-from kdcache.models import create_model, register, save_checkpoint
-from kdcache.teacher import LaunchedLogits, Teacher, load_teacher
-from kdcache.views import Recipe, make_recipe
+from kdcache.dataset.datasets import ImageDataset, build_dataset
+from kdcache.dump.chunks import ViewSet
+from kdcache.dump.loop import DumpSummary, dump_logits, view_batches
+from kdcache.models.checkpoints import save_checkpoint
+from kdcache.models.factory import create_model
+from kdcache.models.zoo import register
+from kdcache.teacher.runner import LaunchedLogits, Teacher, load_teacher
+from kdcache.views.recipes import Recipe, make_recipe
 
 
 @register("null")

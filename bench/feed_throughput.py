@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from kdcache.feed import LogitFeed, epoch_order, epoch_views
-from kdcache.store import create_store
+from kdcache.feed.logits import LogitFeed, epoch_order, epoch_views
+from kdcache.store.cache import create_store
 
 
 def run(classes: int, samples: int, views: int, batch: int, memory: int) -> float:

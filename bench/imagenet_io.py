@@ -26,12 +26,12 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from kdcache.chunks import ViewSet, plan_units
-from kdcache.data import FolderDataset, build_dataset
-from kdcache.dump import view_batches
-from kdcache.feed import LogitFeed, epoch_views
-from kdcache.store import CHUNK, create_store, num_chunks, open_store
-from kdcache.views import make_recipe
+from kdcache.dataset.datasets import FolderDataset, build_dataset
+from kdcache.dump.chunks import ViewSet, plan_units
+from kdcache.dump.loop import view_batches
+from kdcache.feed.logits import LogitFeed, epoch_views
+from kdcache.store.cache import CHUNK, create_store, num_chunks, open_store
+from kdcache.views.recipes import make_recipe
 
 
 def write_folder(root: Path, images: int, seed: int = 0) -> Path:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from kdcache.dump import join_pixels
+from kdcache.dump.loop import join_pixels
 
 
 def spin(stop: mp.synchronize.Event) -> None:

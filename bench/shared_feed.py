@@ -2,7 +2,7 @@
 
 Builds a synthetic float16 cache (the real layout: logits, params, view_hash;
 Zstd(1), 4096-row chunks) and, for N = 1, 2, 4, starts N student processes at
-once. Each opens a :class:`~kdcache.feed.LogitFeed` over the same store, either
+once. Each opens a :class:`~kdcache.feed.logits.LogitFeed` over the same store, either
 whole in RAM (``private``) or mapped from a scratch folder (``scratch``), reads
 3 epochs as the trainer does (get, prefetch the next, gather batches of 128), waits until all N
 have, then reports from ``/proc/self``: peak RSS (VmHWM), the peak of its
@@ -63,7 +63,7 @@ def _meet(barrier: str, step: str, count: int) -> None:
 
 def make_store(path: Path, views: int, samples: int, classes: int) -> int:
     """A synthetic cache at ``path``; returns the decompressed bytes of the arrays a feed reads."""
-    from kdcache.store import create_store
+    from kdcache.store.cache import create_store
 
     store = create_store(
         path,
@@ -85,8 +85,8 @@ def make_store(path: Path, views: int, samples: int, classes: int) -> int:
 
 def student(store_path: str, mode: str, scratch: str, barrier: str, count: int) -> dict[str, int]:
     """One student: 3 epochs through a feed, then its memory figures once all ``count`` students are done."""
-    from kdcache.feed import LogitFeed, epoch_order, epoch_views
-    from kdcache.store import open_store
+    from kdcache.feed.logits import LogitFeed, epoch_order, epoch_views
+    from kdcache.store.cache import open_store
 
     store = open_store(store_path)
     base, peak, done = _anon(), [0], threading.Event()

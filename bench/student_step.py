@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdcache.data import CIFAR_MEAN, CIFAR_STD, Normalization
-from kdcache.losses import kd_loss
-from kdcache.models import create_model, save_checkpoint
-from kdcache.teacher import load_teacher
-from kdcache.views import normalize
+from kdcache.dataset.datasets import CIFAR_MEAN, CIFAR_STD, Normalization
+from kdcache.losses.functions import kd_loss
+from kdcache.models.checkpoints import save_checkpoint
+from kdcache.models.factory import create_model
+from kdcache.teacher.runner import load_teacher
+from kdcache.views.recipes import normalize
 
 
 def main() -> None:

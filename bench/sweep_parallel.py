@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from kdcache.dump import dump_logits
-from kdcache.models import create_model, save_checkpoint
+from kdcache.dump.loop import dump_logits
+from kdcache.models.checkpoints import save_checkpoint
+from kdcache.models.factory import create_model
 
 
 def sweep(spec: Path, out: Path, parallel: int, threads: int) -> float:

@@ -14,7 +14,7 @@ and ``topk:K``; then over the whole training set, in batches of 64, compare
 each loss from the top-K cache with the same loss from the full cache:
 relative error of the batch loss (mean over batches) and cosine similarity of
 the gradient with respect to the student logits, for both tail models
-(``tail="uniform"`` and ``tail="bucket"``, see :mod:`kdcache.topk`).
+(``tail="uniform"`` and ``tail="bucket"``, see :mod:`kdcache.store.formats`).
 Run: ``python bench/topk_error.py`` (about 15 min on 2 CPU cores); writes
 ``bench/results/topk_error.md`` and ``bench/results/topk_error.png``.
 """
@@ -32,13 +32,14 @@ import torch.nn.functional as F
 import zarr
 from sklearn.datasets import load_digits
 
-from kdcache.data import ArrayDataset, Normalization
-from kdcache.dump import dump_logits
-from kdcache.losses import dkd_loss, kd_loss, topk_dkd_loss, topk_kd_loss
-from kdcache.models import create_model, save_checkpoint
-from kdcache.store import disk_bytes
-from kdcache.topk import TopKTeacher
-from kdcache.views import normalize
+from kdcache.dataset.datasets import ArrayDataset, Normalization
+from kdcache.dump.loop import dump_logits
+from kdcache.losses.functions import dkd_loss, kd_loss, topk_dkd_loss, topk_kd_loss
+from kdcache.models.checkpoints import save_checkpoint
+from kdcache.models.factory import create_model
+from kdcache.store.cache import disk_bytes
+from kdcache.store.formats import TopKTeacher
+from kdcache.views.recipes import normalize
 
 NORM = Normalization((0.1, 0.1, 0.1), (0.25, 0.25, 0.25))
 LOSSES = {

@@ -54,7 +54,7 @@ def _with_config(command: str, kw: dict, required: tuple[str, ...]) -> dict:
     """Merge ``--config`` under the typed flags, then check the options that must come from one of them."""
     path = kw.pop("config")
     if path is not None:
-        from kdcache.configs import load_config, merge
+        from kdcache.train.configs import load_config, merge
 
         kw = {**kw, **merge(load_config(path, command, set(kw)), _typed(kw))}
     missing = [name for name in required if kw.get(name) in (None, ())]
@@ -142,7 +142,7 @@ def main() -> None:
 @_errors
 def dump_logits_cmd(**kw) -> None:
     """Stage one: run a teacher over replayable views and store its logits in a Zarr cache."""
-    from kdcache.dump import dump_logits
+    from kdcache.dump.loop import dump_logits
 
     kw = _with_config("dump-logits", kw, ("teacher", "dataset", "augment", "views", "out"))
     summary = dump_logits(**kw)
@@ -303,8 +303,8 @@ def dump_logits_cmd(**kw) -> None:
 @_errors
 def train_student_cmd(**kw) -> None:
     """Stage two: train a student from cached logits (or an online teacher, or CE alone)."""
-    from kdcache.feed import parse_size
-    from kdcache.train import train_student
+    from kdcache.sizes import parse_size
+    from kdcache.train.trainer import train_student
 
     kw = _ls_arguments(kw)
     kw = _with_config("train-student", kw, ("student", "dataset", "out"))
@@ -324,7 +324,7 @@ def _ls_arguments(kw: dict) -> dict:
 
     Otherwise ``--base-temp`` has no meaning (use ``--temperature``) and the flags keep kdcache's meaning.
     """
-    from kdcache.configs import apply_ls_args, is_mdistiller_file, load_config
+    from kdcache.train.configs import apply_ls_args, is_mdistiller_file, load_config
 
     base_temp = kw.pop("base_temp")
     if kw["config"] is None or not is_mdistiller_file(kw["config"]):
@@ -344,7 +344,7 @@ def _ls_arguments(kw: dict) -> dict:
 @main.command("losses")
 def losses_cmd() -> None:
     """List the built-in losses (--loss) with their defaults, and what each works with."""
-    from kdcache.losses import LOSS_REGISTRY
+    from kdcache.losses.registry import LOSS_REGISTRY
 
     for spec in LOSS_REGISTRY.values():
         ls = f"\n{'':<11} with --logit-stand: {_options(spec.ls_defaults)}" if spec.ls_defaults else ""
@@ -378,8 +378,8 @@ def inspect_cmd(stores: tuple[str, ...], plot_path: str | None) -> None:
     Given several caches of the same views (one per teacher), also show how the
     teachers agree per view.
     """
-    from kdcache.inspection import inspect_cache, teacher_agreement
-    from kdcache.store import check_output_dir
+    from kdcache.store.cache import check_output_dir
+    from kdcache.store.inspection import inspect_cache, teacher_agreement
 
     if plot_path:
         check_output_dir(Path(plot_path).absolute().parent, "--plot folder")
@@ -413,7 +413,7 @@ def inspect_cmd(stores: tuple[str, ...], plot_path: str | None) -> None:
 @_errors
 def verify_cmd(store: str, teacher, checkpoint, weights, sample: int, data_root, device: str) -> None:
     """Check completeness, checksums, attributes and finiteness; exit 0 clean, 1 with problems listed."""
-    from kdcache.verify import verify_cache
+    from kdcache.store.verify import verify_cache
 
     report = verify_cache(store, teacher, checkpoint, weights, sample, data_root, device)
     for line in report.checked:
@@ -453,7 +453,7 @@ def study_group() -> None:
 @_errors
 def study_views_cmd(counts: str | None, **kw) -> None:
     """Train the same student from the first 1, 2, 4, ... cached views and plot accuracy against views."""
-    from kdcache.study import study_views
+    from kdcache.experiments.study import study_views
 
     try:
         parsed = [int(x) for x in counts.split(",")] if counts else None
@@ -478,8 +478,8 @@ def study_views_cmd(counts: str | None, **kw) -> None:
 @_errors
 def quickstart_cmd(out: str, epochs: int, parallel: int) -> None:
     """Run the whole pipeline offline on the built-in digits data and compare KD methods over 3 seeds."""
-    from kdcache.options import check_options
-    from kdcache.quickstart import quickstart
+    from kdcache.experiments.quickstart import quickstart
+    from kdcache.settings import check_options
 
     check_options({"epochs": epochs})
     quickstart(out, epochs, teacher_epochs=max(2, round(4 * epochs / 3)), parallel=parallel)
@@ -504,8 +504,8 @@ def quickstart_cmd(out: str, epochs: int, parallel: int) -> None:
 @_errors
 def sweep_cmd(spec: str | None, preset: str | None, out: str, report_only: bool, **kw) -> None:
     """Many students from one cache: a SPEC's methods x grid x seeds, run side by side, reported as mean ± std."""
-    from kdcache.report import write_report
-    from kdcache.sweep import load_spec, preset_path, run_sweep
+    from kdcache.experiments.report import write_report
+    from kdcache.experiments.sweep import load_spec, preset_path, run_sweep
 
     if report_only:
         report = write_report(out)
@@ -529,7 +529,7 @@ def sweep_cmd(spec: str | None, preset: str | None, out: str, report_only: bool,
 @_errors
 def models_cmd(with_tv: bool, with_timm: bool) -> None:
     """List model names for --teacher and --student."""
-    from kdcache.models import list_models
+    from kdcache.models.factory import list_models
 
     click.echo("\n".join(list_models(include_torchvision=with_tv, include_timm=with_timm)))
 

@@ -13,7 +13,7 @@ no teacher. What changes relative to mdistiller, line by line:
   ``forward_test`` drops its ``[0]``): kdcache's models return logits, not ``(logits, features)``.
 - The trainer's ``self.distiller(image=image, target=target, epoch=epoch)`` adds
   ``teacher_logits=batch.teacher[0]``; its batches come from ``kdcache.DistillLoader`` instead of a
-  ``DataLoader`` of ``(image, target, index)``, and its validation is ``kdcache.train.evaluate`` of the student.
+  ``DataLoader`` of ``(image, target, index)``, and its validation is ``kdcache.evaluate`` of the student.
 
 Everything else, the config keys, the loss (``kdcache.losses.kd_loss`` is mdistiller's ``kd_loss``: KL summed over
 classes, batch mean, times τ²), the weights and the sum of ``losses_dict``, is mdistiller's.
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdcache
-from kdcache.batches import eval_loader
-from kdcache.data import build_dataset, test_split
-from kdcache.losses import kd_loss
-from kdcache.train import evaluate
+from kdcache.dataset.datasets import build_dataset, test_split
+from kdcache.feed.batches import eval_loader
+from kdcache.losses.functions import kd_loss
+from kdcache.train.evaluation import evaluate
 
 
 class Distiller(nn.Module):

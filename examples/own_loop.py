@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import kdcache
-from kdcache.batches import eval_loader
-from kdcache.data import build_dataset, test_split
-from kdcache.models import save_checkpoint
-from kdcache.train import evaluate
+from kdcache.dataset.datasets import build_dataset, test_split
+from kdcache.feed.batches import eval_loader
+from kdcache.models.checkpoints import save_checkpoint
+from kdcache.train.evaluation import evaluate
 
 
 def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -14,9 +14,9 @@ import argparse
 import torch
 
 import kdcache
-from kdcache.batches import eval_loader
-from kdcache.data import build_dataset, test_split
-from kdcache.train import evaluate
+from kdcache.dataset.datasets import build_dataset, test_split
+from kdcache.feed.batches import eval_loader
+from kdcache.train.evaluation import evaluate
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """kdcache: an offline teacher-logit cache for knowledge distillation.
 
-Stage one (:func:`kdcache.dump.dump_logits`) runs a teacher once over replayable
+Stage one (:func:`kdcache.dump.loop.dump_logits`) runs a teacher once over replayable
 augmented views and stores its logits in a Zarr v3 group. Stage two
-(:func:`kdcache.train.train_student`) trains students from that cache with KD,
+(:func:`kdcache.train.trainer.train_student`) trains students from that cache with KD,
 DKD, MLKD, NKD, NormKD, Sort, CTKD or a loss of your own (optionally Z-score
 standardized) without loading the teacher; :class:`kdcache.DistillLoader`
 gives the same batches to a training loop of your own.
@@ -20,15 +20,15 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 #: Public names imported on first use, so ``import kdcache`` stays light (no torch until needed).
 _LAZY = {
-    "DistillLoader": "kdcache.batches",
-    "Batch": "kdcache.batches",
-    "dump_logits": "kdcache.dump",
-    "train_student": "kdcache.train",
-    "TrainConfig": "kdcache.train",
-    "register_loss": "kdcache.losses",
-    "get_loss": "kdcache.objective",
-    "Objective": "kdcache.objective",
-    "create_model": "kdcache.models",
+    "DistillLoader": "kdcache.feed.batches",
+    "Batch": "kdcache.feed.batches",
+    "dump_logits": "kdcache.dump.loop",
+    "train_student": "kdcache.train.trainer",
+    "TrainConfig": "kdcache.train.trainer",
+    "register_loss": "kdcache.losses.functions",
+    "get_loss": "kdcache.losses.objective",
+    "Objective": "kdcache.losses.objective",
+    "create_model": "kdcache.models.zoo",
 }
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 import zarr
 
-from kdcache.models import create_model, save_checkpoint
+from kdcache.models.checkpoints import save_checkpoint
+from kdcache.models.factory import create_model
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -27,7 +27,8 @@ import zarr
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import write_cifar100  # noqa: E402
 
-from kdcache.models import create_model, save_checkpoint  # noqa: E402
+from kdcache.models.checkpoints import save_checkpoint
+from kdcache.models.factory import create_model
 
 
 def _cli(args: list[str]) -> subprocess.Popen:

@@ -8,8 +8,8 @@ and the interrupting test never races a dump that already finished.
 import sys
 import time
 
-from kdcache import chunks
 from kdcache.cli import main
+from kdcache.dump import chunks
 
 _build = chunks.ViewSet.__getitem__
 

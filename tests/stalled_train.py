@@ -8,8 +8,8 @@ killing test never races a run that already finished.
 import sys
 import time
 
-from kdcache import train
 from kdcache.cli import main
+from kdcache.train import trainer as train
 
 _evaluate = train.evaluate
 _calls = {"n": 0}

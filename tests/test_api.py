@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 import kdcache
 from kdcache.cli import main
-from kdcache.dump import dump_logits
-from kdcache.models import create_model
-from kdcache.objective import Objective, get_loss
-from kdcache.store import open_store
-from kdcache.train import train_student
+from kdcache.dump.loop import dump_logits
+from kdcache.losses.objective import Objective, get_loss
+from kdcache.models.factory import create_model
+from kdcache.store.cache import open_store
+from kdcache.train.trainer import train_student
 
 COMMON = dict(student="resnet8", dataset="cifar100", epochs=2, batch_size=32, progress=False)
 CALLS: list[tuple[float, int, dict]] = []
@@ -315,7 +315,7 @@ def test_relative_store_paths(cache, tmp_path, monkeypatch):
 
 
 def test_losses_command_lists_the_registry():
-    from kdcache.losses import LOSS_REGISTRY
+    from kdcache.losses.registry import LOSS_REGISTRY
 
     r = _cli("losses")
     assert r.exit_code == 0
@@ -326,7 +326,8 @@ def test_losses_command_lists_the_registry():
 
 @pytest.mark.parametrize("loss,ls", [("dkd", True), ("kd", False), ("mlkd", True), ("normkd-dkd", False)])
 def test_objective_create_matches_what_train_student_builds(loss, ls):
-    from kdcache.train import TrainConfig, build_objective
+    from kdcache.train.config import TrainConfig
+    from kdcache.train.trainer import build_objective
 
     made = Objective.create(loss, logit_stand=ls, beta=2.0) if "dkd" in loss else Objective.create(loss, logit_stand=ls)
     hyper = {"beta": 2.0} if "dkd" in loss else {}
@@ -343,8 +344,8 @@ def test_objective_create_matches_what_train_student_builds(loss, ls):
 
 
 def test_config_of_a_user_loss_with_none_and_list_defaults_reads_back(cache, tmp_path):
-    from kdcache.configs import load_config
-    from kdcache.sweep import train_options
+    from kdcache.experiments.sweep import train_options
+    from kdcache.train.configs import load_config
 
     store, root = cache
     r = _cli(*r_args(store, root, tmp_path / "m"), "--loss", "test_api:masked", "--epochs", "1")

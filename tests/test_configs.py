@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from kdcache.configs import apply_ls_args, dump_config, from_mdistiller, load_config, merge
-from kdcache.dump import dump_logits
+from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
-from kdcache.losses import dkd_loss, kd_loss
-from kdcache.train import TrainConfig, train_student
+from kdcache.losses.functions import dkd_loss, kd_loss
+from kdcache.train.config import TrainConfig
+from kdcache.train.configs import apply_ls_args, dump_config, from_mdistiller, load_config, merge
+from kdcache.train.trainer import train_student
 
 TRAIN = (
     {f.name for f in dataclasses.fields(TrainConfig)}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import run_cli, write_cifar100, write_image_folder
 
-from kdcache.data import build_dataset
+from kdcache.dataset.datasets import build_dataset
 from kdcache.errors import KdcacheError
 
 

@@ -11,12 +11,13 @@ import pytest
 import zarr
 from conftest import assert_same_arrays, run_cli, write_cifar100
 
-from kdcache.chunks import UNIT_VIEWS
-from kdcache.data import build_dataset
-from kdcache.dump import dump_logits, join_pixels
+from kdcache.dataset.datasets import build_dataset
+from kdcache.dump.chunks import UNIT_VIEWS
+from kdcache.dump.loop import dump_logits, join_pixels
 from kdcache.errors import KdcacheError
-from kdcache.store import open_store
-from kdcache.views import make_recipe, pixel_hash
+from kdcache.store.cache import open_store
+from kdcache.views.ops import pixel_hash
+from kdcache.views.recipes import make_recipe
 
 
 def _dump_args(root: Path, ckpt: Path, out: Path, *extra: str, views: str = "2") -> list[str]:
@@ -255,7 +256,8 @@ def test_second_writer_is_refused(cifar_root, teacher_ckpt, tmp_path):
 def test_float16_overflow_suggests_float32(cifar_root, tmp_path):
     import torch
 
-    from kdcache.models import create_model, save_checkpoint
+    from kdcache.models.checkpoints import save_checkpoint
+    from kdcache.models.factory import create_model
 
     model = create_model("resnet8", 100)
     with torch.no_grad():
@@ -308,7 +310,8 @@ def test_inspect_prints_and_plots(cifar_root, teacher_ckpt, tmp_path):
 
 
 def test_non_finite_teacher_outputs_name_sample_and_view(cifar_root, tmp_path):
-    from kdcache.models import create_model, save_checkpoint
+    from kdcache.models.checkpoints import save_checkpoint
+    from kdcache.models.factory import create_model
 
     model = create_model("resnet8", 100)
     model.bn1.running_var[0] = -1.0  # finite weights, NaN activations
@@ -382,7 +385,7 @@ def test_full_disk_leaves_a_resumable_store(cifar_root, teacher_ckpt, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="local stores are written by a child process on Linux only")
 def test_writer_process_death_is_an_error_and_the_store_resumes(cifar_root, teacher_ckpt, tmp_path, monkeypatch):
-    from kdcache import chunks
+    from kdcache.dump import chunks
 
     real_write, calls = chunks.write_chunk, {"n": 0}
 
@@ -413,8 +416,8 @@ def test_unwritable_store_location_is_one_line(cifar_root, teacher_ckpt, tmp_pat
 
 @pytest.mark.parametrize("slow", ["teacher", "views"])
 def test_summary_says_which_stage_held_the_loop_back(cifar_root, teacher_ckpt, tmp_path, monkeypatch, slow):
-    from kdcache.chunks import ViewSet
-    from kdcache.teacher import Teacher
+    from kdcache.dump.chunks import ViewSet
+    from kdcache.teacher.runner import Teacher
 
     target = {"teacher": Teacher, "views": ViewSet}[slow]
     method = {"teacher": "launch", "views": "__getitem__"}[slow]
@@ -455,7 +458,7 @@ def test_summary_says_which_stage_held_the_loop_back(cifar_root, teacher_ckpt, t
 def test_prefetch_thread_stops_when_the_consumer_stops_early():
     import threading
 
-    from kdcache.dump import _prefetched
+    from kdcache.dump.loop import _prefetched
 
     batches = _prefetched(iter(range(3)), depth=2)
     next(batches)

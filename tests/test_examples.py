@@ -21,8 +21,8 @@ from conftest import run_cli
 from scipy.spatial.distance import jensenshannon
 
 import kdcache
-from kdcache.models import create_model
-from kdcache.store import open_store
+from kdcache.models.factory import create_model
+from kdcache.store.cache import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

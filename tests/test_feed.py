@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from kdcache.errors import KdcacheError
-from kdcache.feed import LogitFeed, epoch_views, parse_size
-from kdcache.store import CHUNK, create_store, open_store
+from kdcache.feed.logits import LogitFeed, epoch_views
+from kdcache.sizes import parse_size
+from kdcache.store.cache import CHUNK, create_store, open_store
 
 VIEWS, CHUNKS, CLASSES = 16, 3, 100
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from kdcache.data import build_dataset
-from kdcache.models import create_model, save_checkpoint
-from kdcache.teacher import load_teacher
+from kdcache.dataset.datasets import build_dataset
+from kdcache.models.checkpoints import save_checkpoint
+from kdcache.models.factory import create_model
+from kdcache.teacher.runner import load_teacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,7 +40,7 @@ def test_graph_replay_equals_eager_forward_and_turns_on_determinism(tmp_path, am
 def test_dump_on_gpu_gives_the_same_logits_for_any_batch_size(tmp_path):
     import zarr
 
-    from kdcache.dump import dump_logits, join_pixels
+    from kdcache.dump.loop import dump_logits, join_pixels
 
     ds = build_dataset("digits")
     small = type(ds)("digits", "train", ds.images[:200], ds.labels[:200], 10, ds.norm)
@@ -75,8 +76,8 @@ def test_dump_on_gpu_gives_the_same_logits_for_any_batch_size(tmp_path):
     "amp,channels_last,compile", [("bf16", True, False), ("fp16", False, False), ("bf16", True, True)]
 )
 def test_student_precision_modes_on_gpu_cached_equals_online(tmp_path, amp, channels_last, compile):
-    from kdcache.dump import dump_logits
-    from kdcache.train import train_student
+    from kdcache.dump.loop import dump_logits
+    from kdcache.train.trainer import train_student
 
     ds = build_dataset("digits")
     torch.manual_seed(0)

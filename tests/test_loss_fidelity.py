@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.losses import CTKDTemperature, dkd_loss, normkd_dkd_loss, topk_dkd_loss
-from kdcache.topk import LogitFormat, TopKTeacher, encode
+from kdcache.losses.functions import CTKDTemperature, dkd_loss, normkd_dkd_loss, topk_dkd_loss
+from kdcache.store.formats import LogitFormat, TopKTeacher, encode
 
 
 def _binary(p: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

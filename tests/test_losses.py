@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.losses import dkd_loss, kd_loss, mlkd_loss, zscore
+from kdcache.losses.functions import dkd_loss, kd_loss, mlkd_loss, zscore
 
 
 def test_zscore_uses_unbiased_std():

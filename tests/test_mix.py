@@ -7,10 +7,11 @@ import torch
 import zarr
 from conftest import run_cli
 
-from kdcache.data import build_dataset
-from kdcache.dump import dump_logits
-from kdcache.train import train_student
-from kdcache.views import make_recipe, pixel_hash
+from kdcache.dataset.datasets import build_dataset
+from kdcache.dump.loop import dump_logits
+from kdcache.train.trainer import train_student
+from kdcache.views.ops import pixel_hash
+from kdcache.views.recipes import make_recipe
 
 
 def _dump(cifar_root, teacher_ckpt, out, mix, batch_size=64, **kw):

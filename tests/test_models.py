@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kdcache.errors import KdcacheError
-from kdcache.models import create_model, list_models, load_checkpoint, save_checkpoint
+from kdcache.models.checkpoints import load_checkpoint, save_checkpoint
+from kdcache.models.factory import create_model, list_models
 
 ZOO = [
     "resnet8",

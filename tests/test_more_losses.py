@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcache.losses import CTKDTemperature, kd_loss, nkd_loss, normkd_loss, sort_teacher, zscore
+from kdcache.losses.functions import CTKDTemperature, kd_loss, nkd_loss, normkd_loss, sort_teacher, zscore
 
 
 def test_sort_example_and_properties():

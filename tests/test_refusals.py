@@ -36,11 +36,11 @@ from click.testing import CliRunner
 from conftest import write_cifar100
 
 from kdcache.cli import main
-from kdcache.data import FolderDataset, build_dataset
-from kdcache.dump import dump_logits
+from kdcache.dataset.datasets import FolderDataset, build_dataset
+from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
-from kdcache.options import check_options
-from kdcache.verify import verify_cache
+from kdcache.settings import check_options
+from kdcache.store.verify import verify_cache
 
 UNWRITABLE = "/proc/kdcache-refusals"  # procfs refuses new entries, even to root
 
@@ -211,7 +211,10 @@ def worker_decode_error(ctx: Ctx):
     truncate(bad)
     # The file breaks after the pre-check; a process of its own, as torch's workers of a failed loader take ~10 s
     # to shut down when garbage-collected inside pytest (a CLI process exits at once).
-    ctx.prelude = "from kdcache.data import FolderDataset\nFolderDataset.check_images = lambda self, samples=None: None"
+    ctx.prelude = (
+        "from kdcache.dataset.datasets import FolderDataset\n"
+        "FolderDataset.check_images = lambda self, samples=None: None"
+    )
     args = folder_dump(ctx, "--workers", "2", "--batch-size", "8", "--forward-block", "8")
     return args, f"cannot decode image {bad} (image file is truncated)"
 

@@ -15,11 +15,11 @@ import matplotlib.image
 import pytest
 
 from kdcache.cli import main
-from kdcache.configs import parse_settings, read_yaml
 from kdcache.errors import KdcacheError
-from kdcache.models import list_models
-from kdcache.report import collect_runs, write_report
-from kdcache.train import TrainConfig
+from kdcache.experiments.report import collect_runs, write_report
+from kdcache.models.factory import list_models
+from kdcache.train.config import TrainConfig
+from kdcache.train.configs import parse_settings, read_yaml
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

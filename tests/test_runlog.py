@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kdcache.errors import KdcacheError
-from kdcache.runlog import RunLog
+from kdcache.train.runlog import RunLog
 
 needs_tensorboard = pytest.mark.skipif(
     importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed"

@@ -14,7 +14,7 @@ import pytest
 import zarr
 from conftest import assert_same_arrays, run_cli
 
-from kdcache.dump import dump_logits
+from kdcache.dump.loop import dump_logits
 
 
 @pytest.mark.slow
@@ -222,8 +222,8 @@ def test_s3_store_end_to_end(tmp_path, teacher_ckpt, s3_server, monkeypatch):
 
 def test_feed_reads_only_its_shard_of_chunks(tmp_path):
     from kdcache.errors import KdcacheError
-    from kdcache.feed import LogitFeed
-    from kdcache.store import CHUNK, create_store
+    from kdcache.feed.logits import LogitFeed
+    from kdcache.store.cache import CHUNK, create_store
 
     n = CHUNK + 300
     store = create_store(
@@ -251,19 +251,19 @@ def test_feed_reads_only_its_shard_of_chunks(tmp_path):
 def test_torchrun_more_processes_than_gpus_is_refused(monkeypatch):
     import torch
 
-    import kdcache.ranks
-    import kdcache.teacher
+    import kdcache.feed.ranks
+    import kdcache.teacher.runner
     from kdcache.errors import KdcacheError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(kdcache.teacher, "deterministic_cuda", lambda: None)
+    monkeypatch.setattr(kdcache.devices, "deterministic_cuda", lambda: None)
     for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(
         KdcacheError, match="2 processes on this node but only 1 GPU.*--nproc-per-node 1, or --device cpu"
     ):
-        kdcache.ranks.init_ranks("auto")
+        kdcache.feed.ranks.init_ranks("auto")
 
 
 @pytest.mark.slow

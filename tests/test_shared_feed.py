@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdcache.data import build_dataset
-from kdcache.dump import dump_logits
+from kdcache.dataset.datasets import build_dataset
+from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
-from kdcache.feed import LogitFeed, epoch_views
-from kdcache.store import open_store
+from kdcache.feed.logits import LogitFeed, epoch_views
+from kdcache.store.cache import open_store
 
 NAMES = ["logits", "params", "view_hash"]
 
@@ -25,8 +25,8 @@ NAMES = ["logits", "params", "view_hash"]
 CHILD = """
 import hashlib, json, sys
 from pathlib import Path
-from kdcache.feed import LogitFeed, epoch_views
-from kdcache.store import open_store
+from kdcache.feed.logits import LogitFeed, epoch_views
+from kdcache.store.cache import open_store
 
 def written():
     return int(next(x for x in Path("/proc/self/io").read_text().splitlines() if x.startswith("wchar:")).split()[1])
@@ -42,8 +42,8 @@ print(json.dumps({"digest": digest, "wrote": written() - before}), flush=True)
 # A student killed while decompressing: its first chunk goes to the temp file, then it waits to be killed.
 STALLED = """
 import sys, time
-import kdcache.feed as feed
-from kdcache.store import open_store
+import kdcache.feed.logits as feed
+from kdcache.store.cache import open_store
 
 blocks = feed._blocks
 def stalled(arr):
@@ -166,7 +166,9 @@ def test_an_interrupted_decompression_leaves_only_a_temp_file_a_later_run_cleans
 
 def test_a_full_scratch_disk_streams_instead(cache, tmp_path, monkeypatch):
     store = open_store(cache)
-    monkeypatch.setattr("kdcache.feed.shutil.disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1000))
+    monkeypatch.setattr(
+        "kdcache.feed.logits.shutil.disk_usage", lambda _: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1000)
+    )
     with pytest.warns(UserWarning, match="streaming chunks from the store instead"):
         feed = LogitFeed(store, NAMES, scratch=tmp_path / "scratch")
     assert not feed.whole
@@ -188,7 +190,7 @@ def test_a_read_only_scratch_folder_is_refused(cache, tmp_path, monkeypatch):
     scratch = tmp_path / "ro"
     scratch.mkdir(mode=0o555)
     if os.geteuid() == 0:  # root ignores the mode bits: ask access(2) as a user would
-        monkeypatch.setattr("kdcache.feed.os.access", lambda *_: False)
+        monkeypatch.setattr("kdcache.feed.logits.os.access", lambda *_: False)
     with pytest.raises(KdcacheError, match=r"--cache-scratch .*ro is not writable: choose a folder you can write to"):
         LogitFeed(open_store(cache), NAMES, scratch=scratch)
 
@@ -198,7 +200,7 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(cache, tmp_path, monkeypa
         raise OSError(28, "No space left on device")
         yield
 
-    monkeypatch.setattr("kdcache.feed._blocks", full)
+    monkeypatch.setattr("kdcache.feed.logits._blocks", full)
     store = open_store(cache)
     feed = LogitFeed(store, ["logits"], scratch=tmp_path / "scratch")
     with pytest.raises(KdcacheError, match=r"--cache-scratch .*scratch: cannot write .* \(No space left on device\)"):

@@ -16,21 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.data import build_dataset
+from kdcache.dataset.datasets import build_dataset
 from kdcache.errors import KdcacheError
-from kdcache.inspection import inspect_cache
-from kdcache.store import create_store, identity_mismatch
-from kdcache.views import (
-    CUTOUT_FILL,
-    RANDAUGMENT_OPS,
-    RANDAUGMENT_RANGES,
-    STRONG_VERSION,
-    make_recipe,
-    pixel_hash,
-    pixel_hashes,
-    recipe_from_attrs,
-    resumed_recipe,
-)
+from kdcache.store.cache import create_store, identity_mismatch
+from kdcache.store.inspection import inspect_cache
+from kdcache.views.ops import CUTOUT_FILL, RANDAUGMENT_OPS, RANDAUGMENT_RANGES, STRONG_VERSION, pixel_hash, pixel_hashes
+from kdcache.views.recipes import make_recipe, recipe_from_attrs, resumed_recipe
 
 OPS = {name: j for j, name in enumerate(RANDAUGMENT_OPS)}
 IDENTITY = OPS["Identity"]
@@ -395,10 +386,10 @@ def test_strong_views_do_not_touch_global_rng():
 def test_extending_a_version_one_cache_keeps_its_semantics(tmp_path, teacher_ckpt, monkeypatch):
     import functools
 
-    from kdcache import dump
-    from kdcache.dump import dump_logits
-    from kdcache.store import open_store
-    from kdcache.verify import verify_cache
+    from kdcache.dump import loop as dump
+    from kdcache.dump.loop import dump_logits
+    from kdcache.store.cache import open_store
+    from kdcache.store.verify import verify_cache
 
     kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="mlkd", progress=False)
     out = str(tmp_path / "v1.zarr")

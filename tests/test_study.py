@@ -5,7 +5,7 @@ import json
 import torch
 from conftest import run_cli
 
-from kdcache.dump import dump_logits
+from kdcache.dump.loop import dump_logits
 
 
 def test_study_views_end_to_end(cifar_root, teacher_ckpt, tmp_path):

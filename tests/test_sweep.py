@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from kdcache.dump import dump_logits
-from kdcache.sweep import expand, load_spec
+from kdcache.dump.loop import dump_logits
+from kdcache.experiments.sweep import expand, load_spec
 
 STUDENT = {"dataset": "digits", "student": "resnet8", "batch-size": 64}
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 from conftest import run_cli
 
-from kdcache.batches import ensemble_teachers
-from kdcache.dump import dump_logits
-from kdcache.inspection import teacher_agreement
-from kdcache.models import create_model, save_checkpoint
-from kdcache.train import train_student
+from kdcache.dump.loop import dump_logits
+from kdcache.feed.batches import ensemble_teachers
+from kdcache.models.checkpoints import save_checkpoint
+from kdcache.models.factory import create_model
+from kdcache.store.inspection import teacher_agreement
+from kdcache.train.trainer import train_student
 
 COMMON = dict(student="resnet8", dataset="cifar100", epochs=1, batch_size=32, progress=False)
 

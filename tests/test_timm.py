@@ -10,11 +10,12 @@ import torch
 from click.testing import CliRunner
 
 from kdcache.cli import main
-from kdcache.data import build_dataset
+from kdcache.dataset.datasets import build_dataset
 from kdcache.errors import KdcacheError
-from kdcache.models import check_model_name, create_model, list_models, load_checkpoint, save_checkpoint
-from kdcache.store import open_store
-from kdcache.teacher import load_teacher
+from kdcache.models.checkpoints import load_checkpoint, save_checkpoint
+from kdcache.models.factory import check_model_name, create_model, list_models
+from kdcache.store.cache import open_store
+from kdcache.teacher.runner import load_teacher
 
 needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 

@@ -8,10 +8,10 @@ import torch
 import zarr
 from conftest import run_cli
 
-from kdcache.dump import dump_logits
+from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
-from kdcache.losses import dkd_loss, kd_loss, topk_dkd_loss, topk_kd_loss, zscore
-from kdcache.topk import STAT_FIELDS, LogitFormat, TopKTeacher, buckets, encode, parse_format
+from kdcache.losses.functions import dkd_loss, kd_loss, topk_dkd_loss, topk_kd_loss, zscore
+from kdcache.store.formats import STAT_FIELDS, LogitFormat, TopKTeacher, buckets, encode, parse_format
 
 
 def _teacher_batch(

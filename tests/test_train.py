@@ -12,11 +12,11 @@ import torch
 import zarr
 from conftest import assert_same_arrays, run_cli
 
-from kdcache.dump import dump_logits
+from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
-from kdcache.quickstart import results_table
-from kdcache.report import Report, Row, RunResult
-from kdcache.train import TrainResult, train_student
+from kdcache.experiments.quickstart import results_table
+from kdcache.experiments.report import Report, Row, RunResult
+from kdcache.train.trainer import TrainResult, train_student
 
 COMMON = dict(student="resnet8", dataset="cifar100", epochs=2, batch_size=32, progress=False)
 
@@ -68,9 +68,9 @@ def test_cached_float32_equals_online_teacher(cifar_root, teacher_ckpt, cache32,
 _GPU_SETTINGS_RUN = """
 import sys
 import torch
-from kdcache.dump import dump_logits
-from kdcache.teacher import deterministic_cuda
-from kdcache.train import train_student
+from kdcache.dump.loop import dump_logits
+from kdcache.teacher.runner import deterministic_cuda
+from kdcache.train.trainer import train_student
 deterministic_cuda()
 assert torch.are_deterministic_algorithms_enabled() and not torch.utils.deterministic.fill_uninitialized_memory
 root, ckpt, out, fill = sys.argv[1:]
@@ -393,7 +393,7 @@ def test_cache_of_another_split_and_nonsense_numbers_via_cli(cifar_root, teacher
 
 
 def test_resume_keeps_a_legacy_runs_view_schedule_and_names_a_changed_setting(cifar_root, cache32, tmp_path):
-    from kdcache.train import train_student
+    from kdcache.train.trainer import train_student
 
     kw = dict(
         cache=str(cache32),
@@ -441,8 +441,8 @@ def test_missing_chunk_is_refused_before_training_naming_it(cifar_root, cache32,
 
 
 def test_non_finite_teacher_row_stops_the_feed_naming_view_and_sample(cache32):
-    from kdcache.feed import LogitFeed
-    from kdcache.store import open_store
+    from kdcache.feed.logits import LogitFeed
+    from kdcache.store.cache import open_store
 
     store = open_store(cache32, "r+")
     store.group["logits"][1, 5, 3] = np.nan

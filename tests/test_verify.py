@@ -4,8 +4,8 @@ import numpy as np
 import zarr
 from conftest import run_cli
 
-from kdcache.dump import dump_logits
-from kdcache.verify import verify_cache
+from kdcache.dump.loop import dump_logits
+from kdcache.store.verify import verify_cache
 
 
 def _dump(root: Path, ckpt: Path, out: Path) -> Path:

@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.data import build_dataset
+from kdcache.dataset.datasets import build_dataset
 from kdcache.errors import KdcacheError
-from kdcache.views import CIFAR_ALL_VIEWS, make_recipe, philox4x32_10, pixel_hash, pixel_hashes
+from kdcache.views.ops import pixel_hash, pixel_hashes
+from kdcache.views.recipes import CIFAR_ALL_VIEWS, make_recipe
+from kdcache.views.rng import philox4x32_10
 
 
 @pytest.fixture(scope="module")

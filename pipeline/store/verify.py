@@ -1,0 +1,209 @@
+"""``kdcache verify``: prove a cache is complete, uncorrupted and still replays the teacher's views.
+
+Checks, each reported as a problem line rather than raised, so one run lists
+everything: the attributes and arrays a cache needs are there with agreeing
+shapes (:func:`layout_problems`; nothing else is read without them); every
+chunk marked done has its file (:func:`holes`), decodes (its crc32c checksum
+matches) and holds finite logits; attributes agree with the arrays; and, with
+a teacher and no lost or corrupt rows, ``sample`` random views of finished
+chunks are rebuilt from their stored parameters, their pixel hashes compared
+and the teacher re-run on them, which catches augmentation or model drift
+after a library upgrade.
+:func:`check_cache` raises the first layout problem or hole instead, for the
+commands that read a cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kdcache.dataset.datasets import build_dataset
+from kdcache.errors import KdcacheError
+from kdcache.settings import check_options
+from kdcache.store.cache import CHUNK, CacheStore, array_names, num_chunks, open_store
+from kdcache.store.checks import REDUMP, holes, layout_problems, per_view_arrays
+from kdcache.store.formats import encode
+from kdcache.teacher.runner import load_teacher
+from kdcache.views.ops import pixel_hash
+from kdcache.views.recipes import recipe_from_attrs
+
+
+@dataclass
+class VerifyReport:
+    """Problems found (empty when the cache is clean) and what was checked."""
+
+    location: str
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_chunks(store: CacheStore, report: VerifyReport) -> None:
+    done = store.done()
+    n = store.num_samples
+    missing = np.argwhere(~done)
+    if len(missing):
+        v, c = missing[0]
+        report.problems.append(
+            f"incomplete: {len(missing)} chunks not written (first: view {v}, chunk {c}); re-run the dump command"
+        )
+    lost = holes(store)
+    report.problems += [("labels: " if name == "labels" else "missing: ") + line for name, line in lost.items()]
+    names = [name for name in per_view_arrays(store) if name not in lost]  # a lost chunk reads as the fill value
+    for name in sorted(names):
+        arr = store.group[name]
+        for v in range(arr.shape[0]):
+            for c in range(num_chunks(n)):
+                if not done[v, c]:
+                    continue
+                rows = slice(c * CHUNK, min(n, (c + 1) * CHUNK))
+                try:
+                    block = np.asarray(arr[v, rows])
+                except Exception as exc:  # the codec pipeline raises on a checksum mismatch
+                    report.problems.append(
+                        f"corrupt: array {name}, view {v}, chunk {c} does not decode ({exc.__class__.__name__}: "
+                        f"{str(exc)[:80]}); re-dump that view with --overwrite or restore the file"
+                    )
+                    continue
+                if (
+                    name.startswith(("logits", "topk_values", "row_stats"))
+                    and not np.isfinite(block.astype(np.float32)).all()
+                ):
+                    report.problems.append(f"non-finite: array {name}, view {v}, chunk {c} holds NaN or inf")
+    report.checked.append(f"{int(done.sum())} chunks x {len(names)} arrays decoded")
+
+
+def _rows_lost(report: VerifyReport) -> bool:
+    """Whether some stored rows are lost or do not decode, so nothing may be computed from them."""
+    return any(p.startswith(("corrupt", "missing", "labels")) for p in report.problems)
+
+
+def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
+    a = store.attrs
+    fmt = store.format
+    main = store.group[fmt.arrays()[0]]
+    width = fmt.k if fmt.is_topk else a["num_classes"]
+    if main.shape[2] != width:
+        report.problems.append(
+            f"attributes: format {fmt} with {a['num_classes']} classes but {fmt.arrays()[0]} has {main.shape[2]} "
+            "columns"
+        )
+    if str(main.dtype) != a["dtype"]:
+        report.problems.append(f"attributes: dtype {a['dtype']} but {fmt.arrays()[0]} is {main.dtype}")
+    recipe = recipe_from_attrs(a["recipe"])
+    if (fmt.arrays()[0] + "_strong" in store.group) != (len(recipe.kinds) == 2):
+        report.problems.append(f"attributes: recipe {recipe.name} does not match the arrays present")
+    top1 = a.get("teacher_top1")
+    readable = not _rows_lost(report)
+    if top1 is not None and store.complete() and readable:
+        if len(top1) != store.num_views:
+            report.problems.append(f"attributes: teacher_top1 has {len(top1)} entries for {store.num_views} views")
+        else:
+            labels = store.labels()
+            for v in range(store.num_views):
+                acc = store.top1(v, labels)
+                if abs(acc - top1[v]) > 1e-9:
+                    report.problems.append(
+                        f"attributes: teacher_top1[{v}] is {top1[v]:.6f} but the logits give {acc:.6f}"
+                    )
+                    break
+    report.checked.append("attributes consistent with arrays")
+
+
+def _replay_items(store: CacheStore, sample: int) -> tuple[np.ndarray, np.ndarray]:
+    """``sample`` random (view, sample) pairs from finished chunks only: an unfinished one has no parameters yet."""
+    rng = np.random.default_rng(0)
+    cells = np.argwhere(store.done())[rng.integers(0, int(store.done().sum()), sample)]
+    first = cells[:, 1] * CHUNK
+    size = np.minimum(CHUNK, store.num_samples - first)
+    return cells[:, 0], first + (rng.random(sample) * size).astype(np.int64)
+
+
+def _check_replay(
+    store: CacheStore,
+    report: VerifyReport,
+    teacher: str,
+    checkpoint: str | None,
+    weights: str | None,
+    sample: int,
+    data_root: str | None,
+    device: str,
+) -> None:
+    a = store.attrs
+    ds = build_dataset(a["dataset"]["name"], data_root, a["split"])
+    if ds.fingerprint() != a["dataset"]:
+        report.problems.append("dataset: the data under --data-root differs from the data this cache was made from")
+        return
+    t = a["teacher"]
+    model = load_teacher(
+        teacher, ds.num_classes, ds.norm, checkpoint, weights, device, int(t["forward_block"]), t["amp"]
+    )
+    if model.checkpoint_sha256 != t["checkpoint_sha256"]:
+        report.problems.append("teacher: --checkpoint is not the checkpoint this cache was made with (sha256 differs)")
+    recipe = recipe_from_attrs(a["recipe"])
+    names = array_names(len(recipe.kinds), store.format)
+    labels = store.labels()
+    views, samples = _replay_items(store, sample)
+    bad_hash = bad_logits = 0
+    worst = 0.0
+    for v, i in zip(views.tolist(), samples.tolist(), strict=True):
+        img = ds.image(i)
+        for k in range(len(recipe.kinds)):
+            p = store.array(names["params"][k])[v, i] if store.has(names["params"][k]) else np.zeros(0, np.float32)
+            partner = recipe.partner_of(np.asarray(p)) if k == 0 else None
+            pixels = recipe.apply(img, np.asarray(p), k, ds.image(partner) if partner is not None else None)
+            if pixel_hash(pixels) != int(store.array(names["view_hash"][k])[v, i]):
+                bad_hash += 1
+            teacher_rows = store.array(names["teacher"][k][0])
+            stored = np.asarray(teacher_rows[v, i], dtype=np.float32)
+            rows = encode(model(pixels[None]), torch.tensor([int(labels[i])]), store.format, teacher_rows.dtype.type)
+            fresh = next(iter(rows.values()))[0].astype(np.float32)
+            diff = float(np.abs(stored - fresh).max())
+            worst = max(worst, diff)
+            if diff > 1e-3 * max(1.0, float(np.abs(stored).max())):
+                bad_logits += 1
+    if bad_hash:
+        report.problems.append(
+            f"replay: {bad_hash} of {sample} rebuilt views have different pixels than the teacher saw "
+            "(augmentation drift after a torch/torchvision upgrade?)"
+        )
+    if bad_logits:
+        report.problems.append(
+            f"replay: {bad_logits} of {sample} re-run teacher logits differ from the cache (max |diff| {worst:.3g})"
+        )
+    report.checked.append(f"{sample} random views rebuilt and re-run through {teacher} (max |logit diff| {worst:.3g})")
+
+
+def verify_cache(
+    location: str,
+    teacher: str | None = None,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+    sample: int = 0,
+    data_root: str | None = None,
+    device: str = "auto",
+) -> VerifyReport:
+    """Check a cache and return every problem found (see the module docstring)."""
+    check_options({"sample": sample})
+    if sample and teacher is None:
+        raise KdcacheError("--sample needs --teacher (and --checkpoint) to re-run the teacher")
+    store = open_store(location)
+    report = VerifyReport(str(location))
+    report.problems += [f"layout: {line}; {REDUMP}" for line in layout_problems(store)]
+    if report.problems:  # nothing else can be read without its attributes and arrays
+        return report
+    _check_chunks(store, report)
+    _check_attrs(store, report)
+    if teacher is not None and sample:
+        if _rows_lost(report) or not store.done().any():  # views cannot be rebuilt from lost or unwritten rows
+            report.checked.append("replay skipped: no finished chunk, or the problems above come first")
+            return report
+        with torch.inference_mode():
+            _check_replay(store, report, teacher, checkpoint, weights, sample, data_root, device)
+    return report

@@ -1,0 +1,380 @@
+"""Stage two: train a student from cached teacher logits (or an online teacher, or CE alone).
+
+Shaped like torchvision's ``references/classification``: the settings are
+resolved once (:class:`TrainConfig`), the batches (:class:`~kdcache.feed.batches.DistillLoader`)
+and the objective (:class:`~kdcache.losses.objective.Objective`) are built once, then
+each epoch sets the LR, runs :func:`train_one_epoch` and :func:`evaluate`, logs
+and saves. Epoch numbers are 1-based and the step LR counts milestones the
+epoch is strictly past, as mdistiller does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kdcache.dataset.datasets import build_dataset, test_split
+from kdcache.errors import KdcacheError
+from kdcache.feed.batches import DistillLoader, eval_loader
+from kdcache.feed.logits import SCHEDULES
+from kdcache.feed.ranks import Ranks, init_ranks
+from kdcache.losses.functions import CTKDTemperature
+from kdcache.losses.objective import Objective, parse_loss_opts
+from kdcache.models.checkpoints import load_checkpoint
+from kdcache.models.factory import create_model
+from kdcache.settings import check_options
+from kdcache.store.cache import check_output_dir
+from kdcache.teacher.runner import Teacher, load_teacher
+from kdcache.train.config import TrainConfig
+from kdcache.train.evaluation import evaluate
+from kdcache.train.precision import Precision
+from kdcache.train.runfolder import check_resume, restore, resume_state, run_lock, save_run, stored_record
+from kdcache.train.runlog import RunLog
+
+
+@dataclass
+class TrainResult:
+    """Where a run wrote its files and how it ended."""
+
+    out: Path
+    best_top1: float
+    last: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    main: bool = True  # False on torchrun ranks other than 0, which report nothing
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The first epoch that reached ``best_top1`` (the one ``best.pt`` holds), or None without a history."""
+        return next((int(h["epoch"]) for h in self.history if h["test_top1"] == self.best_top1), None)
+
+
+def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
+    """The loss of a resolved config, built once: its function, options, weights, warm-up and CTKD temperature."""
+    spec = cfg.spec
+    options = {k: getattr(cfg, k) for k in spec.options} if spec.builtin else dict(cfg.loss_opt)
+    ctkd = None
+    if cfg.ctkd:
+        ctkd = CTKDTemperature(
+            cfg.ctkd_t_start,
+            cfg.ctkd_t_end,
+            curriculum=cfg.ctkd_decay_epochs,
+            decay=cfg.ctkd_decay,
+            decay_max=cfg.ctkd_decay_max,
+            decay_min=cfg.ctkd_decay_min,
+        )
+    objective = Objective(spec, options, cfg.ce_weight, cfg.kd_weight, cfg.warmup, cfg.teacher_fix, ctkd)
+    return objective.to(device)
+
+
+def check_signal(cfg: TrainConfig, loader: DistillLoader) -> None:
+    """Refuse a loss the loader's teacher signal cannot feed (top-K rows, mixed views, one view kind)."""
+    spec = cfg.spec
+    if spec.fn is not None and not loader.stores and loader.online is None:
+        raise KdcacheError(
+            f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH"
+        )
+    if loader.format.is_topk and spec.fn is not None and (not spec.topk or cfg.teacher_fix != "none"):
+        what = f"--teacher-fix {cfg.teacher_fix}" if spec.topk else f"--loss {cfg.loss}"
+        raise KdcacheError(
+            f"{what} needs every teacher logit, but {loader.store.location} is a {loader.format} cache: use --loss "
+            "kd or dkd with it, or dump with --format full"
+        )
+    if loader.recipe.mix != "none" and (not spec.mixed or cfg.teacher_fix != "none"):
+        fix = f" --teacher-fix {cfg.teacher_fix}" if cfg.teacher_fix != "none" else ""
+        raise KdcacheError(
+            f"{loader.recipe.mix} views have two target classes, so --loss {cfg.loss}{fix} is undefined on them: "
+            "use --loss kd (or ce), or views without --mix"
+        )
+
+
+def build_student(
+    cfg: TrainConfig, num_classes: int, device: torch.device, ranks: Ranks
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The student (seeded by ``cfg.seed``) and the module the loop calls (DDP-wrapped, compiled)."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.student, num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if ranks.world > 1:
+        # static_graph: MLKD runs the student twice (weak, strong) before one backward.
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
+    if cfg.compile:
+        net = torch.compile(net)
+    return model, net
+
+
+def train_one_epoch(
+    net: torch.nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    loader: DistillLoader,
+    epoch: int,
+    precision: Precision,
+    scaler: torch.amp.GradScaler,
+    ranks: Ranks | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """One pass over the loader's epoch ``epoch`` (1-based); the mean total loss and its unweighted parts."""
+    ranks = ranks or Ranks()
+    net.train()
+    loader.set_epoch(epoch - 1)
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    desc = f"epoch {epoch}/{loader.epochs}" if loader.epochs else f"epoch {epoch}"
+    bar = tqdm(loader, desc=desc, unit="batch", disable=None if progress else True, dynamic_ncols=True, leave=False)
+    for batch in bar:
+        with precision.autocast():
+            student = [net(precision.inputs(x)) for x in batch.views]
+            total, parts = objective(student, batch.teacher, batch.labels, epoch, batch.mixed)
+        if not torch.isfinite(total):
+            raise KdcacheError(f"training diverged at epoch {epoch} (loss {float(total)}): lower --lr or --kd-weight")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        ranks.average_grads(list(objective.parameters()))  # CTKD's temperature is outside DDP's student
+        scaler.step(optimizer)
+        scaler.update()
+        n = len(batch.ids)
+        for key, value in {"loss": total, **parts}.items():
+            sums[key] = sums.get(key, 0) + value.detach().double() * n
+        seen += n
+        bar.set_postfix(loss=f"{float(sums['loss']) / seen:.4f}")
+    bar.close()
+    keys = list(sums)
+    totals = ranks.sum([float(sums[k]) for k in keys] + [seen])
+    return {f"train_{k}": v / max(totals[-1], 1) for k, v in zip(keys, totals[:-1], strict=True)}
+
+
+#: train_student arguments that say where and how to report, not what to train (left out of config.yaml).
+NOT_SETTINGS = ("out", "resume", "progress", "hyper")
+
+
+def train_student(
+    *,
+    student: str,
+    dataset: str,
+    out: str | Path,
+    loss: str = "kd",
+    cache: str | list[str] | None = None,
+    teacher_weights: str | list[float] | None = None,
+    teacher_mix: str = "logits",
+    cache_views: int | None = None,
+    teacher: str | None = None,
+    checkpoint: str | None = None,
+    weights: str | None = None,
+    augment: str | None = None,
+    mix: str | None = None,
+    mix_alpha: float = 1.0,
+    views: str | int | None = None,
+    view_seed: int = 0,
+    forward_block: int = 64,
+    data_root: str | None = None,
+    download: bool = False,
+    workers: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    verify_views: bool = False,
+    plot: bool = False,
+    progress: bool = True,
+    cache_memory: int = 4 << 30,
+    cache_scratch: str | None = None,
+    view_schedule: str | None = None,
+    **hyper,
+) -> TrainResult:
+    """Train ``student`` and write ``config.yaml``, ``metrics.jsonl``, ``last.pt`` and ``best.pt`` into ``out``.
+
+    Teacher signal comes from ``cache`` (a dump-logits store, or a list of
+    stores of the same views from several teachers, combined per
+    ``teacher_mix`` with ``teacher_weights``), or from an online ``teacher``
+    run on the same views (``augment``, ``mix``, ``mix_alpha``, ``views``,
+    ``view_seed``; ``weights`` names torchvision weights); ``loss="ce"`` needs
+    neither. With ``cache``, ``teacher`` only checks which teacher the cache holds.
+    ``view_schedule`` picks how a seeded cache's views are drawn per epoch
+    (:func:`kdcache.feed.logits.epoch_views`; ``chunk`` for a new run, the run's own on ``resume``).
+    ``cache_views`` trains from only the first N views of the cache; ``cache_scratch`` shares one decompressed copy
+    of the cache between the students of a machine (:class:`~kdcache.feed.batches.DistillLoader`).
+    ``hyper`` holds :class:`TrainConfig` fields. ``config.yaml`` holds every
+    resolved setting: ``train-student --config`` with it repeats the run.
+    Under ``torchrun`` each rank trains on its shard of the samples with
+    DistributedDataParallel; ``batch_size`` stays the global batch and rank 0
+    alone writes checkpoints and metrics.
+    """
+    given = {k: v for k, v in locals().items() if k not in NOT_SETTINGS}
+    check_options(given)
+    cfg = TrainConfig(student=student, loss=loss, **{**hyper, "loss_opt": parse_loss_opts(hyper.get("loss_opt"))})
+    cfg.validate()
+    if view_schedule not in (None, *SCHEDULES):
+        raise KdcacheError(f"unknown --view-schedule {view_schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    cfg = cfg.resolved()
+    if cfg.spec.fn is not None and not cache and teacher is None:
+        raise KdcacheError(
+            f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH"
+        )
+    ranks, dev = init_ranks(device)
+    out = check_output_dir(out)
+    with run_lock(out, ranks):
+        state = resume_state(out, resume, ranks)
+        given["view_schedule"] = view_schedule or (stored_record(state)["view_schedule"] if state else "chunk")
+        loader, test_ds = _build_loader(cfg, given, ranks, dev)
+        record = _run_record(cfg, loader, given)
+        settings = {**given, **dataclasses.asdict(cfg), "cache": loader.cache_locations or None}
+        try:
+            if state is not None:
+                check_resume(state.get("config", {}), record, cfg, out)
+            return _fit(cfg, loader, test_ds, out, state, record, settings, ranks, dev, progress and ranks.main)
+        finally:
+            loader.close()
+            ranks.close()
+
+
+def _build_loader(cfg: TrainConfig, given: dict, ranks: Ranks, dev: torch.device) -> tuple[DistillLoader, object]:
+    """The training batches (cache or online teacher) and the test split."""
+    g = given
+    train_ds = build_dataset(g["dataset"], g["data_root"], "train", g["download"])
+    test_ds = build_dataset(g["dataset"], g["data_root"], test_split(g["dataset"]), g["download"])
+    online: Teacher | None = None
+    if g["teacher"] is not None and not g["cache"] and cfg.spec.fn is not None:
+        norm = train_ds.norm
+        online = load_teacher(
+            g["teacher"], train_ds.num_classes, norm, g["checkpoint"], g["weights"], str(dev), g["forward_block"]
+        )
+    loader = DistillLoader(
+        g["cache"],
+        train_ds,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        kinds=cfg.spec.kinds,
+        device=dev,
+        workers=g["workers"],
+        verify_views=g["verify_views"],
+        view_schedule=g["view_schedule"],
+        cache_views=g["cache_views"],
+        cache_memory=g["cache_memory"],
+        cache_scratch=g["cache_scratch"],
+        teacher_weights=g["teacher_weights"],
+        teacher_mix=g["teacher_mix"],
+        teacher=online,
+        augment=g["augment"],
+        mix=g["mix"],
+        mix_alpha=g["mix_alpha"],
+        views=g["views"],
+        view_seed=g["view_seed"],
+        with_teacher=cfg.spec.fn is not None,
+        epochs=cfg.epochs,
+        ranks=ranks,
+    )
+    try:
+        _check_cache_teacher(loader, g["teacher"])
+        check_signal(cfg, loader)
+    except KdcacheError:
+        loader.close()
+        raise
+    return loader, test_ds
+
+
+def _check_cache_teacher(loader: DistillLoader, teacher: str | None) -> None:
+    """With a cache, ``--teacher`` (as an mdistiller config's DISTILLER.TEACHER) must name the cache's teacher."""
+    if teacher is None or loader.store is None:
+        return
+    held = loader.store.attrs["teacher"].get("name")
+    if held != teacher:
+        raise KdcacheError(
+            f"cache {loader.store.location} holds {held}'s logits, not {teacher}'s: drop --teacher or use a cache "
+            f"of {teacher}"
+        )
+
+
+def _run_record(cfg: TrainConfig, loader: DistillLoader, given: dict) -> dict:
+    """What a run is: the settings ``--resume`` must find unchanged (stored in ``last.pt``)."""
+    caches = loader.cache_locations
+    record = {
+        **dataclasses.asdict(cfg),
+        "dataset": given["dataset"],
+        "cache": caches[0] if len(caches) == 1 else caches or None,
+        "teacher": given["teacher"],
+        "augment": loader.recipe.name,
+        "num_views": loader.num_views,
+        "view_seed": given["view_seed"],
+        "view_schedule": loader.schedule,
+    }
+    if len(caches) > 1:
+        record.update(teacher_weights=loader.weights, teacher_mix=loader.teacher_mix)
+    if given["cache_views"] is not None:
+        record["cache_views"] = given["cache_views"]
+    if loader.recipe.mix != "none":
+        record.update(mix=loader.recipe.mix, mix_alpha=loader.recipe.mix_alpha)
+    return record
+
+
+def _fit(
+    cfg: TrainConfig,
+    loader: DistillLoader,
+    test_ds,
+    out: Path,
+    state: dict | None,
+    record: dict,
+    settings: dict,
+    ranks: Ranks,
+    dev: torch.device,
+    progress: bool,
+) -> TrainResult:
+    """The epoch loop: LR step, one training epoch, evaluation, log and checkpoints."""
+    model, net = build_student(cfg, loader.num_classes, dev, ranks)
+    objective = build_objective(cfg, dev)
+    params = list(model.parameters()) + list(objective.parameters())
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    precision = Precision(dev, cfg.amp, cfg.channels_last)
+    scaler = precision.scaler()
+    start, best = restore(state, model, objective, optimizer, scaler)
+    log = RunLog(out, ranks.main, start - 1 if state is not None else None)
+    history = log.history()
+    if ranks.main:
+        from kdcache.train.configs import dump_config
+
+        dump_config(settings, out / "config.yaml")
+    note = loader.reuse_note(cfg.epochs)
+    if note and ranks.main:
+        warnings.warn(note, stacklevel=3)
+    test_loader = eval_loader(test_ds, loader.recipe, loader.workers)
+    for epoch in range(start, cfg.epochs + 1):
+        lr = cfg.lr * cfg.lr_decay_rate ** sum(epoch > m for m in cfg.lr_milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        stats = train_one_epoch(net, objective, optimizer, loader, epoch, precision, scaler, ranks, progress)
+        # Rank 0's weights and BatchNorm statistics are the run's; it evaluates and tells the others.
+        metrics = ranks.broadcast(
+            evaluate(model, test_loader, test_ds.norm, dev, test_ds.num_classes, precision) if ranks.main else None
+        )
+        row = {"epoch": epoch, "lr": lr, **stats, **metrics, "seconds": time.perf_counter() - t0}
+        if objective.ctkd is not None:
+            row["temperature"] = objective.temperature(epoch)
+        history.append(row)
+        improved, best = metrics["test_top1"] > best, max(best, metrics["test_top1"])
+        if ranks.main:
+            log.write(row)
+            save_run(out, model, optimizer, objective, scaler, epoch, best, record, improved)
+        ranks.barrier()
+        if progress:
+            tqdm.write(
+                f"epoch {epoch:>3}  lr {lr:.4g}  loss {row['train_loss']:.4f}  top-1 {metrics['test_top1']:.2f}  "
+                f"nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  {row['seconds']:.1f}s"
+            )
+    log.close()
+    if settings["plot"] and history and ranks.main:
+        from kdcache.plots import plot_training
+
+        plot_training({out.name: history}, out / "curves.png")
+    return TrainResult(out, best, history[-1] if history else {}, history, ranks.main)
+
+
+def load_student(path: str | Path, name: str, num_classes: int) -> torch.nn.Module:
+    """A trained student (``best.pt`` / ``last.pt``), usable as a teacher later."""
+    return load_checkpoint(create_model(name, num_classes), path)
