@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
 from kdcache import __version__
+from kdcache.cli.options import GroupedCommand, settings_options, typed
 from kdcache.errors import KdcacheError
+from kdcache.settings.table import DUMP, INSPECT, MODELS, QUICKSTART, STUDY, SWEEP, TRAIN, VERIFY
 
 
 def _errors(fn: Callable) -> Callable:
@@ -26,42 +28,6 @@ def _errors(fn: Callable) -> Callable:
             sys.exit(exc.exit_code)
 
     return wrapper
-
-
-def _milestones(ctx, param, value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter("give comma-separated epochs such as 150,180,210") from None
-
-
-_CONFIG = click.option(
-    "--config",
-    type=click.Path(),
-    help="YAML settings: this command's flag names as keys (train-student also reads mdistiller/LS/MLKD configs). "
-    "Flags on the command line override the file.",
-)
-
-
-def _typed(kw: dict) -> dict[str, object]:
-    """The options the user typed (not click's defaults)."""
-    ctx = click.get_current_context()
-    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    return {k: v for k, v in kw.items() if ctx.get_parameter_source(k) in typed}
-
-
-def _with_config(command: str, kw: dict, required: tuple[str, ...]) -> dict:
-    """Merge ``--config`` under the typed flags, then check the options that must come from one of them."""
-    path = kw.pop("config")
-    if path is not None:
-        from kdcache.train.configs import load_config, merge
-
-        kw = {**kw, **merge(load_config(path, command, set(kw)), _typed(kw))}
-    missing = [name for name in required if kw.get(name) in (None, ())]
-    if missing:
-        flag = missing[0].replace("_", "-")
-        raise KdcacheError(f"missing option --{flag}: give it on the command line or in the --config file")
-    return kw
 
 
 class _Main(click.Group):
@@ -92,253 +58,39 @@ class _Main(click.Group):
 @click.version_option(__version__, prog_name="kdcache")
 def main() -> None:
     """kdcache: pay the teacher's forward pass once, train many students from its cached logits."""
+    warnings.showwarning = _warning_line
 
 
-@main.command("dump-logits")
-@click.option("--teacher", help="Zoo name (resnet32x4, wrn_40_2, ...), torchvision.<arch> or timm.<name>.  [required]")
-@click.option("--checkpoint", type=click.Path(), help="Teacher weights: {'model': state_dict} or a bare state dict.")
-@click.option("--weights", help="torchvision weights name for torchvision.<arch> teachers (e.g. IMAGENET1K_V1).")
-@click.option("--dataset", help="cifar100, imagenet, folder or digits (built in, offline).  [required]")
-@click.option("--data-root", type=click.Path(), help="Dataset root (default data/).")
-@click.option("--split", default="train", show_default=True, help="Dataset split to dump.")
-@click.option("--augment", type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe.  [required]")
-@click.option("--views", help="Views per sample: N seeded views, or 'all' (the 162 CIFAR crop/flip views).  [required]")
-@click.option(
-    "--mix",
-    default="none",
-    show_default=True,
-    type=click.Choice(["none", "mixup", "cutmix"]),
-    help="Mix each view with a partner sample's view (partner, λ and box drawn per view and stored).",
-)
-@click.option("--mix-alpha", default=1.0, show_default=True, type=float, help="λ ~ Beta(alpha, alpha) for --mix.")
-@click.option("--out", help="Store: a directory or any fsspec URL zarr accepts.  [required]")
-@click.option("--seed", default=0, show_default=True, type=int, help="Cache seed the views are derived from.")
-@click.option("--batch-size", default=256, show_default=True, type=int, help="Views per loader batch.")
-@click.option(
-    "--forward-block",
-    default=64,
-    show_default=True,
-    type=int,
-    help="Teacher runs in padded blocks of this many views, so logits do not depend on --batch-size.",
-)
-@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader worker processes building views.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--amp", default="none", show_default=True, type=click.Choice(["none", "bf16", "fp16"]))
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
-@click.option(
-    "--format",
-    "format",
-    default="full",
-    show_default=True,
-    help="full logits, or topk:K (the K largest with their classes plus exact row statistics; kd/dkd only).",
-)
-@click.option("--download", is_flag=True, help="Download CIFAR-100 if it is missing (needs internet).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache made with different settings.")
-@click.option("--scheduler", help="Run the chunks on an existing dask.distributed cluster (tcp://HOST:PORT).")
-@click.option(
-    "--local-cluster", type=int, help="Run the chunks on a new dask LocalCluster of N worker processes (one per GPU)."
-)
-@_CONFIG
+def _warning_line(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    """A warning as one ``warning:`` line on stderr, without Python's source line."""
+    click.echo(f"warning: {message}", err=True)
+
+
+@main.command("dump-logits", cls=GroupedCommand)
+@settings_options(DUMP)
 @_errors
 def dump_logits_cmd(**kw) -> None:
     """Stage one: run a teacher over replayable views and store its logits in a Zarr cache."""
-    from kdcache.dump.loop import dump_logits
+    from kdcache.dump import dump_logits, dump_settings
 
-    kw = _with_config("dump-logits", kw, ("teacher", "dataset", "augment", "views", "out"))
-    summary = dump_logits(**kw)
+    summary = dump_logits(**dump_settings(**typed(kw)))
     click.echo("\n".join(summary.lines()))
 
 
-@main.command("train-student")
-@click.option(
-    "--cache", multiple=True, help="A cache written by dump-logits; repeat it to distill from several teachers at once."
-)
-@click.option("--teacher-weights", help="Several caches: one mixing weight per --cache, e.g. 0.5,0.5 (default equal).")
-@click.option(
-    "--teacher-mix",
-    default="logits",
-    show_default=True,
-    type=click.Choice(["logits", "probs"]),
-    help="Several caches: average the logits, or the T=1 probabilities (used as log-probability logits).",
-)
-@click.option(
-    "--teacher",
-    help="Online teacher instead of a cache (zoo name, torchvision.<arch>, timm.<name>); with --cache, the teacher "
-    "the cache must hold.",
-)
-@click.option("--checkpoint", type=click.Path(), help="Online teacher weights.")
-@click.option("--weights", help="torchvision weights name for an online torchvision teacher (e.g. IMAGENET1K_V1).")
-@click.option(
-    "--augment", type=click.Choice(["none", "cifar", "imagenet", "mlkd"]), help="View recipe (online or CE runs)."
-)
-@click.option(
-    "--mix", type=click.Choice(["none", "mixup", "cutmix"]), help="Online runs: mixed views, as dump-logits --mix."
-)
-@click.option("--mix-alpha", default=1.0, show_default=True, type=float, help="Online runs: λ ~ Beta(alpha, alpha).")
-@click.option("--views", help="Views per sample for online runs: N or all.")
-@click.option(
-    "--view-seed", default=0, show_default=True, type=int, help="Online runs: the cache seed whose views to replay."
-)
-@click.option(
-    "--forward-block", default=64, show_default=True, type=int, help="Online teacher block size (match the cache's)."
-)
-@click.option("--cache-views", type=int, help="Draw only from the first N views of a seeded cache.")
-@click.option("--student", help="Student model name (`kdcache models`).  [required]")
-@click.option("--dataset", help="cifar100, imagenet, folder or digits.  [required]")
-@click.option("--data-root", type=click.Path())
-@click.option("--download", is_flag=True)
-@click.option(
-    "--loss",
-    default="kd",
-    show_default=True,
-    help="ce, kd, dkd, mlkd, nkd, normkd, normkd-dkd (`kdcache losses`), or your own package.module:function.",
-)
-@click.option(
-    "--loss-opt",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="A keyword option for a loss of your own (repeatable), e.g. --loss-opt margin=0.5.",
-)
-@click.option("--logit-stand", is_flag=True, help="Z-score standardize teacher and student logits (LS, CVPR 2024).")
-@click.option("--temperature", type=float, help="Default 4 (2 with --logit-stand).")
-@click.option("--ce-weight", type=float, help="Default 0.1 for kd/mlkd/normkd, 1 for dkd, normkd-dkd and ce.")
-@click.option(
-    "--kd-weight", type=float, help="Default 0.9 (9 with --logit-stand); dkd, normkd-dkd: 1, multiplies alpha and beta."
-)
-@click.option("--alpha", type=float, help="DKD / normkd-dkd target weight (default 1).")
-@click.option("--beta", type=float, help="DKD / normkd-dkd non-target weight (default 8).")
-@click.option("--warmup", type=int, help="DKD / normkd-dkd warm-up epochs (default 20; 0 for none).")
-@click.option("--mlkd-variant", default="reference", show_default=True, type=click.Choice(["reference", "paper"]))
-@click.option("--gamma", type=float, help="NKD non-target weight (default 1.5).")
-@click.option("--t-norm", type=float, help="NormKD / normkd-dkd temperature factor (default 2).")
-@click.option(
-    "--teacher-fix",
-    default="none",
-    show_default=True,
-    type=click.Choice(["none", "sort"]),
-    help="sort: give the target class the teacher's largest logit (Sort), with any loss.",
-)
-@click.option("--ctkd", is_flag=True, help="Learn a global temperature adversarially (CTKD), with --loss kd or dkd.")
-@click.option("--ctkd-t-start", default=1.0, show_default=True, type=float, help="CTKD: T = t_start + t_end·σ(θ).")
-@click.option("--ctkd-t-end", default=20.0, show_default=True, type=float, help="CTKD: the range above t_start.")
-@click.option(
-    "--ctkd-decay",
-    default="cosine",
-    show_default=True,
-    type=click.Choice(["cosine", "linear"]),
-    help="CTKD λ schedule (upstream --cosine_decay 1 / 0).",
-)
-@click.option(
-    "--ctkd-decay-epochs",
-    default=10,
-    show_default=True,
-    type=int,
-    help="CTKD λ schedule length in epochs (upstream --decay_loops; its ImageNet script uses 5).",
-)
-@click.option(
-    "--ctkd-decay-max",
-    default=0.0,
-    show_default=True,
-    type=float,
-    help="Start of the CTKD λ schedule (upstream --decay_max).",
-)
-@click.option(
-    "--ctkd-decay-min",
-    default=-1.0,
-    show_default=True,
-    type=float,
-    help="End of the cosine CTKD λ schedule (upstream --decay_min); linear steps by (max − min)/epochs.",
-)
-@click.option("--epochs", default=240, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--lr", type=float, help="Default 0.05 (0.01 for MobileNetV2/ShuffleNet students; MLKD 0.025).")
-@click.option("--lr-milestones", default="150,180,210", show_default=True, callback=_milestones)
-@click.option("--lr-decay-rate", default=0.1, show_default=True, type=float, help="LR factor at each milestone.")
-@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
-@click.option("--momentum", default=0.9, show_default=True, type=float)
-@click.option(
-    "--seed", default=0, show_default=True, type=int, help="Student init, sample order and per-epoch view draws."
-)
-@click.option(
-    "--amp",
-    default="none",
-    show_default=True,
-    type=click.Choice(["none", "bf16", "fp16"]),
-    help="Student autocast dtype (the loss is computed in float32; fp16 adds a gradient scaler).",
-)
-@click.option("--channels-last", is_flag=True, help="Student weights and inputs in channels-last memory format.")
-@click.option("--compile", is_flag=True, help="torch.compile the student's training forward pass.")
-@click.option("--workers", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--out", type=click.Path(), help="Run directory (config.yaml, metrics.jsonl, last.pt, best.pt).  [required]"
-)
-@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
-@click.option("--verify-views", is_flag=True, help="Check the pixel hash of every view, not a sample of batches.")
-@click.option("--plot", is_flag=True, help="Write RUN_DIR/curves.png.")
-@click.option(
-    "--view-schedule",
-    type=click.Choice(["chunk", "sample"]),
-    help="Seeded caches: one view per store chunk per epoch (reads one view's worth; default for new runs), or one "
-    "per sample. --resume continues the run's own.",
-)
-@click.option(
-    "--cache-memory",
-    default="4GiB",
-    show_default=True,
-    help="Keep a cache whole in RAM up to this size (512MiB, 4GiB, ...); above it each epoch streams one view's worth.",
-)
-@click.option(
-    "--cache-scratch",
-    type=click.Path(),
-    help="A local folder where the cache is kept decompressed and memory-mapped: students of one cache on this "
-    "machine share one copy.",
-)
-@click.option(
-    "--base-temp",
-    type=float,
-    help="With an mdistiller/LS --config and --logit-stand: LS's train.py --base-temp (default 2), as there.",
-)
-@_CONFIG
+@main.command("train-student", cls=GroupedCommand)
+@settings_options(TRAIN)
 @_errors
 def train_student_cmd(**kw) -> None:
     """Stage two: train a student from cached logits (or an online teacher, or CE alone)."""
-    from kdcache.sizes import parse_size
-    from kdcache.train.trainer import train_student
+    from kdcache.train import train_settings, train_student
 
-    kw = _ls_arguments(kw)
-    kw = _with_config("train-student", kw, ("student", "dataset", "out"))
-    kw["cache"] = list(kw["cache"] or ()) or None
-    kw["cache_memory"] = parse_size(kw["cache_memory"])
-    result = train_student(**kw)
+    result = train_student(**train_settings(**typed(kw)))
     if result.main:
         last = result.last.get("test_top1", float("nan"))
         click.echo(
             f"last-epoch test top-1 {last:.2f}% (epoch {result.last.get('epoch', '-')})  "
             f"best-epoch test top-1 {result.best_top1:.2f}% (epoch {result.best_epoch or '-'})  -> {result.out}"
         )
-
-
-def _ls_arguments(kw: dict) -> dict:
-    """An mdistiller/LS ``--config`` with ``--logit-stand``: ``--base-temp`` and ``--kd-weight`` act as LS's train.py.
-
-    Otherwise ``--base-temp`` has no meaning (use ``--temperature``) and the flags keep kdcache's meaning.
-    """
-    from kdcache.train.configs import apply_ls_args, is_mdistiller_file, load_config
-
-    base_temp = kw.pop("base_temp")
-    if kw["config"] is None or not is_mdistiller_file(kw["config"]):
-        if base_temp is not None:
-            raise KdcacheError("--base-temp goes with an mdistiller/LS --config (as LS's train.py): use --temperature")
-        return kw
-    typed = _typed(kw)
-    if "logit_stand" not in typed:
-        if base_temp is not None:
-            raise KdcacheError("--base-temp takes effect only with --logit-stand (as LS's train.py): add it or drop it")
-        return kw
-    settings = load_config(kw.pop("config"), "train-student", set(kw))
-    settings = apply_ls_args(settings, True, base_temp, typed.pop("kd_weight", None))
-    return {**kw, **settings, **{k: v for k, v in typed.items() if k != "logit_stand"}, "config": None}
 
 
 @main.command("losses")
@@ -363,59 +115,30 @@ def _options(values: dict) -> str:
     return ", ".join(f"--{k} {v}" for k, v in shown.items())
 
 
-@main.command("inspect")
-@click.argument("stores", nargs=-1, required=True)
-@click.option(
-    "--plot",
-    "plot_path",
-    type=click.Path(),
-    help="Write per-view teacher accuracy and confidence (or agreement) as PNG.",
-)
+@main.command("inspect", cls=GroupedCommand)
+@click.argument("caches", nargs=-1, required=True, metavar="CACHE...")
+@settings_options(INSPECT)
 @_errors
-def inspect_cmd(stores: tuple[str, ...], plot_path: str | None) -> None:
+def inspect_cmd(caches: tuple[str, ...], plot: str | None) -> None:
     """Show a cache's attributes, completion, size and per-view teacher accuracy.
 
-    Given several caches of the same views (one per teacher), also show how the
-    teachers agree per view.
+    Given several caches of the same views (one per teacher), also show how the teachers agree per view.
     """
-    from kdcache.store.cache import check_output_dir
-    from kdcache.store.inspection import inspect_cache, teacher_agreement
+    from kdcache.store import inspect_caches
 
-    if plot_path:
-        check_output_dir(Path(plot_path).absolute().parent, "--plot folder")
-    for store in stores:
-        report = inspect_cache(store)
-        click.echo("\n".join(report.lines()))
-    if len(stores) > 1:
-        agreement = teacher_agreement(list(stores))
-        click.echo("\n".join(agreement.lines()))
-        if plot_path:
-            from kdcache.plots import plot_agreement
-
-            click.echo(f"plot       {plot_agreement(agreement.top1, agreement.agree, plot_path)}")
-        return
-    if plot_path:
-        if not report.top1:
-            raise KdcacheError("no finished view to plot yet: finish the dump first")
-        from kdcache.plots import plot_views
-
-        click.echo(f"plot       {plot_views(report.top1, report.confidence, plot_path)}")
+    for line in inspect_caches(list(caches), plot):
+        click.echo(line)
 
 
-@main.command("verify")
-@click.argument("store")
-@click.option("--teacher", help="Re-run this teacher on --sample random views and compare.")
-@click.option("--checkpoint", type=click.Path())
-@click.option("--weights")
-@click.option("--sample", default=0, show_default=True, type=int, help="Views to rebuild and re-run (needs --teacher).")
-@click.option("--data-root", type=click.Path(), help="Where the cache's dataset lives (for --sample).")
-@click.option("--device", default="auto", show_default=True)
+@main.command("verify", cls=GroupedCommand)
+@click.argument("cache", metavar="CACHE")
+@settings_options(VERIFY)
 @_errors
-def verify_cmd(store: str, teacher, checkpoint, weights, sample: int, data_root, device: str) -> None:
+def verify_cmd(cache: str, **kw) -> None:
     """Check completeness, checksums, attributes and finiteness; exit 0 clean, 1 with problems listed."""
-    from kdcache.store.verify import verify_cache
+    from kdcache.store import verify_cache
 
-    report = verify_cache(store, teacher, checkpoint, weights, sample, data_root, device)
+    report = verify_cache(cache, **typed(kw))
     for line in report.checked:
         click.echo(f"checked   {line}")
     for line in report.problems:
@@ -429,109 +152,58 @@ def study_group() -> None:
     """Studies that answer questions before you pay for a dump."""
 
 
-@study_group.command("views")
-@click.option("--cache", required=True, help="A cache of seeded views (dump-logits --views N).")
-@click.option("--student", required=True, help="Student model name.")
-@click.option("--dataset", required=True, help="The cache's dataset.")
-@click.option("--data-root", type=click.Path())
-@click.option("--teacher", help="Online teacher for the reference line (the cache's teacher).")
-@click.option("--checkpoint", type=click.Path(), help="Online teacher weights.")
-@click.option("--weights", help="torchvision weights name for an online torchvision teacher.")
-@click.option("--counts", help="Views to train from, e.g. 1,2,4,8 (default: powers of two up to the cache's views).")
-@click.option(
-    "--loss", default="kd", show_default=True, type=click.Choice(["kd", "dkd", "nkd", "normkd", "normkd-dkd"])
-)
-@click.option("--logit-stand", is_flag=True)
-@click.option("--epochs", default=240, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--lr", type=float)
-@click.option("--lr-milestones", default="150,180,210", show_default=True, callback=_milestones)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--workers", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--out", required=True, type=click.Path(), help="Study folder: one run per point, study.json, views.png.")
+@study_group.command("views", cls=GroupedCommand)
+@settings_options(STUDY)
 @_errors
-def study_views_cmd(counts: str | None, **kw) -> None:
+def study_views_cmd(**kw) -> None:
     """Train the same student from the first 1, 2, 4, ... cached views and plot accuracy against views."""
-    from kdcache.experiments.study import study_views
+    from kdcache.experiments import study_views
+    from kdcache.settings import resolve
 
-    try:
-        parsed = [int(x) for x in counts.split(",")] if counts else None
-    except ValueError:
-        raise KdcacheError(f"--counts takes comma-separated integers such as 1,2,4,8, not {counts!r}") from None
-    points = study_views(counts=parsed, **kw)
-    for p in points:
+    settings = resolve(STUDY, None, typed(kw))
+    for p in study_views(**settings):
         label = "online" if p.views is None else f"{p.views} view(s)"
         accuracy = f"last-epoch test top-1 {p.final_top1:6.2f}%  best-epoch test top-1 {p.best_top1:6.2f}%"
         click.echo(f"{label:>12}  {accuracy}  {p.run}")
-    click.echo(f"plot         {Path(kw['out']) / 'views.png'}")
+    click.echo(f"plot         {Path(str(settings['out'])) / 'views.png'}")
 
 
-@main.command("quickstart")
-@click.option(
-    "--out", default="data/quickstart", show_default=True, type=click.Path(), help="Where runs, caches and results go."
-)
-@click.option(
-    "--epochs", default=6, show_default=True, type=int, help="Student epochs (the teacher trains a third longer)."
-)
-@click.option("--parallel", default=2, show_default=True, type=int, help="Students at once (one CPU thread each).")
+@main.command("quickstart", cls=GroupedCommand)
+@settings_options(QUICKSTART)
 @_errors
-def quickstart_cmd(out: str, epochs: int, parallel: int) -> None:
+def quickstart_cmd(**kw) -> None:
     """Run the whole pipeline offline on the built-in digits data and compare KD methods over 3 seeds."""
     from kdcache.experiments.quickstart import quickstart
-    from kdcache.settings import check_options
 
-    check_options({"epochs": epochs})
-    quickstart(out, epochs, teacher_epochs=max(2, round(4 * epochs / 3)), parallel=parallel)
+    quickstart(**typed(kw))
 
 
-@main.command("sweep")
+@main.command("sweep", cls=GroupedCommand)
 @click.argument("spec", required=False, type=click.Path())
-@click.option("--preset", help="A SPEC shipped with kdcache instead of SPEC (ls-cifar100).")
-@click.option("--out", required=True, type=click.Path(), help="Sweep folder: runs/, caches/, summary.csv, results.md.")
-@click.option("--parallel", default=1, show_default=True, type=int, help="Students at once on this machine.")
-@click.option("--per-gpu", default=1, show_default=True, type=int, help="Students sharing one GPU.")
-@click.option(
-    "--threads",
-    default=1,
-    show_default=True,
-    type=int,
-    help="CPU threads per student, whatever --parallel is (CPU results depend on it, so keep it to compare sweeps).",
-)
-@click.option("--local-cluster", type=int, help="Run each student as a task on a new dask LocalCluster of N workers.")
-@click.option("--scheduler", help="Run each student as a task on an existing dask.distributed cluster (tcp://...).")
-@click.option("--report", "report_only", is_flag=True, help="Only rebuild the report from the runs finished so far.")
+@settings_options(SWEEP)
 @_errors
-def sweep_cmd(spec: str | None, preset: str | None, out: str, report_only: bool, **kw) -> None:
+def sweep_cmd(spec: str | None, **kw) -> None:
     """Many students from one cache: a SPEC's methods x grid x seeds, run side by side, reported as mean ± std."""
-    from kdcache.experiments.report import write_report
-    from kdcache.experiments.sweep import load_spec, preset_path, run_sweep
+    from kdcache.experiments import sweep_command
 
-    if report_only:
-        report = write_report(out)
-        click.echo("\n".join(f"report     {p}" for p in report.paths))
-        return
-    if (spec is None) == (preset is None):
-        raise KdcacheError("give a SPEC.yaml or --preset NAME (one of them)")
-    result = run_sweep(load_spec(spec or preset_path(preset)), out, **kw)
-    click.echo(
-        f"results    {Path(out) / 'results.md'}  ({len(result.runs) - len(result.failed)} of {len(result.runs)} runs)"
-    )
-    if result.failed:
-        for name, line in result.failed.items():
-            click.echo(f"FAILED     {name}: {line}", err=True)
+    lines, failed = sweep_command(spec, **typed(kw))
+    for line in lines:
+        click.echo(line)
+    for line in failed:
+        click.echo(f"FAILED     {line}", err=True)
+    if failed:
         sys.exit(1)
 
 
-@main.command("models")
-@click.option("--torchvision", "with_tv", is_flag=True, help="Also list torchvision.<arch> names.")
-@click.option("--timm", "with_timm", is_flag=True, help="Also list timm.<name> names (needs kdcache[timm]).")
+@main.command("models", cls=GroupedCommand)
+@settings_options(MODELS)
 @_errors
-def models_cmd(with_tv: bool, with_timm: bool) -> None:
+def models_cmd(**kw) -> None:
     """List model names for --teacher and --student."""
-    from kdcache.models.factory import list_models
+    from kdcache.models import list_models
 
-    click.echo("\n".join(list_models(include_torchvision=with_tv, include_timm=with_timm)))
+    given = typed(kw)
+    click.echo("\n".join(list_models(given.get("torchvision", False), given.get("timm", False))))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ no teacher. What changes relative to mdistiller, line by line:
   ``teacher_logits=batch.teacher[0]``; its batches come from ``kdcache.DistillLoader`` instead of a
   ``DataLoader`` of ``(image, target, index)``, and its validation is ``kdcache.evaluate`` of the student.
 
-Everything else, the config keys, the loss (``kdcache.losses.kd_loss`` is mdistiller's ``kd_loss``: KL summed over
+Everything else, the config keys, the loss (``kdcache.kd_loss`` is mdistiller's ``kd_loss``: KL summed over
 classes, batch mean, times τ²), the weights and the sum of ``losses_dict``, is mdistiller's.
 
     python examples/mdistiller_distiller.py --cache data/digits-cache --dataset digits --epochs 5
@@ -31,10 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdcache
-from kdcache.dataset.datasets import build_dataset, test_split
-from kdcache.feed.batches import eval_loader
-from kdcache.losses.functions import kd_loss
-from kdcache.train.evaluation import evaluate
+from kdcache import build_dataset, eval_loader, evaluate, kd_loss, test_split
 
 
 class Distiller(nn.Module):

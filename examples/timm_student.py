@@ -14,9 +14,7 @@ import argparse
 import torch
 
 import kdcache
-from kdcache.dataset.datasets import build_dataset, test_split
-from kdcache.feed.batches import eval_loader
-from kdcache.train.evaluation import evaluate
+from kdcache import build_dataset, eval_loader, evaluate, test_split
 
 
 def main() -> None:

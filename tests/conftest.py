@@ -1,17 +1,16 @@
-"""Shared fixtures: tiny datasets written in the real on-disk formats, and teacher checkpoints."""
+"""Shared fixtures: tiny datasets written in the real on-disk formats, teacher checkpoints, and caches dumped once per
+session. Helpers that are not fixtures live in helpers.py."""
 
 from __future__ import annotations
 
+import hashlib
 import os
-import pickle
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import zarr
+from helpers import write_cifar100
 
 from kdcache.models.checkpoints import save_checkpoint
 from kdcache.models.factory import create_model
@@ -19,53 +18,27 @@ from kdcache.models.factory import create_model
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
-def write_cifar100(root: Path, n_train: int = 96, n_test: int = 32, seed: int = 0) -> Path:
-    """A ``cifar-100-python`` folder of pickles as torchvision's CIFAR100 reads them."""
-    rng = np.random.default_rng(seed)
-    base = root / "cifar-100-python"
-    base.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", n_train), ("test", n_test)):
-        labels = (np.arange(n) % 100).tolist()
-        data = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
-        entry = {
-            "data": data,
-            "fine_labels": labels,
-            "coarse_labels": [x // 5 for x in labels],
-            "filenames": [f"img{i}.png" for i in range(n)],
-            "batch_label": name,
-        }
-        with open(base / name, "wb") as f:
-            pickle.dump(entry, f)
-    with open(base / "meta", "wb") as f:
-        pickle.dump(
-            {
-                "fine_label_names": [f"class{i}" for i in range(100)],
-                "coarse_label_names": [f"super{i}" for i in range(20)],
-            },
-            f,
-        )
-    return root
-
-
-def write_image_folder(
-    root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (40, 48), seed: int = 0
-) -> Path:
-    """An ImageFolder tree of PNG files."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        d = root / f"class_{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            arr = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(d / f"{i}.png")
-    return root
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped where no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture
 def cifar_root(tmp_path: Path) -> Path:
+    """A CIFAR-100 folder of this test's own, which it may change (same images as :func:`cifar_data`)."""
     return write_cifar100(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def cifar_data(tmp_path_factory) -> Path:
+    """The session's CIFAR-100 folder, which the session caches are dumped from: read it, never change it (a test
+    that changes its data takes :func:`cifar_root`, which holds the same images)."""
+    return write_cifar100(tmp_path_factory.mktemp("cifar") / "data")
 
 
 @pytest.fixture(scope="session")
@@ -85,24 +58,54 @@ def teacher_ckpt(tmp_path_factory) -> dict[int, Path]:
     return out
 
 
-def run_cli(*args: str, check: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``kdcache ARGS`` in a subprocess, as a user would."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "kdcache.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kdcache {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
+def _digest(path: Path) -> dict[str, str]:
+    """sha256 of every file of a store: any change, new file or removal shows."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def assert_same_arrays(a: str | Path, b: str | Path) -> None:
-    """Two stores (paths or URLs) hold the same arrays, with the same dtypes and bit for bit (NaN equal to NaN)."""
-    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-    assert sorted(ga.array_keys()) == sorted(gb.array_keys())
-    for name in ga.array_keys():
-        x, y = np.asarray(ga[name][...]), np.asarray(gb[name][...])
-        assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+@pytest.fixture(scope="session")
+def make_cache(tmp_path_factory, teacher_ckpt, cifar_data):
+    """``make_cache(**options)``: the path of a cache dumped once per session for each distinct set of options.
+
+    ``options`` are :func:`~kdcache.dump.loop.dump_logits` arguments over these defaults: a resnet8 teacher
+    (``teacher_ckpt`` for the dataset's class count), ``dataset="cifar100"`` (from :func:`cifar_data`),
+    ``augment="cifar"``, ``views=2``, float16; ``samples=N`` dumps the first N samples of the built-in digits
+    only. The returned cache is shared: read it, never change it (the session's end checks every file is as
+    dumped). A test that changes a cache passes ``copy_to=DIR`` and gets its own copy, ``DIR/<name>.zarr``.
+    """
+    base = tmp_path_factory.mktemp("caches")
+    made: dict[str, tuple[Path, dict[str, str]]] = {}
+
+    def make(*, copy_to: Path | None = None, samples: int | None = None, **options) -> Path:
+        from kdcache.dump.loop import dump_logits
+
+        options = {"teacher": "resnet8", "dataset": "cifar100", "augment": "cifar", "views": 2, **options}
+        classes = 100 if options["dataset"] == "cifar100" else 10
+        if options["teacher"] == "resnet8":
+            options.setdefault("checkpoint", str(teacher_ckpt[classes]))
+        if options["dataset"] == "cifar100":
+            options.setdefault("data_root", str(cifar_data))
+        options = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+        key = repr(sorted(options.items())) + f" samples={samples}"
+        name = f"{options['dataset']}-{options['augment']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.zarr"
+        if key not in made:
+            data = None
+            if samples is not None:
+                from kdcache.dataset.datasets import build_dataset
+
+                assert options["dataset"] == "digits", "samples= takes the first samples of the built-in digits"
+                ds = build_dataset("digits", split=options.get("split", "train"))
+                data = type(ds)("digits", ds.split, ds.images[:samples], ds.labels[:samples], 10, ds.norm)
+            dump_logits(out=str(base / name), progress=False, data=data, **options)
+            made[key] = base / name, _digest(base / name)
+        path = made[key][0]
+        if copy_to is None:
+            return path
+        copy = Path(copy_to) / name
+        shutil.copytree(path, copy)
+        return copy
+
+    yield make
+    changed = [str(path) for path, digest in made.values() if _digest(path) != digest]
+    assert not changed, f"a test changed a shared cache (use make_cache(..., copy_to=tmp_path)): {changed}"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import assert_same_arrays
 
 import kdcache
 from kdcache.cli import main
-from kdcache.dump.loop import dump_logits
 from kdcache.losses.objective import Objective, get_loss
 from kdcache.models.factory import create_model
 from kdcache.store.cache import open_store
@@ -44,26 +44,10 @@ def raises(student, teacher, labels):
     raise ValueError("labels must be one-hot")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, teacher_ckpt) -> tuple[Path, Path]:
-    """A float32 cifar cache of two views, and its data root."""
-    from conftest import write_cifar100
-
-    base = tmp_path_factory.mktemp("api")
-    root = write_cifar100(base / "data")
-    out = base / "c.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(root),
-        augment="cifar",
-        views=2,
-        out=str(out),
-        dtype="float32",
-        progress=False,
-    )
-    return out, root
+@pytest.fixture
+def cache(make_cache, cifar_data) -> tuple[Path, Path]:
+    """The session's float32 cifar cache of two views, and its data root."""
+    return make_cache(dtype="float32"), cifar_data
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -264,8 +248,6 @@ def test_bad_configs_are_refused_by_name(cache, tmp_path, text, message):
 
 
 def test_dump_config_equals_flags(cifar_root, teacher_ckpt, tmp_path):
-    from conftest import assert_same_arrays
-
     flags = dict(teacher="resnet8", dataset="cifar100", augment="cifar", views="1", dtype="float32")
     cfg = tmp_path / "dump.yaml"
     cfg.write_text("".join(f"{k}: {v}\n" for k, v in flags.items()) + f"checkpoint: {teacher_ckpt[100]}\n")

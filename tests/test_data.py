@@ -2,7 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_cifar100, write_image_folder
+from helpers import run_cli, write_cifar100, write_image_folder
 
 from kdcache.dataset.datasets import build_dataset
 from kdcache.errors import KdcacheError

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import run_cli
+from helpers import cli
 from scipy.spatial.distance import jensenshannon
 
 import kdcache
@@ -29,15 +29,10 @@ EXAMPLES = ROOT / "examples"
 needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory, teacher_ckpt: dict[int, Path]) -> Path:
+@pytest.fixture
+def cache(make_cache) -> Path:
     """The digits train split's teacher logits: a seeded resnet8 with non-trivial BN statistics, 2 cifar views."""
-    out = tmp_path_factory.mktemp("examples") / "digits-cache"
-    run_cli(
-        "dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--dataset", "digits",
-        "--augment", "cifar", "--views", "2", "--out", str(out), "--device", "cpu", check=True,
-    )  # fmt: skip
-    return out
+    return make_cache(dataset="digits")
 
 
 def load_example(name: str) -> ModuleType:
@@ -134,9 +129,9 @@ def test_my_loss_is_a_jensen_shannon_divergence():
 
 
 def test_my_loss_trains_through_the_cli(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(EXAMPLES), os.environ.get("PYTHONPATH")])))
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as PYTHONPATH=examples puts it on a user's path
     out = tmp_path / "run"
-    run_cli(
+    cli(
         "train-student", "--cache", str(cache), "--dataset", "digits", "--student", "resnet8",
         "--loss", "my_loss:js_divergence", "--loss-opt", "temperature=2", "--epochs", "1", "--batch-size", "64",
         "--device", "cpu", "--out", str(out), check=True, cwd=ROOT,

@@ -1,14 +1,16 @@
-"""GPU-only behaviour (skipped where no CUDA device is visible; run by hand on a GPU host)."""
+"""GPU-only behaviour: every test here is marked ``gpu``, which conftest.py skips where no CUDA device is visible
+(on a GPU host, ``pytest -m gpu`` runs just these)."""
 
 import pytest
 import torch
+from helpers import same_weights
 
 from kdcache.dataset.datasets import build_dataset
 from kdcache.models.checkpoints import save_checkpoint
 from kdcache.models.factory import create_model
 from kdcache.teacher.runner import load_teacher
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
@@ -75,20 +77,16 @@ def test_dump_on_gpu_gives_the_same_logits_for_any_batch_size(tmp_path):
 @pytest.mark.parametrize(
     "amp,channels_last,compile", [("bf16", True, False), ("fp16", False, False), ("bf16", True, True)]
 )
-def test_student_precision_modes_on_gpu_cached_equals_online(tmp_path, amp, channels_last, compile):
-    from kdcache.dump.loop import dump_logits
+def test_student_precision_modes_on_gpu_cached_equals_online(
+    make_cache, teacher_ckpt, tmp_path, amp, channels_last, compile
+):
     from kdcache.train.trainer import train_student
 
-    ds = build_dataset("digits")
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "t.pth", create_model("resnet8", ds.num_classes))
-    teacher = dict(teacher="resnet8", checkpoint=str(tmp_path / "t.pth"))
-    dump_logits(**teacher, dataset="digits", augment="cifar", views=2, out=str(tmp_path / "c.zarr"), dtype="float32")
+    cache = make_cache(dataset="digits", dtype="float32")  # dumped on the GPU (device auto), as the online teacher runs
     mode = dict(student="resnet8", dataset="digits", epochs=2, device="cuda", progress=False)
     mode.update(amp=amp, channels_last=channels_last, compile=compile)
-    a = train_student(out=tmp_path / "cached", cache=str(tmp_path / "c.zarr"), **mode)
+    a = train_student(out=tmp_path / "cached", cache=str(cache), **mode)
+    teacher = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[10]))
     b = train_student(out=tmp_path / "online", **teacher, augment="cifar", views=2, **mode)
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
-    wa = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["model"]
-    wb = torch.load(tmp_path / "online" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert same_weights(tmp_path / "cached" / "last.pt", tmp_path / "online" / "last.pt")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_cli
+from helpers import cli
 
 from kdcache.dataset.datasets import build_dataset
 from kdcache.dump.loop import dump_logits
@@ -15,6 +15,7 @@ from kdcache.views.recipes import make_recipe
 
 
 def _dump(cifar_root, teacher_ckpt, out, mix, batch_size=64, **kw):
+    """What ``make_cache(mix=mix, forward_block=16, **kw)`` holds, dumped here in loader batches of ``batch_size``."""
     dump_logits(
         teacher="resnet8",
         checkpoint=str(teacher_ckpt[100]),
@@ -33,8 +34,8 @@ def _dump(cifar_root, teacher_ckpt, out, mix, batch_size=64, **kw):
 
 
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])
-def test_mixed_views_replay_and_compose(cifar_root, teacher_ckpt, tmp_path, mix):
-    g = _dump(cifar_root, teacher_ckpt, tmp_path / "m.zarr", mix)
+def test_mixed_views_replay_and_compose(cifar_root, teacher_ckpt, make_cache, tmp_path, mix):
+    g = zarr.open_group(str(make_cache(mix=mix, forward_block=16)), mode="r")
     ds = build_dataset("cifar100", str(cifar_root), "train")
     recipe, plain = make_recipe("cifar", True, mix), make_recipe("cifar", True)
     params, hashes = g["params"][...], g["view_hash"][...]
@@ -64,8 +65,8 @@ def test_mixed_views_replay_and_compose(cifar_root, teacher_ckpt, tmp_path, mix)
 
 
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])
-def test_cached_float32_mixed_equals_online(cifar_root, teacher_ckpt, tmp_path, mix):
-    _dump(cifar_root, teacher_ckpt, tmp_path / "c.zarr", mix, dtype="float32")
+def test_cached_float32_mixed_equals_online(cifar_root, teacher_ckpt, make_cache, tmp_path, mix):
+    cache = make_cache(mix=mix, forward_block=16, dtype="float32")
     common = dict(
         student="resnet8",
         dataset="cifar100",
@@ -75,7 +76,7 @@ def test_cached_float32_mixed_equals_online(cifar_root, teacher_ckpt, tmp_path, 
         batch_size=32,
         progress=False,
     )
-    a = train_student(out=tmp_path / "cached", cache=str(tmp_path / "c.zarr"), **common)
+    a = train_student(out=tmp_path / "cached", cache=str(cache), **common)
     b = train_student(
         out=tmp_path / "online",
         teacher="resnet8",
@@ -90,23 +91,14 @@ def test_cached_float32_mixed_equals_online(cifar_root, teacher_ckpt, tmp_path, 
     wa = torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "online" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    plain = train_student(
-        out=tmp_path / "plain",
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        augment="cifar",
-        views=2,
-        forward_block=16,
-        **common,
-    )
+    plain = train_student(out=tmp_path / "plain", cache=str(make_cache(dtype="float32")), **common)  # no mixing
     assert plain.history[-1]["train_loss"] != a.history[-1]["train_loss"]
 
 
-def test_train_from_mixed_cache_and_refusals(cifar_root, teacher_ckpt, tmp_path):
-    _dump(cifar_root, teacher_ckpt, tmp_path / "c.zarr", "cutmix", dtype="float32")
+def test_train_from_mixed_cache_and_refusals(cifar_root, teacher_ckpt, make_cache, tmp_path):
     common = [
         "--cache",
-        str(tmp_path / "c.zarr"),
+        make_cache(mix="cutmix", forward_block=16, dtype="float32"),
         "--student",
         "resnet8",
         "--dataset",
@@ -119,9 +111,9 @@ def test_train_from_mixed_cache_and_refusals(cifar_root, teacher_ckpt, tmp_path)
         "32",
         "--verify-views",
     ]
-    ok = run_cli("train-student", *common, "--loss", "kd", "--out", str(tmp_path / "kd"))
+    ok = cli("train-student", *common, "--loss", "kd", "--out", str(tmp_path / "kd"))
     assert ok.returncode == 0, ok.stderr
-    dkd = run_cli("train-student", *common, "--loss", "dkd", "--out", str(tmp_path / "dkd"))
+    dkd = cli("train-student", *common, "--loss", "dkd", "--out", str(tmp_path / "dkd"))
     assert dkd.returncode == 2 and "two target classes" in dkd.stderr
     base = [
         "dump-logits",
@@ -138,8 +130,8 @@ def test_train_from_mixed_cache_and_refusals(cifar_root, teacher_ckpt, tmp_path)
         "--mix",
         "mixup",
     ]
-    every = run_cli(*base, "--augment", "cifar", "--views", "all")
+    every = cli(*base, "--augment", "cifar", "--views", "all")
     assert every.returncode == 2 and "--mix mixup is continuous" in every.stderr
-    mlkd = run_cli(*base, "--augment", "mlkd", "--views", "2")
+    mlkd = cli(*base, "--augment", "mlkd", "--views", "2")
     assert mlkd.returncode == 2 and "--augment cifar or imagenet" in mlkd.stderr
     assert not (tmp_path / "bad.zarr").exists()

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from conftest import write_cifar100
+from helpers import write_cifar100
 
 from kdcache.cli import main
 from kdcache.dataset.datasets import FolderDataset, build_dataset
@@ -65,19 +65,10 @@ class Ctx:
         return path
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, teacher_ckpt) -> Path:
-    out = tmp_path_factory.mktemp("refusals") / "digits.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[10]),
-        dataset="digits",
-        augment="cifar",
-        views=2,
-        out=str(out),
-        progress=False,
-    )
-    return out
+@pytest.fixture
+def cache(make_cache) -> Path:
+    """The session's digits cache of 2 seeded cifar views (what :func:`dump` dumps)."""
+    return make_cache(dataset="digits")
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -94,7 +85,7 @@ class Outcome:
 
 
 def invoke(args: list, prelude: str | None = None) -> Outcome:
-    """The CLI run as a user would run it (warnings off, as in ``conftest.run_cli``): in-process, or after
+    """The CLI run as a user would run it (warnings off, as in ``helpers.run_cli``): in-process, or after
     ``prelude`` in a process of its own."""
     args = [str(a) for a in args]
     if prelude is not None:

@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 import zarr
-from conftest import assert_same_arrays, run_cli
+from helpers import assert_same_arrays, cli
 
 from kdcache.dump.loop import dump_logits
 
 
 @pytest.mark.slow
-def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, teacher_ckpt):
+def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, teacher_ckpt, make_cache):
     distributed = pytest.importorskip("distributed")
     common = [
         "--teacher",
@@ -36,17 +36,7 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
         "--forward-block",
         "64",
     ]
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[10]),
-        dataset="digits",
-        augment="mlkd",
-        views=4,
-        batch_size=100,
-        forward_block=64,
-        out=str(tmp_path / "single.zarr"),
-        progress=False,
-    )
+    single = make_cache(dataset="digits", augment="mlkd", views=4, forward_block=64)  # common's dump in one process
     with (
         distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
         distributed.Client(cluster) as client,
@@ -82,12 +72,12 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
     assert killed is not None, "the dump finished before a worker could be killed mid-task"
     assert proc.returncode == 0, err[-2000:]
     assert "dask dashboard: http" in out + err
-    assert_same_arrays(str(tmp_path / "single.zarr"), str(tmp_path / "cluster.zarr"))
+    assert_same_arrays(single, tmp_path / "cluster.zarr")
     assert zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r").attrs["complete"] is True
 
 
 @pytest.mark.slow
-def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teacher_ckpt):
+def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teacher_ckpt, make_cache):
     pytest.importorskip("distributed")
     kw = dict(
         teacher="resnet8",
@@ -101,11 +91,11 @@ def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teach
         forward_block=64,
         progress=False,
     )
-    dump_logits(out=str(tmp_path / "single.zarr"), **kw)
+    single = make_cache(**{k: v for k, v in kw.items() if k not in ("batch_size", "progress")})
     environ = dict(os.environ)
     dump_logits(out=str(tmp_path / "cluster.zarr"), local_cluster=1, **kw)
     assert dict(os.environ) == environ  # dask's nannies set OMP_NUM_THREADS=1 and more here for their workers
-    assert_same_arrays(str(tmp_path / "single.zarr"), str(tmp_path / "cluster.zarr"))
+    assert_same_arrays(single, tmp_path / "cluster.zarr")
     assert "topk_values" in zarr.open_group(str(tmp_path / "cluster.zarr"), mode="r")
 
 
@@ -132,7 +122,7 @@ def test_cluster_bad_input_is_one_line(tmp_path, teacher_ckpt):
         (["--local-cluster", "0"], "--local-cluster must be at least 1"),
         (["--scheduler", "tcp://127.0.0.1:9"], "cannot reach the dask scheduler"),
     ]:
-        proc = run_cli(*common, *extra)
+        proc = cli(*common, *extra)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / "c.zarr").exists()
@@ -166,7 +156,7 @@ def s3_server():
 
 
 @pytest.mark.slow
-def test_s3_store_end_to_end(tmp_path, teacher_ckpt, s3_server, monkeypatch):
+def test_s3_store_end_to_end(tmp_path, teacher_ckpt, make_cache, s3_server, monkeypatch):
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
     url = "s3://kdcache-test/digits-cifar.zarr"
@@ -183,25 +173,17 @@ def test_s3_store_end_to_end(tmp_path, teacher_ckpt, s3_server, monkeypatch):
         "--views",
         "2",
     ]
-    run_cli(*common, "--out", url, check=True)
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[10]),
-        dataset="digits",
-        augment="cifar",
-        views=2,
-        out=str(tmp_path / "local.zarr"),
-        progress=False,
-    )
-    assert_same_arrays(url, str(tmp_path / "local.zarr"))
-    again = run_cli(*common, "--out", url, check=True)
+    cli(*common, "--out", url, check=True)
+    local = make_cache(dataset="digits")  # the same dump into a local folder
+    assert_same_arrays(url, local)
+    again = cli(*common, "--out", url, check=True)
     assert "nothing to do" in again.stdout
-    refused = run_cli(*common, "--out", url, "--seed", "1")
+    refused = cli(*common, "--out", url, "--seed", "1")
     assert refused.returncode == 2 and "seed" in refused.stderr
-    assert_same_arrays(url, str(tmp_path / "local.zarr"))
-    assert "complete   2/2 chunks" in run_cli("inspect", url, check=True).stdout
-    run_cli("verify", url, "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--sample", "8", check=True)
-    run_cli(
+    assert_same_arrays(url, local)
+    assert "complete   2/2 chunks" in cli("inspect", url, check=True).stdout
+    cli("verify", url, "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--sample", "8", check=True)
+    cli(
         "train-student",
         "--cache",
         url,
@@ -267,17 +249,8 @@ def test_torchrun_more_processes_than_gpus_is_refused(monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, teacher_ckpt):
-    cache = tmp_path / "c.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[10]),
-        dataset="digits",
-        augment="cifar",
-        views=2,
-        out=str(cache),
-        progress=False,
-    )
+def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, make_cache):
+    cache = make_cache(dataset="digits")
 
     def torchrun(out: str, *extra: str) -> subprocess.CompletedProcess:
         cmd = [

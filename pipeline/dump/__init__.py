@@ -2,6 +2,6 @@
 written in the background (writer) or on dask (cluster).
 """
 
-from kdcache.dump.loop import DumpSummary, dump_logits
+from kdcache.dump.loop import DumpSummary, dump_logits, dump_settings
 
-__all__ = ["DumpSummary", "dump_logits"]
+__all__ = ["DumpSummary", "dump_logits", "dump_settings"]

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +35,9 @@ from kdcache.dump.chunks import ChunkRows, Unit, ViewBatch, ViewSet, as_is, chun
 from kdcache.dump.cluster import ChunkJob, cluster_client, run_on_cluster
 from kdcache.dump.writer import chunk_writer
 from kdcache.errors import KdcacheError
-from kdcache.settings import check_options
+from kdcache.settings import DUMP_DEFAULTS as D
+from kdcache.settings import check_options, old_names, resolve
+from kdcache.settings.table import DUMP
 from kdcache.store.cache import (
     CHUNK,
     CacheStore,
@@ -54,8 +57,6 @@ from kdcache.store.formats import LogitFormat, parse_format
 from kdcache.store.inspection import view_predictions
 from kdcache.teacher.runner import Teacher, load_teacher
 from kdcache.views.recipes import Recipe, make_recipe, parse_views, resumed_recipe
-
-DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -196,10 +197,13 @@ def _teacher_top1(store: CacheStore) -> list[float]:
     return [float((view_predictions(store, v)[0] == labels).mean()) for v in range(store.num_views)]
 
 
-#: dump_logits arguments checked by :func:`kdcache.settings.check_options` before anything is loaded.
-NUMERIC_OPTIONS = ("seed", "batch_size", "workers", "forward_block", "mix_alpha", "local_cluster")
+def dump_settings(config: str | Path | None = None, **given: object) -> dict[str, object]:
+    """The settings of a dump: a kdcache-form ``config`` file's with ``given`` on top, as ``dump-logits --config``
+    resolves them; pass the result to :func:`dump_logits`."""
+    return resolve(DUMP, config, given)
 
 
+@old_names(seed="view_seed")
 def dump_logits(
     *,
     teacher: str,
@@ -210,23 +214,23 @@ def dump_logits(
     checkpoint: str | None = None,
     weights: str | None = None,
     data_root: str | None = None,
-    split: str = "train",
-    seed: int = 0,
-    batch_size: int = 256,
-    workers: int = 0,
-    device: str = "auto",
-    amp: str = "none",
-    dtype: str = "float16",
-    forward_block: int = 64,
-    download: bool = False,
-    overwrite: bool = False,
+    split: str = D.split,
+    view_seed: int = D.view_seed,
+    batch_size: int = D.batch_size,
+    workers: int = D.workers,
+    device: str = D.device,
+    amp: str = D.amp,
+    dtype: str = D.dtype,
+    forward_block: int = D.forward_block,
+    download: bool = D.download,
+    overwrite: bool = D.overwrite,
     progress: bool = True,
     data: ImageDataset | None = None,
     scheduler: str | None = None,
     local_cluster: int | None = None,
-    format: str = "full",
-    mix: str = "none",
-    mix_alpha: float = 1.0,
+    format: str = D.format,
+    mix: str = D.mix,
+    mix_alpha: float = D.mix_alpha,
 ) -> DumpSummary:
     """Write (or resume, or extend) the teacher-logit cache ``out``; see the module docstring.
 
@@ -241,8 +245,8 @@ def dump_logits(
     """
     args = dict(locals())
     distributed = scheduler is not None or local_cluster is not None
-    check_options({k: args[k] for k in NUMERIC_OPTIONS})
-    _check_options(scheduler, local_cluster, data is not None, dtype)
+    check_options({k: v for k, v in args.items() if k != "data"})
+    _check_options(scheduler, local_cluster, data is not None)
     ds = data if data is not None else build_dataset(dataset, data_root, split, download)
     check_dataset(ds)
     existing = None if overwrite or not store_exists(out) else open_checked(out)
@@ -257,14 +261,15 @@ def dump_logits(
         teacher, ds.num_classes, ds.norm, checkpoint, weights, "cpu" if distributed else device, forward_block, amp
     )
     ds.check_images(_samples_to_decode(existing, num_views, len(ds), recipe))
-    identity = _identity(model, ds, recipe, seed, dtype, views_mode, fmt)
+    identity = _identity(model, ds, recipe, view_seed, dtype, views_mode, fmt)
     session = cluster_client(scheduler, local_cluster) if distributed else contextlib.nullcontext()
     with session as client, writer_lock(out):
         store, created = _prepare_store(out, overwrite, identity, num_views, str(views), ds, recipe, dtype, fmt)
         try:
             if client is not None:
                 return _run_cluster(store, _chunk_job(store, model, views_mode, args), client, progress)
-            return _run_dump(store, ds, recipe, model, seed, views_mode == "all", batch_size, workers, dtype, progress)
+            every = views_mode == "all"
+            return _run_dump(store, ds, recipe, model, view_seed, every, batch_size, workers, dtype, progress)
         except BaseException:
             if created and not store.done().any():
                 remove_store(out)
@@ -273,9 +278,10 @@ def dump_logits(
 
 def _chunk_job(store: CacheStore, model: Teacher, views_mode: str, args: dict) -> ChunkJob:
     """What a dask worker needs to run this dump's units (``args``: dump_logits's arguments)."""
-    fields = ("teacher", "checkpoint", "weights", "dataset", "data_root", "split", "seed", "forward_block", "amp")
+    fields = ("teacher", "checkpoint", "weights", "dataset", "data_root", "split", "forward_block", "amp")
     return ChunkJob(
         location=store.location,
+        seed=args["view_seed"],
         checkpoint_sha256=model.checkpoint_sha256,
         all_views=views_mode == "all",
         **{k: args[k] for k in (*fields, "dtype", "device", "batch_size")},
@@ -299,15 +305,13 @@ def _identity(
     }
 
 
-def _check_options(scheduler: str | None, local_cluster: int | None, in_memory: bool, dtype: str) -> None:
+def _check_options(scheduler: str | None, local_cluster: int | None, in_memory: bool) -> None:
     """Refuse option combinations no dump can run with, before anything is loaded (numbers: :mod:`kdcache.settings`)."""
     distributed = scheduler is not None or local_cluster is not None
     if scheduler is not None and local_cluster is not None:
         raise KdcacheError("pass either --scheduler or --local-cluster, not both")
     if distributed and in_memory:
         raise KdcacheError("a distributed dump needs a --dataset name the workers can load, not an in-memory dataset")
-    if dtype not in DTYPES:
-        raise KdcacheError(f"unknown --dtype {dtype!r}: choose float16 or float32")
 
 
 def _samples_to_decode(existing: CacheStore | None, num_views: int, num_samples: int, recipe: Recipe) -> np.ndarray:

@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import click
 import torch
 import yaml
 
 from kdcache.dump.loop import dump_logits
 from kdcache.experiments.report import Report, write_report
 from kdcache.experiments.sweep import load_spec, run_sweep
+from kdcache.settings import QUICKSTART_DEFAULTS as Q
+from kdcache.settings import check_options
 from kdcache.store.cache import make_output_dir
 from kdcache.train.runfolder import finished_run
 from kdcache.train.trainer import train_student
@@ -61,7 +62,7 @@ def command_line(name: str, kw: dict, positional: tuple[str, ...] = ()) -> str:
 def _run(name: str, fn: Callable, kw: dict, log: list[str], positional: tuple[str, ...] = ()) -> tuple[object, float]:
     """Print the command a step stands for, run it through the library, return its result and wall time."""
     line = command_line(name, kw, positional)
-    click.secho(f"\n$ {line}", bold=True)
+    print(f"\n$ {line}", flush=True)
     log.append(line)
     t0 = time.perf_counter()
     result = fn(**kw)
@@ -72,7 +73,7 @@ def _train(out: Path, name: str, kw: dict, epochs: int, log: list[str], mileston
     run_dir = out / name
     done = finished_run(run_dir, epochs)
     if done is not None:
-        click.echo(f"\n# {name}: finished earlier, reused ({run_dir})")
+        print(f"\n# {name}: finished earlier, reused ({run_dir})", flush=True)
         return done, sum(r["seconds"] for r in done)
     kw = {**kw, "dataset": "digits", "epochs": epochs, "lr_milestones": milestones, "batch_size": 32}
     kw |= {"out": str(run_dir), "resume": (run_dir / "last.pt").exists()}
@@ -82,7 +83,7 @@ def _train(out: Path, name: str, kw: dict, epochs: int, log: list[str], mileston
 
 def _dump(kw: dict, log: list[str]) -> None:
     summary, _ = _run("dump-logits", dump_logits, kw, log)
-    click.echo("\n".join(summary.lines()))
+    print("\n".join(summary.lines()), flush=True)
 
 
 def _spec(ckpt: str, cache: str, mlkd_cache: str, epochs: int, seeds: tuple[int, ...]) -> dict[str, object]:
@@ -114,17 +115,19 @@ def _spec(ckpt: str, cache: str, mlkd_cache: str, epochs: int, seeds: tuple[int,
 
 
 def quickstart(
-    out: str | Path = "data/quickstart",
-    epochs: int = 6,
-    teacher_epochs: int = 8,
+    out: str | Path = Q.out,
+    epochs: int = Q.epochs,
+    teacher_epochs: int | None = None,
     seeds: tuple[int, ...] = (0, 1, 2),
-    parallel: int = 2,
+    parallel: int = Q.parallel,
 ) -> Report:
     """Run the pipeline end to end: a teacher, two float32 caches, then a sweep of every method over ``seeds``.
 
     The table (``results.md`` in ``out``) reports each method as mean ± std over the seeds, and says whether the
     cached and the online KD students came out bit-identical.
     """
+    check_options({"epochs": epochs, "parallel": parallel, "out": out})
+    teacher_epochs = teacher_epochs or max(2, round(4 * epochs / 3))
     out = make_output_dir(out)
     log: list[str] = []
     milestones = (int(teacher_epochs * 0.6), int(teacher_epochs * 0.85))
@@ -143,10 +146,10 @@ def quickstart(
     _run("sweep", _sweep, sweep, log, ("spec",))
     report = write_report(out / "sweep")
     table = results_table(report, t_hist, identical_online(out / "sweep", seeds))
-    click.echo("\n" + table)
+    print("\n" + table, flush=True)
     (out / "results.md").write_text(table + "\n")
     (out / "commands.txt").write_text("\n".join(log) + "\n")
-    click.echo(f"\nplot: {report.curves_png}\ntable: {out / 'results.md'}")
+    print(f"\nplot: {report.curves_png}\ntable: {out / 'results.md'}", flush=True)
     return report
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
+from kdcache.settings import STUDY_DEFAULTS as S
 from kdcache.settings import check_options
 from kdcache.store.cache import check_output_dir, make_output_dir
 from kdcache.store.checks import open_checked
@@ -89,14 +90,14 @@ def study_views(
     student: str,
     dataset: str,
     out: str | Path,
-    teacher: str | None = None,
-    checkpoint: str | None = None,
-    weights: str | None = None,
-    counts: list[int] | None = None,
-    epochs: int = 240,
-    data_root: str | None = None,
+    teacher: str | None = S.teacher,
+    checkpoint: str | None = S.checkpoint,
+    weights: str | None = S.weights,
+    counts: list[int] | tuple[int, ...] | None = S.counts,
+    epochs: int = S.epochs,
+    data_root: str | None = S.data_root,
     progress: bool = True,
-    **train_kwargs,
+    **train_kwargs: object,
 ) -> list[StudyPoint]:
     """Train ``student`` from the first ``counts`` views of ``cache`` (and online from ``teacher``); write
     ``study.json`` and ``views.png``.

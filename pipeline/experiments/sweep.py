@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -37,11 +38,14 @@ from kdcache.dump.cluster import cluster_client
 from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
 from kdcache.experiments.report import write_report
-from kdcache.sizes import parse_size
+from kdcache.settings import SWEEP_DEFAULTS as W
+from kdcache.settings import check_options, read_settings, resolve, write_settings
+from kdcache.settings.files import parse_settings as parse_file_settings
+from kdcache.settings.files import read_yaml
+from kdcache.settings.table import SWEEP, TRAIN
 from kdcache.store.cache import check_output_dir, local_path, make_output_dir
 from kdcache.store.checks import open_checked
 from kdcache.train.config import TrainConfig
-from kdcache.train.configs import dump_config, load_config, parse_settings, read_yaml
 from kdcache.train.runfolder import finished_run
 from kdcache.train.trainer import train_student
 
@@ -49,8 +53,17 @@ SPEC_KEYS = ("methods", "grid", "seeds", "reference", "dump")
 ONLINE = "online"  # a method key (not a train-student option): run its teacher online instead of dumping a cache
 #: train-student options a SPEC may not set: the sweep owns the run folder, seeds and resumption.
 SWEEP_OWNED = ("out", "resume", "seed", "progress")
-DUMP_OPTIONS = ("views", "dtype", "batch_size", "forward_block", "workers", "device", "amp", "seed", "format")
+DUMP_OPTIONS = ("views", "dtype", "batch_size", "forward_block", "workers", "device", "amp", "view_seed", "format")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def parse_settings(data: dict, command: str, options: Collection[str], where: str | Path) -> dict[str, object]:
+    """A SPEC block's settings for ``command``, limited to ``options`` (the keys a sweep lets a SPEC set)."""
+    settings = parse_file_settings(data, command, where)
+    other = sorted(set(settings) - set(options))
+    if other:
+        raise KdcacheError(f"{where}: {other[0].replace('_', '-')} cannot be set in a SPEC here: drop it")
+    return settings
 
 
 def train_options() -> set[str]:
@@ -244,7 +257,8 @@ def cache_plan(run: SweepRun, dump: dict[str, object], out: Path) -> dict[str, o
         "mix_alpha": o.get("mix_alpha", 1.0),
         **{k: v for k, v in dump.items() if k != "views"},
     }
-    key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    named = {("seed" if k == "view_seed" else k): v for k, v in plan.items()}  # the key caches were first named by
+    key = hashlib.sha256(json.dumps(named, sort_keys=True, default=str).encode()).hexdigest()[:10]
     plan["out"] = str(out / "caches" / f"{_text(o['teacher'])}.{augment}.{key}.zarr")
     return plan
 
@@ -310,7 +324,7 @@ def prepare(spec: SweepSpec, out: str | Path, scheduler: str | None = None, loca
         folder = out / run.folder
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "run.json").write_text(json.dumps(run.record(), indent=1) + "\n")
-        dump_config({**run.options, "cache_scratch": str(out / "scratch")}, folder / PLAN_FILE)
+        write_settings({**run.options, "cache_scratch": str(out / "scratch")}, folder / PLAN_FILE)
     return runs
 
 
@@ -434,9 +448,7 @@ def _student_process(folder: str, env: dict[str, str]) -> None:
         os.dup2(log, fd)
     warnings.simplefilter("ignore")
     try:
-        settings = load_config(Path(folder) / PLAN_FILE, "train-student", train_options() | {"seed"})
-        if "cache_memory" in settings:
-            settings["cache_memory"] = parse_size(settings["cache_memory"])
+        settings = read_settings(Path(folder) / PLAN_FILE, TRAIN)
         result = train_student(**settings, out=folder, resume=True)
     except KdcacheError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -507,11 +519,11 @@ def run_sweep(
     spec: SweepSpec,
     out: str | Path,
     *,
-    parallel: int = 1,
-    per_gpu: int = 1,
-    threads: int = 1,
-    local_cluster: int | None = None,
-    scheduler: str | None = None,
+    parallel: int = W.parallel,
+    per_gpu: int = W.per_gpu,
+    threads: int = W.threads,
+    local_cluster: int | None = W.local_cluster,
+    scheduler: str | None = W.scheduler,
     progress: bool = True,
 ) -> SweepResult:
     """Run every not yet finished run of ``spec`` into ``out`` (locally ``parallel`` at a time with ``threads`` CPU
@@ -539,3 +551,20 @@ def run_sweep(
 
 
 __all__ = ["SweepSpec", "SweepRun", "SweepResult", "load_spec", "preset_path", "expand", "prepare", "run_sweep"]
+
+
+def sweep_command(spec: str | Path | None = None, **given: object) -> tuple[list[str], list[str]]:
+    """What ``kdcache sweep`` does with a SPEC (or ``preset``) and its settings: the lines it prints and the runs
+    that failed. ``report=True`` only rebuilds the report of the runs in ``out``."""
+    settings = resolve(SWEEP, None, given)
+    check_options(settings)
+    out = Path(str(settings.pop("out")))
+    preset = settings.pop("preset", None)
+    if settings.pop("report", False):
+        return [f"report     {p}" for p in write_report(out).paths], []
+    if (spec is None) == (preset is None):
+        raise KdcacheError("give a SPEC.yaml or --preset NAME (one of them)")
+    result = run_sweep(load_spec(spec or preset_path(str(preset))), out, **settings)  # type: ignore[arg-type]
+    done = len(result.runs) - len(result.failed)
+    lines = [f"results    {out / 'results.md'}  ({done} of {len(result.runs)} runs)"]
+    return lines, [f"{name}: {line}" for name, line in result.failed.items()]

@@ -27,6 +27,9 @@ from kdcache.devices import resolve_device
 from kdcache.errors import KdcacheError
 from kdcache.feed.logits import SCHEDULES, LogitFeed, epoch_order, epoch_views, reuse_warning
 from kdcache.feed.ranks import Ranks
+from kdcache.settings import TRAIN_DEFAULTS as T
+from kdcache.settings import check_options, choices, old_names, read_values
+from kdcache.settings.table import TRAIN
 from kdcache.store.cache import CacheStore, array_names, open_store, view_mismatch
 from kdcache.store.checks import check_cache
 from kdcache.store.formats import LogitFormat, TopKTeacher
@@ -35,7 +38,7 @@ from kdcache.views.ops import pixel_hash
 from kdcache.views.recipes import Recipe, make_recipe, normalize, parse_views, recipe_from_attrs
 
 HASH_CHECK_EVERY = 16  # verify pixel hashes on every 16th batch (and the first) unless verify_views
-TEACHER_MIXES = ("logits", "probs")
+TEACHER_MIXES = choices("teacher_mix")
 
 
 def ensemble_teachers(logits: list[torch.Tensor], weights: list[float], mix: str = "logits") -> torch.Tensor:
@@ -177,26 +180,26 @@ def cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None, mix:
     return recipe
 
 
-def mixing_weights(teacher_weights: str | list[float] | None, count: int, teacher_mix: str) -> list[float]:
-    """The normalized weights of ``count`` teachers (equal by default) from ``--teacher-weights``."""
+def mixing_weights(cache_weights: str | list[float] | None, count: int, teacher_mix: str) -> list[float]:
+    """The normalized weights of ``count`` teachers (equal by default) from ``--cache-weights``."""
     if teacher_mix not in TEACHER_MIXES:
         raise KdcacheError(f"unknown --teacher-mix {teacher_mix!r}: choose logits or probs")
-    if teacher_weights is None:
+    if cache_weights is None:
         weights = [1.0] * count
-    elif isinstance(teacher_weights, str):
+    elif isinstance(cache_weights, str):
         try:
-            weights = [float(w) for w in teacher_weights.split(",")]
+            weights = [float(w) for w in cache_weights.split(",")]
         except ValueError:
             raise KdcacheError(
-                f"--teacher-weights takes one number per --cache, such as 0.5,0.5, not {teacher_weights!r} "
+                f"--cache-weights takes one number per --cache, such as 0.5,0.5, not {cache_weights!r} "
                 "(an online teacher's torchvision weights name goes to --weights)"
             ) from None
     else:
-        weights = [float(w) for w in teacher_weights]
+        weights = [float(w) for w in cache_weights]
     if len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
         raise KdcacheError(
-            f"--teacher-weights needs {count} non-negative numbers (one per --cache) with a positive sum, "
-            f"got {teacher_weights!r}"
+            f"--cache-weights needs {count} non-negative numbers (one per --cache) with a positive sum, "
+            f"got {cache_weights!r}"
         )
     return [w / sum(weights) for w in weights]
 
@@ -259,7 +262,7 @@ class DistillLoader:
     """One epoch's training batches (:class:`Batch`) from a cache (or several) and its dataset, for any loop.
 
     ``cache`` is a store written by ``kdcache dump-logits`` (or a list of stores of the same views from several
-    teachers, combined per ``teacher_mix`` with ``teacher_weights``); ``dataset`` is its dataset name (with
+    teachers, combined per ``teacher_mix`` with ``cache_weights``); ``dataset`` is its dataset name (with
     ``data_root``) or an :class:`~kdcache.dataset.ImageDataset`. The loader fails closed on a cache of other data or
     recipe, an incomplete cache or a lost chunk; it checks the pixel hashes of every 16th batch (every batch with
     ``verify_views``) and stops at a non-finite teacher row. Call :meth:`set_epoch` (0-based) before each epoch:
@@ -272,40 +275,61 @@ class DistillLoader:
     yields views and labels only. ``epochs`` (if known) stops the prefetch of an epoch that will not come.
     """
 
+    @old_names(teacher_weights="cache_weights")
     def __init__(
         self,
         cache: str | Path | list[str] | None,
         dataset: str | ImageDataset,
         *,
-        data_root: str | None = None,
-        download: bool = False,
-        batch_size: int = 64,
-        seed: int = 0,
+        data_root: str | None = T.data_root,
+        download: bool = T.download,
+        batch_size: int = T.batch_size,
+        seed: int = T.seed,
         kinds: int = 1,
         device: str | torch.device = "cpu",
-        workers: int = 0,
-        verify_views: bool = False,
-        view_schedule: str = "chunk",
-        cache_views: int | None = None,
-        cache_memory: int = 4 << 30,
-        cache_scratch: str | Path | None = None,
-        teacher_weights: str | list[float] | None = None,
-        teacher_mix: str = "logits",
+        workers: int = T.workers,
+        verify_views: bool = T.verify_views,
+        view_schedule: str = SCHEDULES[0],
+        cache_views: int | None = T.cache_views,
+        cache_memory: int | str = T.cache_memory,
+        cache_scratch: str | Path | None = T.cache_scratch,
+        cache_weights: str | list[float] | None = T.cache_weights,
+        teacher_mix: str = T.teacher_mix,
         teacher: Teacher | None = None,
-        augment: str | None = None,
-        mix: str | None = None,
-        mix_alpha: float = 1.0,
-        views: str | int | None = None,
-        view_seed: int = 0,
+        augment: str | None = T.augment,
+        mix: str | None = T.mix,
+        mix_alpha: float = T.mix_alpha,
+        views: str | int | None = T.views,
+        view_seed: int = T.view_seed,
         with_teacher: bool = True,
         epochs: int | None = None,
         ranks: Ranks | None = None,
     ):
+        given = read_values(TRAIN, {"cache_memory": cache_memory, "cache_weights": cache_weights})
+        cache_memory, cache_weights = given["cache_memory"], given["cache_weights"]  # type: ignore[assignment]
+        check_options(
+            dict(
+                batch_size=batch_size,
+                seed=seed,
+                workers=workers,
+                view_schedule=view_schedule,
+                cache_views=cache_views,
+                cache_memory=cache_memory,
+                teacher_mix=teacher_mix,
+                augment=augment,
+                mix=mix,
+                mix_alpha=mix_alpha,
+                view_seed=view_seed,
+                epochs=epochs,
+            )
+        )
+        if kinds not in (1, 2):
+            raise KdcacheError(f"kinds is 1 (one view per sample) or 2 (MLKD's weak and strong), got {kinds!r}")
         caches = _as_list(cache)
         self.cache_locations = caches
         self.ranks = ranks or Ranks()
         self.device = resolve_device(device) if isinstance(device, str) else device
-        _check_loader_args(caches, teacher, teacher_weights, view_schedule, batch_size, self.ranks.world)
+        _check_loader_args(caches, teacher, cache_weights, view_schedule, batch_size, self.ranks.world)
         self.dataset = (
             dataset if isinstance(dataset, ImageDataset) else build_dataset(dataset, data_root, "train", download)
         )
@@ -316,7 +340,7 @@ class DistillLoader:
         self.stores, self.weights = [], [1.0]
         if caches:
             self.stores, self.recipe = open_caches(caches, self.dataset, augment, mix)
-            self.weights = mixing_weights(teacher_weights, len(caches), teacher_mix)
+            self.weights = mixing_weights(cache_weights, len(caches), teacher_mix)
             self.num_views, self.uniform = _cache_view_count(self.stores[0], cache_views)
         else:
             online = _online_views(self.dataset, augment, mix, mix_alpha, views, epochs)
@@ -464,14 +488,12 @@ class DistillLoader:
 
 
 def _check_loader_args(
-    caches: list[str], teacher: Teacher | None, teacher_weights: object, schedule: str, batch_size: int, world: int
+    caches: list[str], teacher: Teacher | None, cache_weights: object, schedule: str, batch_size: int, world: int
 ) -> None:
     if caches and teacher is not None:
         raise KdcacheError("pass either --cache or --teacher, not both")
-    if teacher_weights is not None and len(caches) < 2:
-        raise KdcacheError("--teacher-weights mixes several teachers: pass one --cache per teacher (two or more)")
-    if schedule not in SCHEDULES:
-        raise KdcacheError(f"unknown --view-schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if cache_weights is not None and len(caches) < 2:
+        raise KdcacheError("--cache-weights mixes several teachers: pass one --cache per teacher (two or more)")
     if batch_size % world:
         raise KdcacheError(
             f"--batch-size {batch_size} is the global batch and must divide among {world} processes: "

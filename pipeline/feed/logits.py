@@ -31,6 +31,7 @@ import numpy as np
 import zarr
 
 from kdcache.errors import KdcacheError, first_line
+from kdcache.settings import choices
 from kdcache.store.cache import CHUNK, CacheStore, local_path
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -52,7 +53,7 @@ def mix64(*parts: int | np.ndarray) -> np.ndarray:
 #: How a seeded cache's views are scheduled: ``chunk`` (every sample of a store chunk takes the same view index in an
 #: epoch, so an epoch reads one view's worth of the cache) or ``sample`` (each sample its own permutation; runs
 #: started before the chunk schedule keep it).
-SCHEDULES = ("chunk", "sample")
+SCHEDULES = choices("view_schedule")
 
 
 def epoch_views(

@@ -12,7 +12,7 @@ from kdcache.losses.functions import (
     sort_teacher,
     zscore,
 )
-from kdcache.losses.objective import Objective, get_loss
+from kdcache.losses.objective import Objective, cross_entropy, get_loss
 from kdcache.losses.registry import LOSS_REGISTRY, LossSpec, register_loss
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "CTKDTemperature",
     "LossSpec",
     "Objective",
+    "cross_entropy",
     "dkd_loss",
     "get_loss",
     "kd_loss",

@@ -15,10 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kdcache.settings import choices
 from kdcache.store.formats import TAILS, TopKTeacher, buckets
 
 MLKD_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)  # added to the base temperature T0
-CTKD_DECAYS = ("cosine", "linear")
+CTKD_DECAYS = choices("ctkd_decay")
 _LOG_HALF = -math.log(2.0)
 
 

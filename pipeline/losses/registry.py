@@ -52,8 +52,9 @@ class LossSpec:
         return tuple(k for k in self.defaults if k not in ("ce_weight", "kd_weight", "warmup"))
 
     def resolved_defaults(self, logit_stand: bool) -> dict[str, object]:
-        """The defaults with or without Z-score standardization."""
-        return {**self.defaults, **(self.ls_defaults if logit_stand else {})}
+        """The defaults with or without Z-score standardization; a loss without a teacher term has CE weight 1 and
+        distillation weight 0."""
+        return {"ce_weight": 1.0, "kd_weight": 0.0, **self.defaults, **(self.ls_defaults if logit_stand else {})}
 
 
 #: Every built-in loss, by ``--loss`` name (see :func:`register_loss`).

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from kdcache.errors import KdcacheError
-from kdcache.store.cache import CacheStore, disk_bytes, view_mismatch
+from kdcache.store.cache import CacheStore, check_output_dir, disk_bytes, view_mismatch
 from kdcache.store.checks import open_checked
 from kdcache.store.formats import top1_and_confidence
 
@@ -156,3 +157,28 @@ def teacher_agreement(locations: list[str]) -> Agreement:
             pairs = [_js(probs[a], probs[b]).mean() for a in range(len(probs)) for b in range(a + 1, len(probs))]
             js.append(float(np.mean(pairs)))
     return Agreement([st.location for st in stores], top1, agree, js if full else None)
+
+
+def inspect_caches(locations: list[str], plot: str | None = None) -> list[str]:
+    """What ``kdcache inspect`` prints for one cache or several of the same views (with their agreement); ``plot``
+    (``""`` for ``views.png``) also writes the per-view plot."""
+    from kdcache.plots import plot_agreement, plot_views
+
+    path = None if plot is None else Path(plot or "views.png")
+    if path is not None:
+        check_output_dir(path.absolute().parent, "--plot folder")
+    lines: list[str] = []
+    for location in locations:
+        report = inspect_cache(location)
+        lines += report.lines()
+    if len(locations) > 1:
+        agreement = teacher_agreement(list(locations))
+        lines += agreement.lines()
+        if path is not None:
+            lines.append(f"plot       {plot_agreement(agreement.top1, agreement.agree, path)}")
+        return lines
+    if path is not None:
+        if not report.top1:
+            raise KdcacheError("no finished view to plot yet: finish the dump first")
+        lines.append(f"plot       {plot_views(report.top1, report.confidence, path)}")
+    return lines

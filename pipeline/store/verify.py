@@ -22,6 +22,7 @@ import torch
 
 from kdcache.dataset.datasets import build_dataset
 from kdcache.errors import KdcacheError
+from kdcache.settings import VERIFY_DEFAULTS as V
 from kdcache.settings import check_options
 from kdcache.store.cache import CHUNK, CacheStore, array_names, num_chunks, open_store
 from kdcache.store.checks import REDUMP, holes, layout_problems, per_view_arrays
@@ -182,12 +183,12 @@ def _check_replay(
 
 def verify_cache(
     location: str,
-    teacher: str | None = None,
-    checkpoint: str | None = None,
-    weights: str | None = None,
-    sample: int = 0,
-    data_root: str | None = None,
-    device: str = "auto",
+    teacher: str | None = V.teacher,
+    checkpoint: str | None = V.checkpoint,
+    weights: str | None = V.weights,
+    sample: int = V.sample,
+    data_root: str | None = V.data_root,
+    device: str = V.device,
 ) -> VerifyReport:
     """Check a cache and return every problem found (see the module docstring)."""
     check_options({"sample": sample})

@@ -21,9 +21,10 @@ from kdcache.devices import resolve_device
 from kdcache.errors import KdcacheError
 from kdcache.models.checkpoints import file_sha256, load_checkpoint
 from kdcache.models.factory import check_model_name, create_model
+from kdcache.settings import choices
 from kdcache.views.recipes import normalize
 
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = choices("amp")
 
 
 @dataclass

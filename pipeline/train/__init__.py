@@ -3,6 +3,7 @@ and run folder.
 """
 
 from kdcache.train.config import TrainConfig
+from kdcache.train.configs import train_settings
 from kdcache.train.evaluation import classification_metrics, evaluate
 from kdcache.train.precision import Precision
 from kdcache.train.runlog import RunLog, read_records
@@ -27,5 +28,6 @@ __all__ = [
     "load_student",
     "read_records",
     "train_one_epoch",
+    "train_settings",
     "train_student",
 ]

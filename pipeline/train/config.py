@@ -4,65 +4,74 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kdcache.errors import KdcacheError
-from kdcache.losses.functions import CTKD_DECAYS
 from kdcache.losses.objective import check_loss_opts, get_loss
 from kdcache.losses.registry import LossSpec
+from kdcache.settings import TRAIN_DEFAULTS as T
 from kdcache.settings import check_options
 
-TEACHER_FIXES = ("none", "sort")
-
-
-AMP_MODES = ("none", "bf16", "fp16")
-
-
 SLOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
-
-
+#: Published CIFAR-100 learning rates: (one view kind, MLKD's two), for most students and for SLOW_LR_STUDENTS.
+LEARNING_RATES = {"default": (0.05, 0.025), "slow": (0.01, 0.01)}
 #: Per-loss options; a run's record compares only those its loss uses.
 LOSS_OPTIONS = ("temperature", "alpha", "beta", "warmup", "gamma", "t_norm", "mlkd_variant")
 
 
-_FALLBACK = {"temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup": 20, "gamma": 1.5, "t_norm": 2.0}
+def default_lr(student: str, kinds: int) -> float:
+    """The published learning rate for ``student`` with a loss of ``kinds`` view kinds."""
+    rates = LEARNING_RATES["slow" if student in SLOW_LR_STUDENTS else "default"]
+    return rates[kinds - 1]
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of a student run; ``None`` means the published CIFAR-100 default for the loss."""
+    """Hyper-parameters of a student run (defaults: the settings table); ``None`` means the loss's published
+    CIFAR-100 default, from the loss registry."""
 
     student: str
-    loss: str = "kd"
+    loss: str = T.loss
     loss_opt: dict[str, object] = field(default_factory=dict)
-    logit_stand: bool = False
-    temperature: float | None = None
-    ce_weight: float | None = None
-    kd_weight: float | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    warmup: int | None = None
-    mlkd_variant: str = "reference"
-    gamma: float | None = None
-    t_norm: float | None = None
-    teacher_fix: str = "none"
-    ctkd: bool = False
-    ctkd_t_start: float = 1.0
-    ctkd_t_end: float = 20.0
-    ctkd_decay: str = "cosine"
-    ctkd_decay_epochs: int = 10
-    ctkd_decay_max: float = 0.0
-    ctkd_decay_min: float = -1.0
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float | None = None
-    lr_milestones: tuple[int, ...] = (150, 180, 210)
-    lr_decay_rate: float = 0.1
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    seed: int = 0
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
+    logit_stand: bool = T.logit_stand
+    temperature: float | None = T.temperature
+    ce_weight: float | None = T.ce_weight
+    kd_weight: float | None = T.kd_weight
+    alpha: float | None = T.alpha
+    beta: float | None = T.beta
+    warmup: int | None = T.warmup
+    mlkd_variant: str = T.mlkd_variant
+    gamma: float | None = T.gamma
+    t_norm: float | None = T.t_norm
+    teacher_fix: str = T.teacher_fix
+    ctkd: bool = T.ctkd
+    ctkd_t_start: float = T.ctkd_t_start
+    ctkd_t_end: float = T.ctkd_t_end
+    ctkd_decay: str = T.ctkd_decay
+    ctkd_decay_epochs: int = T.ctkd_decay_epochs
+    ctkd_decay_max: float = T.ctkd_decay_max
+    ctkd_decay_min: float = T.ctkd_decay_min
+    epochs: int = T.epochs
+    batch_size: int = T.batch_size
+    lr: float | None = T.lr
+    lr_milestones: tuple[int, ...] = T.lr_milestones
+    lr_decay_rate: float = T.lr_decay_rate
+    weight_decay: float = T.weight_decay
+    momentum: float = T.momentum
+    seed: int = T.seed
+    amp: str = T.amp
+    channels_last: bool = T.channels_last
+    compile: bool = T.compile
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: object) -> TrainConfig:
+        """The hyper-parameters of a kdcache or mdistiller/LS/MLKD config file, ``overrides`` on top, resolved
+        exactly as ``train-student --config`` resolves them (the file's other settings are left out)."""
+        from kdcache.train.configs import train_settings
+
+        settings = train_settings(path, **overrides)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in settings.items() if k in names})  # type: ignore[arg-type]
 
     @property
     def spec(self) -> LossSpec:
@@ -72,10 +81,9 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` replaced by the loss's published default (``kdcache losses`` lists them)."""
         spec = self.spec
-        d = {"ce_weight": 1.0, "kd_weight": 0.0, **_FALLBACK, **spec.resolved_defaults(self.logit_stand)}
+        d = spec.resolved_defaults(self.logit_stand)
         d = {k: v for k, v in d.items() if k not in ("logit_stand", "mlkd_variant") and hasattr(self, k)}
-        slow = self.student in SLOW_LR_STUDENTS
-        d["lr"] = (0.01 if slow else 0.025) if spec.kinds == 2 else (0.01 if slow else 0.05)
+        d["lr"] = default_lr(self.student, spec.kinds)
         values = {k: (getattr(self, k) if getattr(self, k) is not None else d[k]) for k in d}
         loss_opt = {} if spec.builtin else {**{k: spec.defaults[k] for k in spec.options}, **self.loss_opt}
         return dataclasses.replace(self, **values, loss_opt=loss_opt, lr_milestones=tuple(self.lr_milestones))
@@ -83,11 +91,6 @@ class TrainConfig:
     def validate(self) -> None:
         """Refuse nonsense settings with a one-line message naming the flag."""
         check_options({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-        choices = [("mlkd-variant", ("reference", "paper")), ("teacher-fix", TEACHER_FIXES)]
-        for name, allowed in [*choices, ("ctkd-decay", CTKD_DECAYS), ("amp", AMP_MODES)]:
-            value = getattr(self, name.replace("-", "_"))
-            if value not in allowed:
-                raise KdcacheError(f"unknown --{name} {value!r}: choose one of {', '.join(allowed)}")
         spec = self.spec
         check_loss_opts(spec, self.loss_opt)
         if self.ctkd and not spec.ctkd:

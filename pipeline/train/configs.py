@@ -1,6 +1,6 @@
-"""YAML config files for ``dump-logits`` and ``train-student``: kdcache's own form and the mdistiller yacs form.
+"""Config files of a student run: kdcache's form (:mod:`kdcache.settings.files`) and the mdistiller yacs form.
 
-kdcache's form is a flat mapping of flag names (``kd-weight: 9``). The yacs form is the one of
+The yacs form is the one of
 megvii-research/mdistiller and its forks logit-standardization-KD (LS) and Multi-Level-Logit-Distillation (MLKD):
 upper-case sections (``DISTILLER``, ``SOLVER``, ``KD``, ...). It is translated to the settings upstream would train
 with, its defaults filled in from upstream's ``mdistiller/engine/cfg.py``. A key kdcache cannot honour is refused by
@@ -9,228 +9,14 @@ name, never ignored.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import math
-from collections.abc import Callable, Collection
 from pathlib import Path
 
-import yaml
-
-from kdcache.errors import KdcacheError, first_line
-
-# ---------------------------------------------------------------- value kinds
-
-
-def _as_int(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise ValueError("an integer")
-
-
-def _as_float(value: object) -> float:
-    number = math.nan
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):  # PyYAML reads 5e-4 (no dot) as text
-        with contextlib.suppress(ValueError):
-            number = float(value)
-    if math.isfinite(number):
-        return number
-    raise ValueError("a finite number")
-
-
-def _as_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ValueError("true or false")
-
-
-def _as_text(value: object) -> str:
-    if isinstance(value, str):
-        return value
-    raise ValueError("text (quote it)")
-
-
-def _as_text_or_int(value: object) -> str | int:
-    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    raise ValueError("text or an integer")
-
-
-def _as_milestones(value: object) -> tuple[int, ...]:
-    try:
-        if isinstance(value, str):
-            return tuple(int(x) for x in value.split(",") if x.strip())
-        return tuple(_as_int(x) for x in (value if isinstance(value, list) else [value]))
-    except ValueError:
-        raise ValueError("epochs such as [150, 180, 210] or '150,180,210'") from None
-
-
-def _as_caches(value: object) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(x, str) for x in value):
-        return list(value)
-    raise ValueError("a store path or a list of them")
-
-
-def _as_weights(value: object) -> str | list[float]:
-    if isinstance(value, str):
-        return value
-    try:
-        if isinstance(value, list) and value:
-            return [_as_float(x) for x in value]
-    except ValueError:
-        pass
-    raise ValueError("weights such as [0.5, 0.5] or '0.5,0.5'")
-
-
-def _as_scalar(value: object) -> object:
-    if isinstance(value, (str, int, float, bool)):
-        return value
-    raise ValueError("a single value")
-
-
-_INTS = "epochs batch_size warmup seed workers view_seed forward_block cache_views ctkd_decay_epochs local_cluster"
-_FLOATS = (
-    "temperature ce_weight kd_weight alpha beta gamma t_norm ctkd_t_start ctkd_t_end ctkd_decay_max ctkd_decay_min "
-    "lr lr_decay_rate weight_decay momentum mix_alpha"
-)
-_BOOLS = "logit_stand ctkd download resume verify_views plot overwrite progress channels_last compile"
-_TEXTS = (
-    "cache_scratch student teacher loss dataset data_root out checkpoint weights augment mix device teacher_mix "
-    "mlkd_variant teacher_fix ctkd_decay view_schedule split amp dtype format scheduler"
-)
-
-
-def _as_loss_opts(value: object) -> dict[str, object]:
-    """``loss-opt``: a mapping of option names to YAML values (as ``config.yaml`` writes it)."""
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ValueError("a mapping such as {margin: 0.5}")
-    return dict(value)
-
-
-# How a kdcache-form value is read, per option; an option not listed takes any single value as is.
-_KINDS: dict[str, Callable[[object], object]] = {
-    **dict.fromkeys(_INTS.split(), _as_int),
-    **dict.fromkeys(_FLOATS.split(), _as_float),
-    **dict.fromkeys(_BOOLS.split(), _as_bool),
-    **dict.fromkeys(_TEXTS.split(), _as_text),
-    "views": _as_text_or_int,
-    "cache_memory": _as_text_or_int,
-    "lr_milestones": _as_milestones,
-    "cache": _as_caches,
-    "teacher_weights": _as_weights,
-    "loss_opt": _as_loss_opts,
-}
-
-# ---------------------------------------------------------------- reading files
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
-            if isinstance(key, str):
-                seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path: Path) -> dict:
-    """The file's top-level mapping, or a one-line error for a missing, unreadable or malformed file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise KdcacheError(f"config file {path} not found: check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KdcacheError(f"cannot read config file {path} ({first_line(exc)}): pass a UTF-8 YAML file") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or first_line(exc)
-        raise KdcacheError(f"{path}: YAML syntax error{where}: {problem}; fix the file") from None
-    if not isinstance(data, dict):
-        got = "empty" if data is None else f"a {type(data).__name__}"
-        raise KdcacheError(f"{path}: the top level must be a mapping of flag: value lines, but it is {got}")
-    return data
-
-
-def _is_yacs(data: dict) -> bool:
-    return any(isinstance(k, str) and k.isupper() for k in data)
-
-
-def is_mdistiller_file(path: str | Path) -> bool:
-    """Whether ``path`` holds an mdistiller-family (yacs, upper-case sections) config rather than kdcache's form."""
-    return _is_yacs(read_yaml(Path(path)))
-
-
-def load_config(path: str | Path, command: str, options: Collection[str]) -> dict[str, object]:
-    """Read a config file for ``command`` into ``{python_option_name: value}``; any bad key or value is refused.
-
-    ``options`` are the python parameter names ``command`` accepts. An mdistiller-family (yacs) file is translated
-    with :func:`from_mdistiller`; it describes a student run, so only ``train-student`` takes it.
-    """
-    path = Path(path)
-    data = read_yaml(path)
-    if not _is_yacs(data):
-        return parse_settings(data, command, options, path)
-    if command != "train-student":
-        raise KdcacheError(
-            f"{path} is an mdistiller config (upper-case sections), which describes a student run: "
-            f"use it with train-student, not {command}"
-        )
-    lower = [k for k in data if not (isinstance(k, str) and k.isupper())]
-    if lower:
-        raise KdcacheError(f"{path} mixes mdistiller sections with kdcache keys ({lower[0]!r}): use one form per file")
-    try:
-        settings = from_mdistiller(data)
-    except KdcacheError as exc:
-        raise KdcacheError(f"{path}: {exc}") from None
-    missing = sorted(set(settings) - set(options))
-    if missing:
-        flag = missing[0].replace("_", "-")
-        raise KdcacheError(f"{path} needs the train-student option --{flag}, which this kdcache lacks: upgrade kdcache")
-    return settings
-
-
-def parse_settings(data: dict, command: str, options: Collection[str], path: str | Path) -> dict[str, object]:
-    """Flag-named keys to python names, each value checked and normalised for its option (``path`` names the source)."""
-    flags = {name.replace("_", "-"): name for name in options}
-    settings: dict[str, object] = {}
-    for key, value in data.items():
-        if not isinstance(key, str) or key not in flags:
-            raise KdcacheError(f"{path}: {_unknown_flag(key, flags, command)}")
-        if value is None:
-            raise KdcacheError(f"{path}: {key} has no value: give one or delete the line")
-        name = flags[key]
-        try:
-            settings[name] = _KINDS.get(name, _as_scalar)(value)
-        except ValueError as exc:
-            raise KdcacheError(f"{path}: {key} takes {exc}, got {value!r}") from None
-    return settings
-
-
-def _unknown_flag(key: object, flags: dict[str, str], command: str) -> str:
-    """Why ``key`` is refused, with the flag name the user probably meant."""
-    if not isinstance(key, str):
-        return f"key {key!r} is not a flag name: write {command} flag names such as epochs"
-    dashed = key.lstrip("-").replace("_", "-")
-    if dashed in flags:
-        return f"write {dashed}, the flag name, not {key}"
-    close = difflib.get_close_matches(dashed, list(flags), n=1)
-    hint = f"did you mean {close[0]}?" if close else f"see `kdcache {command} --help` for the flags"
-    return f"unknown key {key!r} for {command}: {hint}"
-
+from kdcache.errors import KdcacheError
+from kdcache.settings import read_settings, read_values, resolve
+from kdcache.settings.files import is_yacs, read_yaml
+from kdcache.settings.table import TRAIN
+from kdcache.settings.values import as_bool, as_float, as_int, as_ints, as_text
 
 # ---------------------------------------------------------------- the mdistiller (yacs) form
 
@@ -272,7 +58,7 @@ _MDISTILLER_DEFAULTS: dict[str, object] = {
 # which mdistiller's yacs refuses) gets these; any other file gets mdistiller's.
 _LS_KD_DEFAULTS = {"KD.TEMPERATURE": 2.0, "KD.LOSS.KD_WEIGHT": 9.0}
 _SECTIONS = {key.rsplit(".", i)[0] for key in _MDISTILLER_DEFAULTS for i in range(1, key.count(".") + 1)}
-_BY_TYPE = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_text, tuple: _as_milestones}
+_BY_TYPE = {bool: as_bool, int: as_int, float: as_float, str: as_text, tuple: as_ints}
 _LOSSES = {"NONE": "ce", "KD": "kd", "DKD": "dkd", "MLKD": "mlkd", "KD_ours": "mlkd"}  # KD_ours: MLKD repo's name
 _READS = {"NONE": (), "KD": ("KD",), "DKD": ("DKD",), "MLKD": ("KD",), "KD_ours": ("KD",)}  # sections each type uses
 _FEATURE_DISTILLERS = ("AT", "OFD", "RKD", "FITNET", "KDSVD", "CRD", "NST", "PKT", "SP", "VID", "REVIEWKD")
@@ -458,32 +244,39 @@ def apply_ls_args(settings: dict, logit_stand: bool, base_temp: float | None, kd
     return {**settings, "logit_stand": True, "temperature": temperature, "kd_weight": weight}
 
 
-# ---------------------------------------------------------------- writing and merging
+# ---------------------------------------------------------------- resolving a run's settings
 
 
-def dump_config(settings: dict[str, object], path: str | Path) -> Path:
-    """Write ``settings`` (python names) as a kdcache-form YAML file that :func:`load_config` reads back.
+def is_mdistiller_file(path: str | Path) -> bool:
+    """Whether ``path`` holds an mdistiller-family (yacs, upper-case sections) config rather than kdcache's form."""
+    return is_yacs(read_yaml(Path(path)))
 
-    Keys become flag names in sorted order; tuples become lists; ``None`` (an option left to its default) is omitted.
-    """
-    path = Path(path)
-    data = {name.replace("_", "-"): _plain(value) for name, value in sorted(settings.items()) if value is not None}
+
+def read_yacs(data: dict, path: Path) -> dict[str, object]:
+    """A yacs file's train-student settings (:func:`from_mdistiller`), its errors prefixed with the file."""
     try:
-        text = yaml.safe_dump(data, sort_keys=True, default_flow_style=None)
-    except yaml.YAMLError as exc:
-        raise KdcacheError(f"cannot write these settings as YAML ({first_line(exc)}): pass plain values") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+        settings = from_mdistiller(data)
+    except KdcacheError as exc:
+        raise KdcacheError(f"{path}: {exc}") from None
+    return settings
 
 
-def _plain(value: object) -> object:
-    """A value as YAML writes it and :func:`load_config` reads it back: tuples as lists, paths as text."""
-    if isinstance(value, tuple):
-        return list(value)
-    return str(value) if isinstance(value, Path) else value
+def train_settings(config: str | Path | None = None, **given: object) -> dict[str, object]:
+    """The settings of a student run, as ``train-student`` resolves them: the ``config`` file's (kdcache form or
+    mdistiller/LS/MLKD yacs) with ``given`` on top; pass the result to :func:`kdcache.train_student`.
 
-
-def merge(file_values: dict, given: dict) -> dict:
-    """The file's settings with the command line's on top: ``given`` holds only the options the user typed."""
-    return {**file_values, **given}
+    With a yacs file, ``logit_stand=True`` with ``base_temp`` and ``kd_weight`` act as LS's ``train.py --logit-stand
+    --base-temp --kd-weight``; otherwise ``base_temp`` has no meaning (use ``temperature``).
+    """
+    base_temp = given.pop("base_temp", None)
+    yacs = config is not None and is_mdistiller_file(config)
+    if not yacs or not given.get("logit_stand"):
+        if base_temp is not None and not yacs:
+            raise KdcacheError("--base-temp goes with an mdistiller/LS --config (as LS's train.py): use --temperature")
+        if base_temp is not None:
+            raise KdcacheError("--base-temp takes effect only with --logit-stand (as LS's train.py): add it or drop it")
+        return resolve(TRAIN, config, given, yacs=read_yacs)
+    settings = read_settings(config, TRAIN, yacs=read_yacs)  # type: ignore[arg-type]
+    settings = apply_ls_args(settings, True, base_temp, given.pop("kd_weight", None))  # type: ignore[arg-type]
+    given.pop("logit_stand")
+    return resolve(TRAIN, None, {**settings, **read_values(TRAIN, given)})

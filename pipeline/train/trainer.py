@@ -22,13 +22,14 @@ from tqdm import tqdm
 from kdcache.dataset.datasets import build_dataset, test_split
 from kdcache.errors import KdcacheError
 from kdcache.feed.batches import DistillLoader, eval_loader
-from kdcache.feed.logits import SCHEDULES
 from kdcache.feed.ranks import Ranks, init_ranks
 from kdcache.losses.functions import CTKDTemperature
 from kdcache.losses.objective import Objective, parse_loss_opts
 from kdcache.models.checkpoints import load_checkpoint
 from kdcache.models.factory import create_model
-from kdcache.settings import check_options
+from kdcache.settings import TRAIN_DEFAULTS as T
+from kdcache.settings import check_options, old_names, read_values, write_settings
+from kdcache.settings.table import TRAIN
 from kdcache.store.cache import check_output_dir
 from kdcache.teacher.runner import Teacher, load_teacher
 from kdcache.train.config import TrainConfig
@@ -156,43 +157,44 @@ def train_one_epoch(
 NOT_SETTINGS = ("out", "resume", "progress", "hyper")
 
 
+@old_names(teacher_weights="cache_weights")
 def train_student(
     *,
     student: str,
     dataset: str,
     out: str | Path,
-    loss: str = "kd",
-    cache: str | list[str] | None = None,
-    teacher_weights: str | list[float] | None = None,
-    teacher_mix: str = "logits",
-    cache_views: int | None = None,
-    teacher: str | None = None,
-    checkpoint: str | None = None,
-    weights: str | None = None,
-    augment: str | None = None,
-    mix: str | None = None,
-    mix_alpha: float = 1.0,
-    views: str | int | None = None,
-    view_seed: int = 0,
-    forward_block: int = 64,
-    data_root: str | None = None,
-    download: bool = False,
-    workers: int = 0,
-    device: str = "auto",
-    resume: bool = False,
-    verify_views: bool = False,
-    plot: bool = False,
+    loss: str = T.loss,
+    cache: str | list[str] | None = T.cache,
+    cache_weights: str | list[float] | None = T.cache_weights,
+    teacher_mix: str = T.teacher_mix,
+    cache_views: int | None = T.cache_views,
+    teacher: str | None = T.teacher,
+    checkpoint: str | None = T.checkpoint,
+    weights: str | None = T.weights,
+    augment: str | None = T.augment,
+    mix: str | None = T.mix,
+    mix_alpha: float = T.mix_alpha,
+    views: str | int | None = T.views,
+    view_seed: int = T.view_seed,
+    forward_block: int = T.forward_block,
+    data_root: str | None = T.data_root,
+    download: bool = T.download,
+    workers: int = T.workers,
+    device: str = T.device,
+    resume: bool = T.resume,
+    verify_views: bool = T.verify_views,
+    plot: str | bool | None = T.plot,
     progress: bool = True,
-    cache_memory: int = 4 << 30,
-    cache_scratch: str | None = None,
-    view_schedule: str | None = None,
-    **hyper,
+    cache_memory: int | str = T.cache_memory,
+    cache_scratch: str | None = T.cache_scratch,
+    view_schedule: str | None = T.view_schedule,
+    **hyper: object,
 ) -> TrainResult:
     """Train ``student`` and write ``config.yaml``, ``metrics.jsonl``, ``last.pt`` and ``best.pt`` into ``out``.
 
     Teacher signal comes from ``cache`` (a dump-logits store, or a list of
     stores of the same views from several teachers, combined per
-    ``teacher_mix`` with ``teacher_weights``), or from an online ``teacher``
+    ``teacher_mix`` with ``cache_weights``), or from an online ``teacher``
     run on the same views (``augment``, ``mix``, ``mix_alpha``, ``views``,
     ``view_seed``; ``weights`` names torchvision weights); ``loss="ce"`` needs
     neither. With ``cache``, ``teacher`` only checks which teacher the cache holds.
@@ -206,13 +208,11 @@ def train_student(
     DistributedDataParallel; ``batch_size`` stays the global batch and rank 0
     alone writes checkpoints and metrics.
     """
-    given = {k: v for k, v in locals().items() if k not in NOT_SETTINGS}
-    check_options(given)
-    cfg = TrainConfig(student=student, loss=loss, **{**hyper, "loss_opt": parse_loss_opts(hyper.get("loss_opt"))})
-    cfg.validate()
-    if view_schedule not in (None, *SCHEDULES):
-        raise KdcacheError(f"unknown --view-schedule {view_schedule!r}: choose one of {', '.join(SCHEDULES)}")
-    cfg = cfg.resolved()
+    given = read_values(TRAIN, {k: v for k, v in locals().items() if k not in NOT_SETTINGS})
+    given["plot"] = None if plot in (None, False) else "" if plot is True else given["plot"]
+    cfg = _config(given, hyper)
+    if given["plot"]:
+        check_output_dir(Path(str(given["plot"])).absolute().parent, "--plot folder")
     if cfg.spec.fn is not None and not cache and teacher is None:
         raise KdcacheError(
             f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH"
@@ -232,6 +232,20 @@ def train_student(
         finally:
             loader.close()
             ranks.close()
+
+
+def _config(given: dict[str, object], hyper: dict[str, object]) -> TrainConfig:
+    """The run's resolved hyper-parameters, every setting checked against the settings table first."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(hyper) - fields)
+    if unknown:
+        raise KdcacheError(f"train_student takes no setting {unknown[0]!r}: see `kdcache train-student --help`")
+    hyper = read_values(TRAIN, hyper)
+    check_options({**given, **hyper})
+    loss_opt = parse_loss_opts(hyper.pop("loss_opt", None))  # type: ignore[arg-type]
+    cfg = TrainConfig(student=given["student"], loss=given["loss"], **hyper, loss_opt=loss_opt)  # type: ignore[arg-type]
+    cfg.validate()
+    return cfg.resolved()
 
 
 def _build_loader(cfg: TrainConfig, given: dict, ranks: Ranks, dev: torch.device) -> tuple[DistillLoader, object]:
@@ -258,7 +272,7 @@ def _build_loader(cfg: TrainConfig, given: dict, ranks: Ranks, dev: torch.device
         cache_views=g["cache_views"],
         cache_memory=g["cache_memory"],
         cache_scratch=g["cache_scratch"],
-        teacher_weights=g["teacher_weights"],
+        cache_weights=g["cache_weights"],
         teacher_mix=g["teacher_mix"],
         teacher=online,
         augment=g["augment"],
@@ -336,9 +350,7 @@ def _fit(
     log = RunLog(out, ranks.main, start - 1 if state is not None else None)
     history = log.history()
     if ranks.main:
-        from kdcache.train.configs import dump_config
-
-        dump_config(settings, out / "config.yaml")
+        write_settings(settings, out / "config.yaml")
     note = loader.reuse_note(cfg.epochs)
     if note and ranks.main:
         warnings.warn(note, stacklevel=3)
@@ -368,10 +380,10 @@ def _fit(
                 f"nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  {row['seconds']:.1f}s"
             )
     log.close()
-    if settings["plot"] and history and ranks.main:
+    if settings["plot"] is not None and history and ranks.main:
         from kdcache.plots import plot_training
 
-        plot_training({out.name: history}, out / "curves.png")
+        plot_training({out.name: history}, Path(str(settings["plot"])) if settings["plot"] else out / "curves.png")
     return TrainResult(out, best, history[-1] if history else {}, history, ranks.main)
 
 

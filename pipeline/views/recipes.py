@@ -27,6 +27,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from kdcache.errors import KdcacheError
+from kdcache.settings import choices
 from kdcache.views.ops import (
     CUTOUT_FILL,
     RANDAUGMENT_OPS,
@@ -42,8 +43,8 @@ from kdcache.views.ops import (
 )
 from kdcache.views.rng import _BLOCK_CROP, _BLOCK_MIX, _BLOCK_RRC, _BLOCK_STRONG, GENERATOR, _below, _unit, view_words
 
-RECIPES = ("none", "cifar", "imagenet", "mlkd")
-MIXES = ("none", "mixup", "cutmix")
+RECIPES = choices("augment")
+MIXES = choices("mix")
 KINDS = ("weak", "strong")
 CIFAR_ALL_VIEWS = 9 * 9 * 2
 
