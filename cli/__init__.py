@@ -100,7 +100,9 @@ def losses_cmd() -> None:
 
     for spec in LOSS_REGISTRY.values():
         ls = f"\n{'':<11} with --logit-stand: {_options(spec.ls_defaults)}" if spec.ls_defaults else ""
-        works = [w for w, ok in (("top-K caches", spec.topk), ("mixed views", spec.mixed), ("--ctkd", spec.ctkd)) if ok]
+        works = [
+            w for w, ok in (("top-K caches", spec.topk), ("mixed views", spec.mixed), ("--ctkd", spec.with_ctkd)) if ok
+        ]
         click.echo(f"{spec.name:<11} {spec.summary}")
         click.echo(f"{'':<11} defaults: {_options(spec.defaults)}{ls}")
         extra = (["weak+strong views (--augment mlkd)"] if spec.kinds == 2 else []) + works

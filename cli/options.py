@@ -39,7 +39,7 @@ def _help(setting: Setting, command: str) -> str:
 
 
 def _option(setting: Setting, command: str) -> Callable[[F], F]:
-    kw: dict[str, Any] = {"help": _help(setting, command), "default": None, "multiple": setting.multiple}
+    kw: dict[str, Any] = {"help": _help(setting, command), "default": None, "multiple": setting.repeats(command)}
     if setting.kind == "bool":
         kw.update(is_flag=True, default=False)
     elif (shown := _shown_default(setting, command)) is not None:
@@ -50,13 +50,13 @@ def _option(setting: Setting, command: str) -> Callable[[F], F]:
         kw.update(is_flag=False, flag_value=setting.optional_value)
     if setting.metavar:
         kw["metavar"] = setting.metavar
-    if setting.multiple:
+    if setting.repeats(command):
         kw["default"] = ()
     return click.option(setting.flag, setting.name, **kw)
 
 
-def _alias(setting: Setting, alias: str) -> Callable[[F], F]:
-    kw: dict[str, Any] = {"hidden": True, "default": None, "multiple": setting.multiple}
+def _alias(setting: Setting, alias: str, command: str) -> Callable[[F], F]:
+    kw: dict[str, Any] = {"hidden": True, "default": None, "multiple": setting.repeats(command)}
     if setting.kind == "bool":
         kw.update(is_flag=True, default=False)
     else:
@@ -72,7 +72,7 @@ def settings_options(command: str, skip: tuple[str, ...] = ()) -> Callable[[F], 
             if setting.name in skip:
                 continue
             for alias in setting.uses[command].aliases:
-                fn = _alias(setting, alias)(fn)
+                fn = _alias(setting, alias, command)(fn)
             fn = _option(setting, command)(fn)
         return fn
 
@@ -93,7 +93,9 @@ def typed(kw: dict[str, Any]) -> dict[str, Any]:
             continue
         name, _, alias = key.partition(_ALIAS)
         if name in out:
-            raise click.UsageError(f"{SETTINGS[name].flag} is given twice, under its old and its new name: give it once")
+            raise click.UsageError(
+                f"{SETTINGS[name].flag} is given twice, under its old and its new name: give it once"
+            )
         if alias:
             renamed("--" + alias.replace("_", "-"), SETTINGS[name].flag)
         out[name] = kw[key]

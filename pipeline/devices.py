@@ -44,4 +44,5 @@ def deterministic_cuda() -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    # torch declares this setting as a property of a class it swaps in for the module's, which its typing cannot show.
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]

@@ -3,19 +3,20 @@ session. Helpers that are not fixtures live in helpers.py."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-from pathlib import Path
 
-import pytest
-import torch
-from helpers import write_cifar100
+os.environ.setdefault("OMP_NUM_THREADS", "2")  # before torch starts its thread pool: the same in CLI subprocesses
 
-from kdcache.models.checkpoints import save_checkpoint
-from kdcache.models.factory import create_model
+import hashlib  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import write_cifar100  # noqa: E402
+
+from kdcache.models.checkpoints import save_checkpoint  # noqa: E402
+from kdcache.models.factory import create_model  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

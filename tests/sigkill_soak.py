@@ -25,7 +25,7 @@ import torch
 import zarr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import write_cifar100  # noqa: E402
+from helpers import write_cifar100  # noqa: E402
 
 from kdcache.models.checkpoints import save_checkpoint
 from kdcache.models.factory import create_model

@@ -326,13 +326,12 @@ def test_objective_create_matches_what_train_student_builds(loss, ls):
 
 
 def test_config_of_a_user_loss_with_none_and_list_defaults_reads_back(cache, tmp_path):
-    from kdcache.experiments.sweep import train_options
-    from kdcache.train.configs import load_config
+    from kdcache.settings import read_settings
 
     store, root = cache
     r = _cli(*r_args(store, root, tmp_path / "m"), "--loss", "test_api:masked", "--epochs", "1")
     assert r.exit_code == 0, r.output
-    settings = load_config(tmp_path / "m" / "config.yaml", "train-student", train_options() | {"seed"})
+    settings = read_settings(tmp_path / "m" / "config.yaml", "train-student")
     assert settings["loss_opt"] == {"scale": 1.0, "mask": None, "classes": [0, 1]}
 
 

@@ -7,8 +7,6 @@ sunshangquan/logit-standardization-KD, Jin-Ying/Multi-Level-Logit-Distillation);
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from pathlib import Path
 
 import pytest
@@ -16,19 +14,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
 from kdcache.losses.functions import dkd_loss, kd_loss
-from kdcache.train.config import TrainConfig
-from kdcache.train.configs import apply_ls_args, dump_config, from_mdistiller, load_config, merge
-from kdcache.train.trainer import train_student
+from kdcache.settings import read_settings, resolve, write_settings
+from kdcache.train.configs import apply_ls_args, from_mdistiller, read_yacs
 
-TRAIN = (
-    {f.name for f in dataclasses.fields(TrainConfig)}
-    | {p for p in inspect.signature(train_student).parameters if p != "hyper"}
-    | {"lr_decay_rate"}
-)
-DUMP = set(inspect.signature(dump_logits).parameters)
+
+def read(path: Path, command: str) -> dict[str, object]:
+    """A settings file as the command reads it (train-student also takes the yacs form)."""
+    return read_settings(path, command, yacs=read_yacs if command == "train-student" else None)
+
 
 SOLVER_CIFAR = """\
 SOLVER:
@@ -113,7 +108,7 @@ def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
 def refusal(tmp_path: Path, text: str, command: str = "train-student") -> str:
     """The one-line message with which ``text`` is refused."""
     with pytest.raises(KdcacheError) as info:
-        load_config(write(tmp_path, text), command, TRAIN if command == "train-student" else DUMP)
+        read(write(tmp_path, text), command)
     message = str(info.value)
     assert "\n" not in message and "Traceback" not in message
     return message
@@ -137,18 +132,18 @@ def test_kdcache_form_round_trips(tmp_path):
         "data_root": Path("data/cifar"),
         "lr": None,
     }
-    path = dump_config(settings, tmp_path / "sub" / "run.yaml")
+    path = write_settings(settings, tmp_path / "sub" / "run.yaml")
     text = path.read_text()
     assert "kd-weight: 9.0" in text and "logit-stand: true" in text and "lr:" not in text
     keys = [line.split(":")[0] for line in text.splitlines()]
     assert keys == sorted(keys)
     expected = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items() if v is not None}
-    assert load_config(path, "train-student", TRAIN) == expected
+    assert read(path, "train-student") == expected
 
 
 def test_kdcache_form_normalizes_values(tmp_path):
     text = "kd-weight: 9\nweight-decay: 5e-4\nlr-milestones: 150,180,210\ncache: one.zarr\nepochs: 30\n"
-    got = load_config(write(tmp_path, text), "train-student", TRAIN)
+    got = read(write(tmp_path, text), "train-student")
     assert got == {
         "kd_weight": 9.0,
         "weight_decay": 5e-4,  # PyYAML reads 5e-4 as text; it is still a number here
@@ -157,13 +152,13 @@ def test_kdcache_form_normalizes_values(tmp_path):
         "epochs": 30,
     }
     assert type(got["kd_weight"]) is float
-    listed = load_config(write(tmp_path, "lr-milestones: [30, 60, 90]\ncache: [a, b]\n"), "train-student", TRAIN)
+    listed = read(write(tmp_path, "lr-milestones: [30, 60, 90]\ncache: [a, b]\n"), "train-student")
     assert listed == {"lr_milestones": (30, 60, 90), "cache": ["a", "b"]}
 
 
 def test_dump_logits_form(tmp_path):
     text = "teacher: resnet32x4\ndataset: cifar100\naugment: cifar\nviews: all\nformat: topk:5\nbatch-size: 512\n"
-    got = load_config(write(tmp_path, text), "dump-logits", DUMP)
+    got = read(write(tmp_path, text), "dump-logits")
     assert got["views"] == "all" and got["format"] == "topk:5" and got["batch_size"] == 512
     assert "train-student" in refusal(tmp_path, KD_RES32X4_RES8X4, "dump-logits")
     assert "kd-weight" in refusal(tmp_path, "kd-weight: 9\n", "dump-logits")
@@ -199,12 +194,19 @@ def test_kdcache_form_refusals(tmp_path, text, words):
 
 def test_missing_file(tmp_path):
     with pytest.raises(KdcacheError, match="not found"):
-        load_config(tmp_path / "nope.yaml", "train-student", TRAIN)
+        read(tmp_path / "nope.yaml", "train-student")
 
 
-def test_merge_puts_the_command_line_on_top():
+def test_merge_puts_the_command_line_on_top(tmp_path):
     file_values = {"kd_weight": 9.0, "epochs": 240}
-    assert merge(file_values, {"epochs": 10}) == {"kd_weight": 9.0, "epochs": 10}
+    path = write_settings(file_values, Path(tmp_path) / "f.yaml")
+    assert resolve("train-student", path, {"epochs": 10, "student": "s", "dataset": "d", "out": "o"}) == {
+        **file_values,
+        "epochs": 10,
+        "student": "s",
+        "dataset": "d",
+        "out": "o",
+    }
     assert file_values == {"kd_weight": 9.0, "epochs": 240}
 
 
@@ -212,7 +214,7 @@ def test_merge_puts_the_command_line_on_top():
 
 
 def test_dkd_res32x4_res8x4_translates_to_upstream_values(tmp_path):
-    got = load_config(write(tmp_path, DKD_RES32X4_RES8X4), "train-student", TRAIN)
+    got = read(write(tmp_path, DKD_RES32X4_RES8X4), "train-student")
     assert got == {
         "loss": "dkd",
         "dataset": "cifar100",
@@ -249,7 +251,7 @@ def test_dkd_res32x4_res8x4_translates_to_upstream_values(tmp_path):
 )
 def test_dkd_per_pair_values(tmp_path, teacher, student, lr, beta):
     extra = f"DKD:\n  BETA: {beta}\n" if beta is not None else ""
-    got = load_config(write(tmp_path, cifar_config("DKD", teacher, student, lr, extra)), "train-student", TRAIN)
+    got = read(write(tmp_path, cifar_config("DKD", teacher, student, lr, extra)), "train-student")
     assert (got["teacher"], got["student"], got["lr"], got["beta"]) == (teacher, student, lr, beta or 8.0)
 
 
@@ -288,7 +290,7 @@ def test_minimal_files_get_mdistiller_defaults():
 
 
 def test_imagenet_kd(tmp_path):
-    got = load_config(write(tmp_path, KD_IMAGENET), "train-student", TRAIN)
+    got = read(write(tmp_path, KD_IMAGENET), "train-student")
     assert got["student"] == "torchvision.resnet18" and got["teacher"] == "torchvision.resnet34"
     assert got["dataset"] == "imagenet" and got["augment"] == "imagenet" and got["workers"] == 32
     assert (got["temperature"], got["ce_weight"], got["kd_weight"]) == (1.0, 0.5, 0.5)
@@ -320,7 +322,7 @@ def test_ls_key_in_the_file_means_ls_defaults():
 
 def test_translated_config_round_trips_through_kdcache_form(tmp_path):
     settings = from_mdistiller(_yaml(MLKD_LS))
-    assert load_config(dump_config(settings, tmp_path / "mlkd.yaml"), "train-student", TRAIN) == settings
+    assert read(write_settings(settings, tmp_path / "mlkd.yaml"), "train-student") == settings
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def test_joined_loader_batches_keep_kinds_and_order():
 
 def test_views_all_covers_every_crop_flip_once_and_replays(teacher_ckpt, tmp_path):
     ds = build_dataset("digits")
-    small = type(ds)("digits", "train", ds.images[:40], ds.labels[:40], 10, ds.norm)
+    small = type(ds)("digits", "train", ds.images[:20], ds.labels[:20], 10, ds.norm)
     out = tmp_path / "all.zarr"
     summary = dump_logits(
         teacher="resnet8",
@@ -103,12 +103,12 @@ def test_views_all_covers_every_crop_flip_once_and_replays(teacher_ckpt, tmp_pat
     )
     assert summary.num_views == 162 and len(summary.teacher_top1) == 162
     store = open_store(out)
-    params = np.asarray(store.group["params"][...])  # (162, 40, 3)
-    for i in (0, 17, 39):
+    params = np.asarray(store.group["params"][...])  # (162, 20, 3)
+    for i in (0, 11, 19):
         assert {tuple(p) for p in params[:, i]} == {(t, lt, f) for t in range(9) for lt in range(9) for f in range(2)}
     recipe = make_recipe("cifar", True)
     hashes = np.asarray(store.group["view_hash"][...])
-    for v, i in ((0, 0), (77, 13), (161, 39)):
+    for v, i in ((0, 0), (77, 13), (161, 19)):
         assert pixel_hash(recipe.apply(small.image(i), params[v, i])) == int(hashes[v, i])
     assert np.isfinite(np.asarray(store.group["logits"][...], dtype=np.float32)).all()
 
@@ -319,24 +319,22 @@ def test_checkpoint_with_other_class_count(cifar_root, teacher_ckpt, tmp_path):
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "o.zarr").exists()
 
 
+SMALL = 20  # digits samples of the failure-and-resume dumps: one chunk, as any dataset below CHUNK samples
+
+
 def _fails_then_resumes(
-    cifar_root: Path, teacher_ckpt: dict[int, Path], ref: Path, tmp_path: Path, monkeypatch, patch: tuple, match: str
+    make_cache, teacher_ckpt: dict[int, Path], tmp_path: Path, monkeypatch, patch: tuple, match: str
 ) -> np.ndarray:
     # 40 views of the one-chunk data make three work units (16, 16 and 8 views): a failure in the second unit leaves
     # the first one done.
     """Dump with ``patch`` (object, attribute, replacement) in place: it must fail with ``match``, release the lock, and
-    the same call without the patch must resume to ``ref``, the uninterrupted dump's store. Returns the done chunks
-    after the failure."""
-    out = tmp_path / "failed.zarr"
-    kw = dict(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        augment="cifar",
-        views=40,
-        progress=False,
-    )
+    the same call without the patch must resume to the uninterrupted dump's store. Returns the done chunks after the
+    failure."""
+    ref, out = make_cache(dataset="digits", samples=SMALL, views=40), tmp_path / "failed.zarr"
+    ds = build_dataset("digits")
+    small = type(ds)("digits", "train", ds.images[:SMALL], ds.labels[:SMALL], 10, ds.norm)
+    kw = dict(teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=40)
+    kw |= dict(data=small, progress=False)
     with monkeypatch.context() as m:
         m.setattr(*patch)
         with pytest.raises(KdcacheError, match=match):
@@ -348,7 +346,7 @@ def _fails_then_resumes(
     return done
 
 
-def test_full_disk_leaves_a_resumable_store(cifar_root, teacher_ckpt, make_cache, tmp_path, monkeypatch):
+def test_full_disk_leaves_a_resumable_store(make_cache, teacher_ckpt, tmp_path, monkeypatch):
     import errno
 
     import zarr.storage._local as local
@@ -363,9 +361,8 @@ def test_full_disk_leaves_a_resumable_store(cifar_root, teacher_ckpt, make_cache
         return real_put(path, value, exclusive)
 
     done = _fails_then_resumes(
-        cifar_root,
+        make_cache,
         teacher_ckpt,
-        make_cache(views=40),  # what the same dump writes uninterrupted
         tmp_path,
         monkeypatch,
         (local, "_put", put),
@@ -376,9 +373,7 @@ def test_full_disk_leaves_a_resumable_store(cifar_root, teacher_ckpt, make_cache
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="local stores are written by a child process on Linux only")
-def test_writer_process_death_is_an_error_and_the_store_resumes(
-    cifar_root, teacher_ckpt, make_cache, tmp_path, monkeypatch
-):
+def test_writer_process_death_is_an_error_and_the_store_resumes(make_cache, teacher_ckpt, tmp_path, monkeypatch):
     from kdcache.dump import chunks
 
     real_write, calls = chunks.write_chunk, {"n": 0}
@@ -390,9 +385,8 @@ def test_writer_process_death_is_an_error_and_the_store_resumes(
         return real_write(*args, **kwargs)
 
     done = _fails_then_resumes(
-        cifar_root,
+        make_cache,
         teacher_ckpt,
-        make_cache(views=40),  # what the same dump writes uninterrupted
         tmp_path,
         monkeypatch,
         (chunks, "write_chunk", dies_on_third),

@@ -237,7 +237,9 @@ def undecodable_image(ctx: Ctx):
 
 @case("dump-logits", "bad-data")
 def seed_beyond_generator(ctx: Ctx):
-    return dump(ctx, ctx.outs / "o.zarr", "--seed", str(2**64)), f"--seed must be in 0 .. 2**64 - 1, got {2**64}"
+    return dump(
+        ctx, ctx.outs / "o.zarr", "--view-seed", str(2**64)
+    ), f"--view-seed must be in 0 .. 2**64 - 1, got {2**64}"
 
 
 @case("dump-logits", "hole")
@@ -247,7 +249,7 @@ def resume_store_with_lost_chunk(ctx: Ctx):
 
 @case("dump-logits", "message")
 def resume_with_other_seed(ctx: Ctx):
-    return dump(ctx, ctx.copy(), "--seed", "1"), "seed (store has 0, this run 1); use the same settings to resume"
+    return dump(ctx, ctx.copy(), "--view-seed", "1"), "seed (store has 0, this run 1); use the same settings to resume"
 
 
 @case("dump-logits", "outputs")
@@ -502,6 +504,8 @@ def test_a_flag_is_checked_the_same_way_by_every_command(cache, teacher_ckpt, tm
     ctx = Ctx(tmp_path, tmp_path, cache, teacher_ckpt)
     build = {"dump-logits": dump, "train-student": train, "study-views": study}[command]
     args = build(ctx, tmp_path / "o.zarr") if command == "dump-logits" else build(ctx, cache, tmp_path / "o")
+    if command == "dump-logits" and flag == "--seed":  # a dump's seed is the views' seed
+        flag, message = "--view-seed", message.replace("--seed", "--view-seed")
     before = snapshot(cache)
     assert_refused(invoke(args + [flag, value]), message)
     assert snapshot(cache) == before and not (tmp_path / "o.zarr").exists()

@@ -17,16 +17,36 @@ from helpers import assert_same_arrays, cli
 from kdcache.dump.loop import dump_logits
 
 
+def _stall_first_unit(marker: str) -> None:
+    """In a dask worker: the cluster's first unit task, on whichever worker runs it, waits there until killed (a worker
+    started later, or the task's retry, runs for real), so a test kills a worker mid-task however fast the machine
+    is."""
+    import kdcache.dump.cluster as cluster
+
+    real = cluster.dump_unit
+
+    def dump_unit(job, unit):
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return real(job, unit)
+        time.sleep(3600)
+
+    cluster.dump_unit = dump_unit  # tasks name it by module and name: a worker unpickles this one
+
+
 @pytest.mark.slow
-def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, teacher_ckpt, make_cache):
+def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, teacher_ckpt, cifar_data, make_cache):
     distributed = pytest.importorskip("distributed")
     common = [
         "--teacher",
         "resnet8",
         "--checkpoint",
-        str(teacher_ckpt[10]),
+        str(teacher_ckpt[100]),
         "--dataset",
-        "digits",
+        "cifar100",
+        "--data-root",
+        str(cifar_data),
         "--augment",
         "mlkd",
         "--views",
@@ -36,11 +56,12 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
         "--forward-block",
         "64",
     ]
-    single = make_cache(dataset="digits", augment="mlkd", views=4, forward_block=64)  # common's dump in one process
+    single = make_cache(augment="mlkd", views=4, forward_block=64)  # common's dump in one process
     with (
         distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
         distributed.Client(cluster) as client,
     ):
+        client.run(_stall_first_unit, str(tmp_path / "stalled"))
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -62,14 +83,14 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
             for worker, keys in client.processing().items():
                 if any(str(k).startswith("kdcache-unit") for k in keys):
                     busy_since.setdefault(worker, time.monotonic())
-                    if time.monotonic() - busy_since[worker] > 0.5:
+                    if time.monotonic() - busy_since[worker] > 0.5:  # the stalled task, mid-way
                         pid = client.run(os.getpid, workers=[worker])[worker]
                         os.kill(pid, signal.SIGKILL)
                         killed = worker
                         break
             time.sleep(0.05)
         out, err = proc.communicate(timeout=300)
-    assert killed is not None, "the dump finished before a worker could be killed mid-task"
+    assert killed is not None, err[-2000:]
     assert proc.returncode == 0, err[-2000:]
     assert "dask dashboard: http" in out + err
     assert_same_arrays(single, tmp_path / "cluster.zarr")
@@ -77,12 +98,13 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
 
 
 @pytest.mark.slow
-def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teacher_ckpt, make_cache):
+def test_cluster_dump_of_topk_mixed_views_matches_single_process(tmp_path, teacher_ckpt, cifar_data, make_cache):
     pytest.importorskip("distributed")
     kw = dict(
         teacher="resnet8",
-        checkpoint=str(teacher_ckpt[10]),
-        dataset="digits",
+        checkpoint=str(teacher_ckpt[100]),
+        dataset="cifar100",
+        data_root=str(cifar_data),
         augment="cifar",
         views=2,
         mix="cutmix",

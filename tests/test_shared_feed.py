@@ -59,7 +59,8 @@ f.get(0, feed.epoch_views(0, 0, store.num_samples, store.num_views, uniform=Fals
 
 
 def _dump(out: Path, ckpt: Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """A two-view float32 digits cache of 600 samples from the resnet8 test teacher."""
+    """A two-view float32 digits cache of 600 samples from the resnet8 test teacher (the ``cache`` fixture's, with
+    ``seed`` 0)."""
     ds = build_dataset("digits")
     small = type(ds)("digits", "train", ds.images[:600], ds.labels[:600], 10, ds.norm)
     dump_logits(
@@ -78,9 +79,9 @@ def _dump(out: Path, ckpt: Path, seed: int = 0, overwrite: bool = False) -> Path
     return out
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, teacher_ckpt) -> Path:
-    return _dump(tmp_path_factory.mktemp("shared") / "c.zarr", teacher_ckpt[10])
+@pytest.fixture
+def cache(make_cache) -> Path:
+    return make_cache(dataset="digits", samples=600, dtype="float32")
 
 
 def _epochs(feed: LogitFeed, store, epochs: range) -> list[dict[str, np.ndarray]]:

@@ -3,24 +3,11 @@
 import json
 
 import torch
-from conftest import run_cli
-
-from kdcache.dump.loop import dump_logits
+from helpers import cli
 
 
-def test_study_views_end_to_end(cifar_root, teacher_ckpt, tmp_path):
-    cache = tmp_path / "c.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        augment="cifar",
-        views=4,
-        out=str(cache),
-        dtype="float32",
-        progress=False,
-    )
+def test_study_views_end_to_end(cifar_root, teacher_ckpt, make_cache, tmp_path):
+    cache = make_cache(views=4, dtype="float32")
     out = tmp_path / "study"
     args = [
         "study",
@@ -38,20 +25,21 @@ def test_study_views_end_to_end(cifar_root, teacher_ckpt, tmp_path):
         "--checkpoint",
         str(teacher_ckpt[100]),
         "--epochs",
-        "3",
+        "2",
         "--batch-size",
         "32",
         "--out",
         str(out),
     ]
-    first = run_cli(*args)
+    first = cli(*args)
     assert first.returncode == 0, first.stderr
     study = json.loads((out / "study.json").read_text())
     assert [p["views"] for p in study["points"]] == [1, 2, 4, None]
     assert (out / "views.png").stat().st_size > 1000 and "online" in first.stdout
-    # The 4-view point is exactly a plain run from the whole cache; fewer views give a different run.
-    # (Both in fresh processes, as a user runs them, so torch's thread settings are the same.)
-    run_cli(
+    # The 4-view point is exactly a plain run from the whole cache; fewer views give a different run (2 epochs of the
+    # 4-view cache use two of its views, so at least one other than view 0). Both run in this process, so with the
+    # same torch thread settings.
+    cli(
         "train-student",
         "--cache",
         str(cache),
@@ -62,7 +50,7 @@ def test_study_views_end_to_end(cifar_root, teacher_ckpt, tmp_path):
         "--data-root",
         str(cifar_root),
         "--epochs",
-        "3",
+        "2",
         "--batch-size",
         "32",
         "--out",
@@ -81,22 +69,12 @@ def test_study_views_end_to_end(cifar_root, teacher_ckpt, tmp_path):
     )
     # A second run reuses every finished point.
     stamp = (out / "views-1" / "last.pt").stat().st_mtime_ns
-    again = run_cli(*args)
+    again = cli(*args)
     assert again.returncode == 0 and (out / "views-1" / "last.pt").stat().st_mtime_ns == stamp
 
 
-def test_study_refusals(cifar_root, teacher_ckpt, tmp_path):
-    cache = tmp_path / "all.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        augment="none",
-        views=1,
-        out=str(cache),
-        progress=False,
-    )
+def test_study_refusals(cifar_root, make_cache, tmp_path):
+    cache = make_cache(augment="none", views=1)
     base = [
         "study",
         "views",
@@ -113,7 +91,7 @@ def test_study_refusals(cifar_root, teacher_ckpt, tmp_path):
         "--out",
         str(tmp_path / "s"),
     ]
-    proc = run_cli(*base, "--counts", "1,2")
+    proc = cli(*base, "--counts", "1,2")
     assert proc.returncode == 2 and "--counts must lie in 1..1" in proc.stderr
-    proc = run_cli(*base, "--counts", "one")
+    proc = cli(*base, "--counts", "one")
     assert proc.returncode == 2 and "comma-separated integers" in proc.stderr

@@ -10,30 +10,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import cli, run_cli
 
-from kdcache.dump.loop import dump_logits
 from kdcache.experiments.sweep import expand, load_spec
 
 STUDENT = {"dataset": "digits", "student": "resnet8", "batch-size": 64}
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, teacher_ckpt) -> dict[str, Path]:
+@pytest.fixture
+def setup(make_cache, teacher_ckpt) -> dict[str, Path]:
     """A float32 cache of two cifar views of the built-in digits, and its teacher checkpoint."""
-    base = tmp_path_factory.mktemp("sweep")
-    cache = base / "c.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[10]),
-        dataset="digits",
-        augment="cifar",
-        views=2,
-        out=str(cache),
-        dtype="float32",
-        progress=False,
-    )
-    return {"ckpt": teacher_ckpt[10], "cache": cache, "base": base}
+    return {"ckpt": teacher_ckpt[10], "cache": make_cache(dataset="digits", dtype="float32")}
 
 
 def _spec(path: Path, setup: dict, **extra) -> Path:
@@ -93,7 +80,7 @@ def test_grid_expansion_and_run_names(tmp_path, setup):
 )
 def test_bad_specs_are_refused_before_any_run(tmp_path, setup, extra, message):
     spec = _spec(tmp_path / "bad.yaml", setup, **extra)
-    r = run_cli("sweep", str(spec), "--out", str(tmp_path / "out"))
+    r = cli("sweep", spec, "--out", tmp_path / "out")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr

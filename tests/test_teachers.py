@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import cli
 
-from kdcache.dump.loop import dump_logits
 from kdcache.feed.batches import ensemble_teachers
 from kdcache.models.checkpoints import save_checkpoint
 from kdcache.models.factory import create_model
@@ -16,23 +15,19 @@ from kdcache.train.trainer import train_student
 COMMON = dict(student="resnet8", dataset="cifar100", epochs=1, batch_size=32, progress=False)
 
 
-@pytest.fixture
-def two_caches(cifar_root, teacher_ckpt, tmp_path) -> tuple[Path, Path]:
+@pytest.fixture(scope="module")
+def second_teacher(tmp_path_factory) -> Path:
+    """Another resnet8 teacher (other seeded weights)."""
     torch.manual_seed(123)
-    second = tmp_path / "second.pth"
-    save_checkpoint(second, create_model("resnet8", 100))
-    kw = dict(
-        teacher="resnet8",
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        augment="cifar",
-        views=2,
-        dtype="float32",
-        progress=False,
-    )
-    dump_logits(checkpoint=str(teacher_ckpt[100]), out=str(tmp_path / "a.zarr"), **kw)
-    dump_logits(checkpoint=str(second), out=str(tmp_path / "b.zarr"), **kw)
-    return tmp_path / "a.zarr", tmp_path / "b.zarr"
+    path = tmp_path_factory.mktemp("second") / "second.pth"
+    save_checkpoint(path, create_model("resnet8", 100))
+    return path
+
+
+@pytest.fixture
+def two_caches(make_cache, second_teacher) -> tuple[Path, Path]:
+    """float32 caches of the same two views from two teachers."""
+    return make_cache(dtype="float32"), make_cache(dtype="float32", checkpoint=second_teacher)
 
 
 def test_ensemble_teachers_modes():
@@ -61,7 +56,7 @@ def test_weights_pick_teachers(two_caches, cifar_root, tmp_path):
     assert mixed.history[0]["train_loss"] != single.history[0]["train_loss"]
 
 
-def test_cli_mix_and_refusals(two_caches, cifar_root, teacher_ckpt, tmp_path):
+def test_cli_mix_and_refusals(two_caches, cifar_root, make_cache, tmp_path):
     a, b = (str(p) for p in two_caches)
     common = [
         "--student",
@@ -75,15 +70,15 @@ def test_cli_mix_and_refusals(two_caches, cifar_root, teacher_ckpt, tmp_path):
         "--batch-size",
         "32",
     ]
-    ok = run_cli(
+    ok = cli(
         "train-student", "--cache", a, "--cache", b, "--teacher-mix", "probs", "--out", str(tmp_path / "p"), *common
     )
     assert ok.returncode == 0, ok.stderr
-    wrong = run_cli(
+    wrong = cli(
         "train-student", "--cache", a, "--cache", b, "--teacher-weights", "0.5", "--out", str(tmp_path / "w"), *common
     )
     assert wrong.returncode == 2 and "2 non-negative numbers" in wrong.stderr
-    name = run_cli(
+    name = cli(
         "train-student",
         "--cache",
         a,
@@ -96,35 +91,12 @@ def test_cli_mix_and_refusals(two_caches, cifar_root, teacher_ckpt, tmp_path):
         *common,
     )
     assert name.returncode == 2 and "--weights" in name.stderr
-    other = tmp_path / "seed1.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        augment="cifar",
-        views=2,
-        dtype="float32",
-        seed=1,
-        out=str(other),
-        progress=False,
-    )
-    refused = run_cli("train-student", "--cache", a, "--cache", str(other), "--out", str(tmp_path / "s"), *common)
+    other = make_cache(dtype="float32", seed=1)
+    refused = cli("train-student", "--cache", a, "--cache", str(other), "--out", str(tmp_path / "s"), *common)
     assert refused.returncode == 2 and "do not hold the same views: seed differs" in refused.stderr
     assert not (tmp_path / "s" / "last.pt").exists()
-    fewer = tmp_path / "one.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        augment="cifar",
-        views=1,
-        dtype="float32",
-        out=str(fewer),
-        progress=False,
-    )
-    refused = run_cli("train-student", "--cache", a, "--cache", str(fewer), "--out", str(tmp_path / "f"), *common)
+    fewer = make_cache(dtype="float32", views=1)
+    refused = cli("train-student", "--cache", a, "--cache", str(fewer), "--out", str(tmp_path / "f"), *common)
     assert refused.returncode == 2 and "--views 2" in refused.stderr
 
 
@@ -135,5 +107,5 @@ def test_inspect_agreement(two_caches, tmp_path):
     pair = teacher_agreement([a, b])
     assert all(0 <= x < 1 for x in pair.agree) and min(pair.js) > 0 and len(pair.top1) == 2
     png = tmp_path / "agree.png"
-    proc = run_cli("inspect", a, b, "--plot", str(png))
+    proc = cli("inspect", a, b, "--plot", png)
     assert proc.returncode == 0 and "all agree" in proc.stdout and png.stat().st_size > 1000

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_cli
+from helpers import cli
 
-from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
 from kdcache.losses.functions import dkd_loss, kd_loss, topk_dkd_loss, topk_kd_loss, zscore
 from kdcache.store.formats import STAT_FIELDS, LogitFormat, TopKTeacher, buckets, encode, parse_format
@@ -97,20 +96,9 @@ def test_parse_format():
 
 
 @pytest.fixture
-def caches(cifar_root, teacher_ckpt, tmp_path) -> tuple[Path, Path]:
-    kw = dict(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        augment="cifar",
-        views=2,
-        dtype="float32",
-        progress=False,
-    )
-    dump_logits(out=str(tmp_path / "full.zarr"), **kw)
-    dump_logits(out=str(tmp_path / "top.zarr"), format="topk:5", **kw)
-    return tmp_path / "full.zarr", tmp_path / "top.zarr"
+def caches(make_cache) -> tuple[Path, Path]:
+    """float32 caches of the same views: full rows, and their top-5."""
+    return make_cache(dtype="float32"), make_cache(dtype="float32", format="topk:5")
 
 
 def test_topk_store_layout_with_plain_zarr(caches):
@@ -146,7 +134,7 @@ def test_train_from_topk_cli_and_refusals(caches, cifar_root, tmp_path):
         "--batch-size",
         "32",
     ]
-    ok = run_cli(
+    ok = cli(
         "train-student",
         "--cache",
         str(top),
@@ -159,9 +147,9 @@ def test_train_from_topk_cli_and_refusals(caches, cifar_root, tmp_path):
         check=True,
     )
     assert "best-epoch test top-1" in ok.stdout
-    bad = run_cli("train-student", "--cache", str(top), "--loss", "nkd", "--out", str(tmp_path / "r2"), *common)
+    bad = cli("train-student", "--cache", str(top), "--loss", "nkd", "--out", str(tmp_path / "r2"), *common)
     assert bad.returncode == 2 and "topk:5 cache" in bad.stderr and "--format full" in bad.stderr
-    again = run_cli(
+    again = cli(
         "dump-logits",
         "--teacher",
         "resnet8",
@@ -183,10 +171,10 @@ def test_train_from_topk_cli_and_refusals(caches, cifar_root, tmp_path):
     assert again.returncode == 2 and "--format" in again.stderr
 
 
-def test_format_change_is_refused_on_resume(caches, cifar_root, teacher_ckpt):
-    full, _ = caches
+def test_format_change_is_refused_on_resume(make_cache, cifar_root, teacher_ckpt, tmp_path):
+    full = make_cache(dtype="float32", copy_to=tmp_path)
     before = zarr.open_group(str(full), mode="r")["logits"][...]
-    proc = run_cli(
+    proc = cli(
         "dump-logits",
         "--teacher",
         "resnet8",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import assert_same_arrays, run_cli
+from helpers import assert_same_arrays, cli, run_cli
 
 from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
@@ -22,20 +22,15 @@ COMMON = dict(student="resnet8", dataset="cifar100", epochs=2, batch_size=32, pr
 
 
 @pytest.fixture
-def cache32(cifar_root, teacher_ckpt, tmp_path) -> Path:
-    out = tmp_path / "c32.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        augment="cifar",
-        views=2,
-        out=str(out),
-        dtype="float32",
-        progress=False,
-    )
-    return out
+def cache32(make_cache) -> Path:
+    """The session's float32 cache of two cifar views: shared, so read it only."""
+    return make_cache(dtype="float32")
+
+
+@pytest.fixture
+def own_cache32(make_cache, tmp_path) -> Path:
+    """A copy of :func:`cache32` of this test's own, which it may damage."""
+    return make_cache(dtype="float32", copy_to=tmp_path)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -69,7 +64,7 @@ _GPU_SETTINGS_RUN = """
 import sys
 import torch
 from kdcache.dump.loop import dump_logits
-from kdcache.teacher.runner import deterministic_cuda
+from kdcache.devices import deterministic_cuda
 from kdcache.train.trainer import train_student
 deterministic_cuda()
 assert torch.are_deterministic_algorithms_enabled() and not torch.utils.deterministic.fill_uninitialized_memory
@@ -103,18 +98,8 @@ def test_nothing_reads_uninitialized_memory(cifar_root, teacher_ckpt, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_float16_cache_is_within_rounding(cifar_root, teacher_ckpt, cache32, tmp_path):
-    out16 = tmp_path / "c16.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        augment="cifar",
-        views=2,
-        out=str(out16),
-        progress=False,
-    )
+def test_float16_cache_is_within_rounding(cifar_root, make_cache, cache32, tmp_path):
+    out16 = make_cache()  # float16
     z16 = zarr.open_group(str(out16))["logits"][...].astype(np.float32)
     z32 = zarr.open_group(str(cache32))["logits"][...]
     assert np.abs(z16 - z32).max() <= np.abs(z32).max() * 2**-10
@@ -125,7 +110,7 @@ def test_float16_cache_is_within_rounding(cifar_root, teacher_ckpt, cache32, tmp
 
 def test_metrics_checkpoints_and_plot(cifar_root, cache32, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(
+    proc = cli(
         "train-student",
         "--cache",
         str(cache32),
@@ -159,7 +144,7 @@ def test_metrics_checkpoints_and_plot(cifar_root, cache32, tmp_path):
     assert 0 <= rows[0]["test_ece"] <= 1 and rows[0]["test_top5"] >= rows[0]["test_top1"]
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert "model" in ckpt and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    again = run_cli(
+    again = cli(
         "train-student",
         "--cache",
         str(cache32),
@@ -237,7 +222,8 @@ def test_recipe_mismatch_and_missing_teacher(cifar_root, cache32, tmp_path):
         train_student(out=tmp_path / "z", data_root=str(cifar_root), loss="ce", **{**COMMON, "epochs": -1})
 
 
-def test_pixel_hash_mismatch_stops_training(cifar_root, cache32, tmp_path):
+def test_pixel_hash_mismatch_stops_training(cifar_root, own_cache32, tmp_path):
+    cache32 = own_cache32
     g = zarr.open_group(str(cache32), mode="r+")
     h = g["view_hash"][...]
     h[:, :] ^= np.uint64(1)
@@ -246,18 +232,8 @@ def test_pixel_hash_mismatch_stops_training(cifar_root, cache32, tmp_path):
         train_student(out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), loss="kd", **COMMON)
 
 
-def test_mlkd_trains_from_an_mlkd_cache(cifar_root, teacher_ckpt, tmp_path):
-    out = tmp_path / "m.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        augment="mlkd",
-        views=2,
-        out=str(out),
-        progress=False,
-    )
+def test_mlkd_trains_from_an_mlkd_cache(cifar_root, make_cache, tmp_path):
+    out = make_cache(augment="mlkd")
     r = train_student(
         out=tmp_path / "r",
         cache=str(out),
@@ -346,7 +322,8 @@ def test_fsspec_url_stores_work_like_local_ones(cifar_root, teacher_ckpt, cache3
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
 
 
-def test_corrupt_chunk_stops_training_naming_it(cifar_root, cache32, tmp_path):
+def test_corrupt_chunk_stops_training_naming_it(cifar_root, own_cache32, tmp_path):
+    cache32 = own_cache32
     chunk = cache32 / "logits" / "c" / "1" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 3] ^= 0x01
@@ -355,19 +332,8 @@ def test_corrupt_chunk_stops_training_naming_it(cifar_root, cache32, tmp_path):
         train_student(out=tmp_path / "x", cache=str(cache32), data_root=str(cifar_root), loss="kd", **COMMON)
 
 
-def test_cache_of_another_split_and_nonsense_numbers_via_cli(cifar_root, teacher_ckpt, tmp_path):
-    test_cache = tmp_path / "test-split.zarr"
-    dump_logits(
-        teacher="resnet8",
-        checkpoint=str(teacher_ckpt[100]),
-        dataset="cifar100",
-        data_root=str(cifar_root),
-        split="test",
-        augment="cifar",
-        views=1,
-        out=str(test_cache),
-        progress=False,
-    )
+def test_cache_of_another_split_and_nonsense_numbers_via_cli(cifar_root, make_cache, tmp_path):
+    test_cache = make_cache(split="test", views=1)
     base = [
         "train-student",
         "--student",
@@ -379,7 +345,7 @@ def test_cache_of_another_split_and_nonsense_numbers_via_cli(cifar_root, teacher
         "--out",
         str(tmp_path / "r"),
     ]
-    proc = run_cli(*base, "--cache", str(test_cache))
+    proc = cli(*base, "--cache", str(test_cache))
     assert proc.returncode == 2 and "dataset split is 'test' there, 'train' here" in proc.stderr
     for flag, value, rule in (
         ("--epochs", "-3", "must be at least 1, got -3"),
@@ -387,7 +353,7 @@ def test_cache_of_another_split_and_nonsense_numbers_via_cli(cifar_root, teacher
         ("--temperature", "0", "must be positive, got 0.0"),
         ("--seed", str(2**64), "must be in 0 .. 2**64 - 1"),
     ):
-        proc = run_cli(*base, "--loss", "ce", flag, value)
+        proc = cli(*base, "--loss", "ce", flag, value)
         assert proc.returncode == 2 and f"{flag} {rule}" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "r" / "last.pt").exists()
 
@@ -419,9 +385,10 @@ def test_resume_keeps_a_legacy_runs_view_schedule_and_names_a_changed_setting(ci
         train_student(epochs=3, resume=True, view_schedule="chunk", **kw)
 
 
-def test_missing_chunk_is_refused_before_training_naming_it(cifar_root, cache32, tmp_path):
+def test_missing_chunk_is_refused_before_training_naming_it(cifar_root, own_cache32, tmp_path):
+    cache32 = own_cache32
     (cache32 / "logits" / "c" / "1" / "0" / "0").unlink()  # marked done, but the file is gone
-    proc = run_cli(
+    proc = cli(
         "train-student",
         "--cache",
         str(cache32),
@@ -440,11 +407,11 @@ def test_missing_chunk_is_refused_before_training_naming_it(cifar_root, cache32,
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "x" / "metrics.jsonl").exists()
 
 
-def test_non_finite_teacher_row_stops_the_feed_naming_view_and_sample(cache32):
+def test_non_finite_teacher_row_stops_the_feed_naming_view_and_sample(own_cache32):
     from kdcache.feed.logits import LogitFeed
     from kdcache.store.cache import open_store
 
-    store = open_store(cache32, "r+")
+    store = open_store(own_cache32, "r+")
     store.group["logits"][1, 5, 3] = np.nan
     views = np.ones(store.num_samples, np.int64)
     for memory in (1 << 30, 0):  # whole cache in RAM, and streamed chunks
@@ -491,7 +458,7 @@ def test_outputs_and_inputs_that_must_not_be_used(cifar_root, cache32, tmp_path,
             "--epochs",
             "1",
         ]
-    proc = run_cli(*args)
+    proc = cli(*args)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert (tmp_path / "a-file").read_text() == "a user's file"

@@ -18,6 +18,7 @@ from typing import TypeVar
 import numpy as np
 
 from kdcache.errors import KdcacheError, first_line
+from kdcache.settings import DUMP_DEFAULTS as D
 
 DATASETS = ("cifar100", "imagenet", "folder", "digits")
 SPLITS = ("train", "test", "val")
@@ -227,7 +228,8 @@ def _cifar100(root: Path, split: str, download: bool) -> ArrayDataset:
 
 def check_dataset(ds: ImageDataset) -> None:
     """Refuse a split with no images, or labels outside ``[0, num_classes)``, before anything is stored from it."""
-    where = f"{ds.name} split {ds.split!r}" + (f" at {ds.root}" if getattr(ds, "root", None) else "")
+    root = getattr(ds, "root", None)
+    where = f"{ds.name} split {ds.split!r}" + (f" at {root}" if root else "")
     if len(ds) == 0:
         raise KdcacheError(f"{where} holds no images: check --data-root and --split")
     labels = np.asarray(ds.labels)
@@ -240,7 +242,7 @@ def check_dataset(ds: ImageDataset) -> None:
 
 
 def build_dataset(
-    name: str, root: str | Path | None = None, split: str = "train", download: bool = False
+    name: str, root: str | Path | None = None, split: str = D.split, download: bool = D.download
 ) -> ImageDataset:
     """Open dataset ``name`` (one of :data:`DATASETS`) for ``split``.
 

@@ -109,7 +109,7 @@ def dump_unit(job: ChunkJob, unit: Unit) -> tuple[Unit, int]:
     """Compute and write every chunk of ``unit`` on a worker (not marked done); returns (unit, views computed)."""
     st = _state(job)
     store = open_store(job.location, "r+")
-    recipe = recipe_from_attrs(store.attrs["recipe"])
+    recipe = recipe_from_attrs(store.attr_dict("recipe"))
     items = unit.items(store.num_samples)
     view_set = ViewSet(st.dataset, recipe, job.seed, items, job.all_views)
     labels = torch.from_numpy(np.asarray(st.dataset.labels, dtype=np.int64))

@@ -14,6 +14,7 @@ import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import yaml
@@ -59,7 +60,12 @@ def command_line(name: str, kw: dict, positional: tuple[str, ...] = ()) -> str:
     return "kdcache " + shlex.join(args)
 
 
-def _run(name: str, fn: Callable, kw: dict, log: list[str], positional: tuple[str, ...] = ()) -> tuple[object, float]:
+_Result = TypeVar("_Result")
+
+
+def _run(
+    name: str, fn: Callable[..., _Result], kw: dict, log: list[str], positional: tuple[str, ...] = ()
+) -> tuple[_Result, float]:
     """Print the command a step stands for, run it through the library, return its result and wall time."""
     line = command_line(name, kw, positional)
     print(f"\n$ {line}", flush=True)

@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
-import inspect
 import itertools
 import json
 import multiprocessing
@@ -38,16 +37,16 @@ from kdcache.dump.cluster import cluster_client
 from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
 from kdcache.experiments.report import write_report
+from kdcache.experiments.student import PLAN_FILE, train_plan
 from kdcache.settings import SWEEP_DEFAULTS as W
-from kdcache.settings import check_options, read_settings, resolve, write_settings
+from kdcache.settings import check_options, command_settings, resolve, write_settings
+from kdcache.settings.files import NOT_IN_FILES, read_yaml
 from kdcache.settings.files import parse_settings as parse_file_settings
-from kdcache.settings.files import read_yaml
 from kdcache.settings.table import SWEEP, TRAIN
 from kdcache.store.cache import check_output_dir, local_path, make_output_dir
 from kdcache.store.checks import open_checked
 from kdcache.train.config import TrainConfig
 from kdcache.train.runfolder import finished_run
-from kdcache.train.trainer import train_student
 
 SPEC_KEYS = ("methods", "grid", "seeds", "reference", "dump")
 ONLINE = "online"  # a method key (not a train-student option): run its teacher online instead of dumping a cache
@@ -67,9 +66,9 @@ def parse_settings(data: dict, command: str, options: Collection[str], where: st
 
 
 def train_options() -> set[str]:
-    """The python names of every ``train-student`` option (the keys ``--config`` accepts)."""
-    params = set(inspect.signature(train_student).parameters) - {"hyper"}
-    return (params | {f.name for f in dataclasses.fields(TrainConfig)}) - set(SWEEP_OWNED)
+    """The python names of the ``train-student`` settings a SPEC may set (those a ``--config`` file may hold, less
+    what the sweep owns)."""
+    return {s.name for s in command_settings(TRAIN)} - set(NOT_IN_FILES) - set(SWEEP_OWNED)
 
 
 @dataclass(frozen=True)
@@ -347,15 +346,8 @@ def _with_caches(runs: list[SweepRun], dump: dict, out: Path) -> tuple[list[Swee
     return placed, dumps
 
 
-PLAN_FILE = "plan.yaml"
-
-
 def _command(folder: Path) -> list[str]:
-    return [sys.executable, "-m", "kdcache.cli", "train-student", "--config", str(folder / PLAN_FILE)] + [
-        "--out",
-        str(folder),
-        "--resume",
-    ]
+    return [sys.executable, "-m", "kdcache.experiments.student", str(folder)]
 
 
 def _die_with_parent() -> None:
@@ -447,20 +439,14 @@ def _student_process(folder: str, env: dict[str, str]) -> None:
     for fd in (1, 2):
         os.dup2(log, fd)
     warnings.simplefilter("ignore")
-    try:
-        settings = read_settings(Path(folder) / PLAN_FILE, TRAIN)
-        result = train_student(**settings, out=folder, resume=True)
-    except KdcacheError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(exc.exit_code)
-    print(f"last-epoch test top-1 {result.last.get('test_top1', float('nan')):.2f}%  -> {result.out}", flush=True)
+    sys.exit(train_plan(folder))
 
 
 def _fork_server() -> multiprocessing.context.BaseContext:
     """Students forked from a server that imported torch and kdcache once (saves seconds per run)."""
     if sys.platform.startswith("linux"):
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "kdcache.train.trainer", "kdcache.experiments.sweep"])
+        context.set_forkserver_preload(["torch", "kdcache.train.trainer", "kdcache.experiments.student"])
         return context
     return multiprocessing.get_context("spawn")
 

@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ HASH_CHECK_EVERY = 16  # verify pixel hashes on every 16th batch (and the first)
 TEACHER_MIXES = choices("teacher_mix")
 
 
-def ensemble_teachers(logits: list[torch.Tensor], weights: list[float], mix: str = "logits") -> torch.Tensor:
+def ensemble_teachers(logits: list[torch.Tensor], weights: list[float], mix: str = T.teacher_mix) -> torch.Tensor:
     """Several teachers' logits for the same views as one teacher signal, in float32.
 
     ``mix="logits"``: the weighted mean of the raw logits. ``mix="probs"``: the
@@ -96,12 +97,14 @@ class StudentViews(Dataset):
         views: np.ndarray,
         check: np.ndarray,
         params: list[np.ndarray] | None = None,
-        view_seed: int = 0,
+        view_seed: int | None = None,
         all_views: bool = False,
         offset: int = 0,
     ) -> None:
-        """The epoch's view per sample; stored ``params`` (row ``i - offset`` for sample ``i``) or online sampling."""
-        self.views, self.check, self.params, self.view_seed, self.all_views = views, check, params, view_seed, all_views
+        """The epoch's view per sample; stored ``params`` (row ``i - offset`` for sample ``i``) or online sampling
+        from ``view_seed``."""
+        self.views, self.check, self.params, self.all_views = views, check, params, all_views
+        self.view_seed = view_seed or 0
         self.offset = offset
 
     def __len__(self) -> int:
@@ -253,9 +256,9 @@ def _as_list(cache: str | Path | list | tuple | None) -> list[str]:
     return [] if cache is None else [str(cache)] if isinstance(cache, (str, Path)) else [str(c) for c in cache]
 
 
-def eval_loader(dataset: ImageDataset, recipe: Recipe, workers: int = 0, batch_size: int = 256) -> DataLoader:
-    """Batches of (uint8 evaluation view, label) over ``dataset``, in order."""
-    return DataLoader(EvalViews(dataset, recipe), batch_size=batch_size, num_workers=workers)
+def eval_loader(dataset: ImageDataset, recipe: Recipe, workers: int = T.workers, batch: int = 256) -> DataLoader:
+    """Batches of ``batch`` (uint8 evaluation view, label) pairs over ``dataset``, in order."""
+    return DataLoader(EvalViews(dataset, recipe), batch_size=batch, num_workers=workers)
 
 
 class DistillLoader:
@@ -286,7 +289,7 @@ class DistillLoader:
         batch_size: int = T.batch_size,
         seed: int = T.seed,
         kinds: int = 1,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = T.device,
         workers: int = T.workers,
         verify_views: bool = T.verify_views,
         view_schedule: str = SCHEDULES[0],
@@ -305,28 +308,8 @@ class DistillLoader:
         epochs: int | None = None,
         ranks: Ranks | None = None,
     ):
-        given = read_values(TRAIN, {"cache_memory": cache_memory, "cache_weights": cache_weights})
-        cache_memory, cache_weights = given["cache_memory"], given["cache_weights"]  # type: ignore[assignment]
-        check_options(
-            dict(
-                batch_size=batch_size,
-                seed=seed,
-                workers=workers,
-                view_schedule=view_schedule,
-                cache_views=cache_views,
-                cache_memory=cache_memory,
-                teacher_mix=teacher_mix,
-                augment=augment,
-                mix=mix,
-                mix_alpha=mix_alpha,
-                view_seed=view_seed,
-                epochs=epochs,
-            )
-        )
-        if kinds not in (1, 2):
-            raise KdcacheError(f"kinds is 1 (one view per sample) or 2 (MLKD's weak and strong), got {kinds!r}")
-        caches = _as_list(cache)
-        self.cache_locations = caches
+        cache_memory, cache_weights = _checked_values(locals())
+        caches = self.cache_locations = _as_list(cache)
         self.ranks = ranks or Ranks()
         self.device = resolve_device(device) if isinstance(device, str) else device
         _check_loader_args(caches, teacher, cache_weights, view_schedule, batch_size, self.ranks.world)
@@ -485,6 +468,17 @@ class DistillLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _checked_values(given: dict[str, Any]) -> tuple[int, list[float] | None]:
+    """Refuse a DistillLoader argument that breaks the settings table's rules; the cache memory and mixing weights
+    read from text as the command line gives them (``"4GiB"``, ``"0.5,0.5"``)."""
+    values = read_values(TRAIN, {"cache_memory": given["cache_memory"], "cache_weights": given["cache_weights"]})
+    names = ("batch_size", "seed", "workers", "view_schedule", "cache_views", "teacher_mix", "augment", "mix")
+    check_options({**{k: given[k] for k in (*names, "mix_alpha", "view_seed", "epochs")}, **values})
+    if given["kinds"] not in (1, 2):
+        raise KdcacheError(f"kinds is 1 (one view per sample) or 2 (MLKD's weak and strong), got {given['kinds']!r}")
+    return values["cache_memory"], values["cache_weights"]  # type: ignore[return-value]
 
 
 def _check_loader_args(

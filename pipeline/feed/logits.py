@@ -32,7 +32,7 @@ import zarr
 
 from kdcache.errors import KdcacheError, first_line
 from kdcache.settings import choices
-from kdcache.store.cache import CHUNK, CacheStore, local_path
+from kdcache.store.cache import CHUNK, CacheStore, local_path, open_array
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 TAG_VIEW, TAG_ORDER, TAG_PERM = 0x5649, 0x4F52, 0x5045
@@ -41,7 +41,7 @@ TAG_VIEW, TAG_ORDER, TAG_PERM = 0x5649, 0x4F52, 0x5045
 def mix64(*parts: int | np.ndarray) -> np.ndarray:
     """A counter-based 64-bit hash (splitmix64 finalizer chained over the parts), vectorized over arrays."""
     with np.errstate(over="ignore"):
-        h = np.uint64(0x9E3779B97F4A7C15)
+        h = np.asarray(np.uint64(0x9E3779B97F4A7C15))
         for p in parts:
             x = (h ^ np.asarray(p, dtype=np.uint64)) + np.uint64(0x9E3779B97F4A7C15)
             x = (x ^ (x >> np.uint64(30))) * _M1
@@ -101,7 +101,7 @@ def reuse_warning(epochs: int, num_views: int, uniform: bool) -> str | None:
 def gather_rows(store: CacheStore, name: str, views: np.ndarray, start: int = 0) -> np.ndarray:
     """``out[j] = store[name][views[j], start + j]`` using only whole-chunk contiguous reads of rows ``start .. start +
     len(views)``."""
-    arr = store.group[name]
+    arr = open_array(store.group, name)
     end = start + len(views)
     out = np.empty((len(views), *arr.shape[2:]), dtype=arr.dtype)
     for v in np.unique(views):
@@ -151,7 +151,7 @@ def shared_files(store: CacheStore, names: list[str], scratch: Path) -> dict[str
     }
     out = {}
     for name in names:
-        arr = store.group[name]
+        arr = open_array(store.group, name)
         meta = root / name / "zarr.json" if root is not None else None
         mtime = meta.stat().st_mtime_ns if meta is not None and meta.is_file() else None
         key = {**base, "array": name, "shape": list(arr.shape), "dtype": str(arr.dtype), "meta_mtime_ns": mtime}
@@ -227,7 +227,7 @@ def map_shared(arr: zarr.Array, path: Path) -> np.ndarray:
 
 def _fits(paths: dict[str, Path], store: CacheStore, scratch: Path) -> bool:
     """Whether the shared files not yet written fit in the scratch disk's free space (a warning when not)."""
-    arrays = {n: store.group[n] for n, p in paths.items() if not p.exists()}
+    arrays = {n: open_array(store.group, n) for n, p in paths.items() if not p.exists()}
     need = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays.values())
     free = shutil.disk_usage(scratch).free
     if need > free:
@@ -275,7 +275,8 @@ class LogitFeed:
             self.whole = _fits(self.shared, store, folder)
         else:
             share = (self.hi - self.lo) / max(store.num_samples, 1)
-            size = sum(int(np.prod(store.group[n].shape)) * store.group[n].dtype.itemsize for n in names) * share
+            opened = [open_array(store.group, n) for n in names]
+            size = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in opened) * share
             self.whole = size <= memory_bytes
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-feed")
         self._lock = threading.Lock()
@@ -290,7 +291,7 @@ class LogitFeed:
         except Exception:
             for name in self.names:
                 try:
-                    self.store.group[name][...]
+                    open_array(self.store.group, name)[...]
                 except Exception:
                     raise self.store.locate_corruption(name) from None
             raise
@@ -313,7 +314,7 @@ class LogitFeed:
 
     def _whole_rows(self, name: str) -> np.ndarray:
         """Every view of rows lo..hi of ``name``: a view of the shared map, or a private in-RAM copy."""
-        arr = self.store.group[name]
+        arr = open_array(self.store.group, name)
         if self.shared is not None:
             return map_shared(arr, self.shared[name])[:, self.lo : self.hi]
         return np.asarray(arr[:, self.lo : self.hi])

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kdcache.settings import TRAIN_DEFAULTS as T
 from kdcache.settings import choices
 from kdcache.store.formats import TAILS, TopKTeacher, buckets
 
@@ -46,7 +47,7 @@ def _kl_rows(log_p_t: torch.Tensor, log_p_s: torch.Tensor) -> torch.Tensor:
 
 
 def kd_loss(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float | torch.Tensor, logit_stand: bool = False
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float | torch.Tensor, logit_stand: bool = T.logit_stand
 ) -> torch.Tensor:
     """Hinton KD: ``τ² · mean_b KL(softmax(t/τ) ‖ softmax(s/τ))``.
 
@@ -106,7 +107,7 @@ def dkd_loss(
     alpha: float,
     beta: float,
     temperature: float | torch.Tensor,
-    logit_stand: bool = False,
+    logit_stand: bool = T.logit_stand,
 ) -> torch.Tensor:
     """Decoupled KD: ``α·TCKD + β·NCKD``, each ``τ²`` times the batch-mean KL.
 
@@ -131,7 +132,7 @@ def topk_kd_loss(
     teacher: TopKTeacher,
     target: torch.Tensor,
     temperature: float | torch.Tensor,
-    logit_stand: bool = False,
+    logit_stand: bool = T.logit_stand,
     tail: str = "bucket",
 ) -> torch.Tensor:
     """:func:`kd_loss` against a top-K cache: KL over the kept, target and tail buckets (plus, for ``tail="uniform"``,
@@ -153,7 +154,7 @@ def topk_dkd_loss(
     alpha: float,
     beta: float,
     temperature: float | torch.Tensor,
-    logit_stand: bool = False,
+    logit_stand: bool = T.logit_stand,
     tail: str = "bucket",
 ) -> torch.Tensor:
     """:func:`dkd_loss` against a top-K cache: TCKD is exact up to the tail estimate (the target logit is stored);
@@ -193,7 +194,7 @@ def mlkd_loss(
     teacher_weak: torch.Tensor,
     teacher_strong: torch.Tensor,
     temperature: float,
-    logit_stand: bool = False,
+    logit_stand: bool = T.logit_stand,
     variant: str = "reference",
 ) -> torch.Tensor:
     """Multi-level logit distillation (MLKD, CVPR 2023), optionally with LS Z-scores on the instance terms.

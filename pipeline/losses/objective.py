@@ -22,6 +22,7 @@ import yaml
 from kdcache.errors import KdcacheError
 from kdcache.losses.functions import CTKDTemperature, sort_teacher
 from kdcache.losses.registry import LOSS_REGISTRY, LossFn, LossSpec
+from kdcache.settings import TRAIN_DEFAULTS as T
 
 _CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
@@ -136,7 +137,7 @@ class Objective(torch.nn.Module):
         ce_weight: float,
         kd_weight: float,
         warmup: int = 0,
-        teacher_fix: str = "none",
+        teacher_fix: str = T.teacher_fix,
         ctkd: CTKDTemperature | None = None,
     ):
         super().__init__()
@@ -170,8 +171,8 @@ class Objective(torch.nn.Module):
         cls,
         loss: str,
         *,
-        logit_stand: bool = False,
-        teacher_fix: str = "none",
+        logit_stand: bool = T.logit_stand,
+        teacher_fix: str = T.teacher_fix,
         ctkd: CTKDTemperature | None = None,
         **overrides: object,
     ) -> Objective:

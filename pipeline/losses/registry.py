@@ -31,7 +31,7 @@ class LossSpec:
     (MLKD) ``student`` and ``teacher`` are ``[weak, strong]`` lists. ``defaults`` hold the published CIFAR-100
     values (``ce_weight``, ``kd_weight`` and the options); ``ls_defaults`` override them with Z-score
     standardization. ``warmup``: DKD's ``min(epoch / warmup, 1)`` factor applies. ``topk``: works on top-K caches.
-    ``mixed``: defined on mixup/CutMix views. ``ctkd``: CTKD may learn its temperature.
+    ``mixed``: defined on mixup/CutMix views. ``with_ctkd``: CTKD may learn its temperature.
     """
 
     name: str
@@ -43,7 +43,7 @@ class LossSpec:
     warmup: bool = False
     topk: bool = False
     mixed: bool = False
-    ctkd: bool = False
+    with_ctkd: bool = False
     builtin: bool = True
 
     @property
@@ -82,7 +82,7 @@ _LS = {"kd_weight": 9.0, "temperature": 2.0}
     ls_defaults=_LS,
     topk=True,
     mixed=True,
-    ctkd=True,
+    with_ctkd=True,
 )
 def kd_term(student, teacher, labels, *, temperature, logit_stand):
     """:func:`kd_loss` (or :func:`topk_kd_loss` for a top-K teacher)."""
@@ -99,7 +99,7 @@ def kd_term(student, teacher, labels, *, temperature, logit_stand):
     ls_defaults=_LS,
     warmup=True,
     topk=True,
-    ctkd=True,
+    with_ctkd=True,
 )
 def dkd_term(student, teacher, labels, *, alpha, beta, temperature, logit_stand):
     """:func:`dkd_loss` (or :func:`topk_dkd_loss` for a top-K teacher)."""

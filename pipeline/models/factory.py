@@ -173,16 +173,23 @@ def _local_timm_weights(cfg: PretrainedCfg) -> Path | None:
             if isinstance(hit, str):
                 return Path(hit)
     if cfg.url:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / cfg.url.rsplit("/", 1)[-1]
+        path = Path(torch.hub.get_dir()) / "checkpoints" / _url_file(cfg)
         if path.is_file():
             return path
     return None
 
 
+def _url_file(cfg: PretrainedCfg) -> str:
+    """The file name timm downloads a config's URL to: the URL's last part, or the name a (url, file) pair gives."""
+    if isinstance(cfg.url, tuple):
+        return cfg.url[1]
+    return (cfg.url or "").rsplit("/", 1)[-1]
+
+
 def _timm_weights_place(cfg: PretrainedCfg) -> str:
     """Where a timm weights file must lie for :func:`_local_timm_weights` to find it, said for an error message."""
     if not cfg.hf_hub_id:
-        return f"{(cfg.url or '').rsplit('/', 1)[-1]} into {Path(torch.hub.get_dir()) / 'checkpoints'}"
+        return f"{_url_file(cfg)} into {Path(torch.hub.get_dir()) / 'checkpoints'}"
     from huggingface_hub import constants
 
     repo = cfg.hf_hub_id.partition("@")[0]

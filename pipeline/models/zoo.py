@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -101,9 +102,9 @@ class CifarResNet(nn.Module):
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):
-    register(f"resnet{_depth}")(lambda nc, d=_depth: CifarResNet(d, [16, 16, 32, 64], nc))
+    register(f"resnet{_depth}")(partial(CifarResNet, _depth, [16, 16, 32, 64]))
 for _depth in (8, 32):
-    register(f"resnet{_depth}x4")(lambda nc, d=_depth: CifarResNet(d, [32, 64, 128, 256], nc))
+    register(f"resnet{_depth}x4")(partial(CifarResNet, _depth, [32, 64, 128, 256]))
 
 
 # ---------------------------------------------------------------- Wide ResNet
@@ -122,7 +123,7 @@ class _WideBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = F.relu(self.bn1(x))
         out = self.conv2(F.relu(self.bn2(self.conv1(act))))
-        shortcut = x if self.equal_in_out else self.convShortcut(act)
+        shortcut = x if self.convShortcut is None else self.convShortcut(act)  # None exactly when equal_in_out
         return shortcut + out
 
 
@@ -160,7 +161,7 @@ class WideResNet(nn.Module):
 
 
 for _d, _w in ((16, 1), (16, 2), (40, 1), (40, 2)):
-    register(f"wrn_{_d}_{_w}")(lambda nc, d=_d, w=_w: WideResNet(d, w, nc))
+    register(f"wrn_{_d}_{_w}")(partial(WideResNet, _d, _w))
 
 
 # ---------------------------------------------------------------- VGG with BN
@@ -185,6 +186,10 @@ def _vgg_block(widths: list[int], in_channels: int) -> nn.Sequential:
 class VGG(nn.Module):
     """VGG-BN in five blocks; max-pool after the first three, global average pool at the end."""
 
+    # Set by name in __init__ (block0 .. block4); the two forward calls by attribute are declared here.
+    block3: nn.Sequential
+    block4: nn.Sequential
+
     def __init__(self, cfg: list[list[int]], num_classes: int):
         super().__init__()
         ins = [3] + [c[-1] for c in cfg[:-1]]
@@ -207,7 +212,7 @@ class VGG(nn.Module):
 
 
 for _name, _cfg in _VGG_CFG.items():
-    register(_name)(lambda nc, c=_cfg: VGG(c, nc))
+    register(_name)(partial(VGG, _cfg))
 
 
 # ---------------------------------------------------------------- MobileNetV2 (the zoo's half-width "mobile_half")
@@ -265,10 +270,11 @@ class MobileNetV2(nn.Module):
             self.blocks.append(nn.Sequential(*layers))
         self.last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = _conv_bn_relu(cin, self.last_channel, 1, 1)
-        self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
+        head = nn.Linear(self.last_channel, num_classes)
+        self.classifier = nn.Sequential(head)
         _conv_init(self, "he_normal")
-        nn.init.normal_(self.classifier[0].weight, 0, 0.01)
-        nn.init.zeros_(self.classifier[0].bias)
+        nn.init.normal_(head.weight, 0, 0.01)
+        nn.init.zeros_(head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

@@ -142,7 +142,7 @@ def read_settings(path: str | Path, command: str, yacs: YacsReader | None = None
 
 
 #: Kinds whose values arrive as text from the command line and as parsed values from Python or YAML.
-COMPOSITE = ("ints", "weights", "size", "paths", "plot")
+COMPOSITE = ("ints", "epochs", "weights", "size", "paths", "plot")
 
 
 def read_values(command: str, values: Mapping[str, object]) -> dict[str, object]:
@@ -151,7 +151,8 @@ def read_values(command: str, values: Mapping[str, object]) -> dict[str, object]
     out = dict(values)
     for name, value in values.items():
         s = SETTINGS.get(name)
-        if s is not None and value is not None and s.kind in COMPOSITE and command in s.uses:
+        single_path = s is not None and s.kind == "paths" and command in s.uses and not s.repeats(command)
+        if s is not None and value is not None and s.kind in COMPOSITE and command in s.uses and not single_path:
             try:
                 out[name] = READERS[s.kind](value)
             except ValueError as exc:

@@ -32,6 +32,7 @@ class Use:
     default: object = None
     help: str | None = None
     aliases: tuple[str, ...] = ()
+    multiple: bool | None = None  # None: as the setting says
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class Setting:
 
     def help_for(self, command: str) -> str:
         return self.uses[command].help or self.help
+
+    def repeats(self, command: str) -> bool:
+        """Whether ``command`` takes the flag several times."""
+        own = self.uses[command].multiple
+        return self.multiple if own is None else own
 
 
 def _all(default: object = None, *commands: str) -> dict[str, Use]:
@@ -181,7 +187,7 @@ _CACHE = [
         "paths",
         "A cache written by dump-logits; repeat it to distill from several teachers at once.",
         "Cache",
-        {TRAIN: Use(None), STUDY: Use(REQUIRED, "A cache of seeded views (dump-logits --views N).")},
+        {TRAIN: Use(None), STUDY: Use(REQUIRED, "A cache of seeded views (dump-logits --views N).", multiple=False)},
         multiple=True,
         metavar="CACHE",
     ),
@@ -446,7 +452,7 @@ _OPTIMIZATION = [
     ),
     Setting(
         "lr_milestones",
-        "ints",
+        "epochs",
         "Epochs after which the LR is multiplied by --lr-decay-rate.",
         "Optimization",
         _all((150, 180, 210), TRAIN, STUDY),
@@ -629,3 +635,38 @@ class Defaults:
 
 DUMP_DEFAULTS, TRAIN_DEFAULTS, STUDY_DEFAULTS = Defaults(DUMP), Defaults(TRAIN), Defaults(STUDY)
 VERIFY_DEFAULTS, QUICKSTART_DEFAULTS, SWEEP_DEFAULTS = Defaults(VERIFY), Defaults(QUICKSTART), Defaults(SWEEP)
+
+
+def _shown(setting: Setting, command: str) -> str:
+    use = setting.uses[command]
+    if use.default is REQUIRED:
+        return "required"
+    if use.default is None or use.default is False:
+        return "–"
+    if isinstance(use.default, tuple):
+        return ",".join(str(x) for x in use.default)
+    if setting.kind == "size" and isinstance(use.default, int):
+        from kdcache.settings.values import shown_size
+
+        return shown_size(use.default)
+    return str(use.default)
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: every command's settings with their defaults, choices and help, grouped as ``--help``."""
+    lines = [
+        "# Settings",
+        "",
+        "Every flag of every command, from the one table the command line, config files and the Python API read",
+        "(`kdcache.settings.SETTINGS`). A config file's keys are the flag names without dashes; the Python name",
+        "is the flag with underscores. Old names (aliases) still work and print a deprecation line.",
+        "",
+    ]
+    for command in COMMANDS:
+        lines += [f"## `kdcache {command}`", "", "| flag | default | choices | what it is |", "|---|---|---|---|"]
+        for s in command_settings(command):
+            flag = s.flag + "".join(f" (old: {a})" for a in s.uses[command].aliases)
+            text = s.help_for(command).replace("|", "\\|")
+            lines.append(f"| `{flag}` | {_shown(s, command)} | {', '.join(s.choices) or '–'} | {text} |")
+        lines.append("")
+    return "\n".join(lines)

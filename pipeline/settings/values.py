@@ -68,6 +68,14 @@ def as_ints(value: object) -> tuple[int, ...]:
         raise ValueError("integers such as [150, 180, 210] or '150,180,210'") from None
 
 
+def as_epochs(value: object) -> tuple[int, ...]:
+    """Epoch numbers (LR milestones), as :func:`as_ints` reads them."""
+    try:
+        return as_ints(value)
+    except ValueError:
+        raise ValueError("epochs such as [150, 180, 210] or '150,180,210'") from None
+
+
 def as_paths(value: object) -> list[str]:
     """One store location or a list of them."""
     if isinstance(value, str | Path):
@@ -127,6 +135,7 @@ READERS: dict[str, Reader] = {
     "path": as_text,
     "views": as_text_or_int,
     "ints": as_ints,
+    "epochs": as_epochs,
     "paths": as_paths,
     "weights": as_weights,
     "size": as_size,

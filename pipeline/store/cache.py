@@ -29,13 +29,15 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.common import JSON
 
 from kdcache.errors import KdcacheError, first_line
 from kdcache.store.formats import FULL, STAT_FIELDS, LogitFormat, parse_format, top1_and_confidence
@@ -65,6 +67,35 @@ def num_chunks(num_samples: int) -> int:
     return -(-num_samples // CHUNK)
 
 
+def open_array(group: zarr.Group, name: str) -> zarr.Array:
+    """``group[name]``, which in a kdcache store is always an array (a group there means the store was edited)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise KdcacheError(f"{name} in the cache is a group, not an array (its zarr.json was edited or damaged)")
+    return node
+
+
+def json_int(value: JSON, what: str) -> int:
+    """A number from a store's attributes as ``int()`` reads it; anything else is refused, naming ``what``."""
+    if isinstance(value, str | int | float):
+        return int(value)
+    raise KdcacheError(f"attribute {what} is {value!r}, not a number (its zarr.json was edited or damaged)")
+
+
+def json_float(value: JSON, what: str) -> float:
+    """A number from a store's attributes as ``float()`` reads it; anything else is refused, naming ``what``."""
+    if isinstance(value, str | int | float):
+        return float(value)
+    raise KdcacheError(f"attribute {what} is {value!r}, not a number (its zarr.json was edited or damaged)")
+
+
+def json_dict(value: JSON, what: str) -> dict[str, JSON]:
+    """A mapping from a store's attributes; anything else is refused, naming ``what``."""
+    if isinstance(value, dict):
+        return value
+    raise KdcacheError(f"attribute {what} is {value!r}, not a mapping (its zarr.json was edited or damaged)")
+
+
 def array_names(kinds: int, fmt: LogitFormat = FULL) -> dict[str, list]:
     """Per view kind, the names of its teacher arrays (a list per kind), params and hash arrays."""
     suffix = ["", "_strong"][:kinds]
@@ -81,13 +112,13 @@ class CacheStore:
     def __init__(self, group: zarr.Group, location: str):
         self.group = group
         self.location = location
-        attrs = dict(group.attrs)
+        attrs: dict[str, JSON] = dict(group.attrs)
         if "kdcache_format" not in attrs:
             raise KdcacheError(
                 f"{location} is not a kdcache store (no kdcache_format attribute): pass a store made by `kdcache "
                 "dump-logits`"
             )
-        if int(attrs["kdcache_format"]) > FORMAT_VERSION:
+        if json_int(attrs["kdcache_format"], "kdcache_format") > FORMAT_VERSION:
             raise KdcacheError(
                 f"{location} has store format {attrs['kdcache_format']}, newer than this kdcache reads "
                 f"({FORMAT_VERSION}): upgrade kdcache"
@@ -100,7 +131,7 @@ class CacheStore:
         """Array ``name``, opened once: every ``group[name]`` re-reads and parses its metadata, which a writer cannot
         afford per chunk."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            self._arrays[name] = open_array(self.group, name)
         return self._arrays[name]
 
     def has(self, name: str) -> bool:
@@ -116,6 +147,10 @@ class CacheStore:
         self._absent.add(name)
         return False
 
+    def attr_dict(self, name: str) -> dict[str, JSON]:
+        """Attribute ``name`` that holds a mapping (``recipe``, ``dataset``, ``teacher``), refused when it does not."""
+        return json_dict(self.attrs.get(name), name)
+
     @property
     def num_views(self) -> int:
         return int(self.array("done").shape[0])
@@ -123,7 +158,7 @@ class CacheStore:
     @property
     def format(self) -> LogitFormat:
         """How teacher rows are stored (``full`` for stores written before ``--format`` existed)."""
-        return parse_format(self.attrs.get("format", "full"))
+        return parse_format(str(self.attrs.get("format", "full")))
 
     def teacher_arrays(self, kind: int = 0) -> list[str]:
         """Names of the arrays holding one view kind's teacher outputs."""
@@ -131,11 +166,11 @@ class CacheStore:
 
     @property
     def num_samples(self) -> int:
-        return int(self.attrs["num_samples"])
+        return json_int(self.attrs["num_samples"], "num_samples")
 
     @property
     def num_classes(self) -> int:
-        return int(self.attrs["num_classes"])
+        return json_int(self.attrs["num_classes"], "num_classes")
 
     @property
     def num_kinds(self) -> int:
@@ -146,18 +181,19 @@ class CacheStore:
         names = array_names(self.num_kinds, self.format)
         arrays = [a for kind in names["teacher"] for a in kind] + names["view_hash"]
         arrays += [a for a in names["params"] if self.has(a)]
-        return sum(self.group[a].dtype.itemsize * int(np.prod(self.group[a].shape[2:])) for a in arrays)
+        opened = [open_array(self.group, a) for a in arrays]
+        return sum(arr.dtype.itemsize * int(np.prod(arr.shape[2:])) for arr in opened)
 
     def done(self) -> np.ndarray:
         """Boolean (views, chunks) completion record."""
-        return np.asarray(self.group["done"][...]).astype(bool)
+        return np.asarray(open_array(self.group, "done")[...]).astype(bool)
 
     def complete(self) -> bool:
         """True when every chunk of every view is written."""
         return bool(self.done().all())
 
     def labels(self) -> np.ndarray:
-        return np.asarray(self.group["labels"][...])
+        return np.asarray(open_array(self.group, "labels")[...])
 
     def predictions(self, view: int) -> tuple[np.ndarray, np.ndarray]:
         """The teacher's predicted class and confidence (max probability at T = 1) per sample of one view."""
@@ -170,12 +206,12 @@ class CacheStore:
 
     def read(self, name: str, view: int, rows: slice | None = None) -> np.ndarray:
         """One contiguous read of array ``name`` at ``view`` (optionally a row range)."""
-        arr = self.group[name]
+        arr = open_array(self.group, name)
         return np.asarray(arr[view] if rows is None else arr[view, rows])
 
     def locate_corruption(self, name: str) -> KdcacheError:
         """After a failed read of ``name``, find the first chunk that does not decode and describe it."""
-        arr = self.group[name]
+        arr = open_array(self.group, name)
         n = self.num_samples
         for v in range(arr.shape[0]):
             for c in range(num_chunks(n)):
@@ -217,7 +253,7 @@ class CacheStore:
         self._absent.clear()
 
 
-def open_store(location: str | os.PathLike, mode: str = "r") -> CacheStore:
+def open_store(location: str | os.PathLike, mode: Literal["r", "r+"] = "r") -> CacheStore:
     """Open an existing cache (``mode`` "r" or "r+")."""
     loc = str(location)
     lp = local_path(loc)
@@ -337,9 +373,7 @@ def remove_store(location: str | os.PathLike) -> None:
     zarr.open_group(store=str(location), mode="w")
 
 
-def _row_array(
-    group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, last_axis: str, **attrs: object
-) -> None:
+def _row_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str, last_axis: str, **attrs: JSON) -> None:
     fill = 0 if np.dtype(dtype).kind == "i" else float("nan")
     group.create_array(
         name,
@@ -417,7 +451,7 @@ def create_store(
         compressors=[ZstdCodec(level=1), Crc32cCodec()],
         dimension_names=("sample",),
     )
-    group["labels"][...] = labels
+    open_array(group, "labels")[...] = labels
     group.create_array(
         "done",
         shape=(num_views, num_chunks(n)),
@@ -448,7 +482,7 @@ def extend_views(store: CacheStore, num_views: int) -> None:
             arr.resize((num_views, *arr.shape[1:]))
 
 
-def identity_mismatch(stored: dict[str, object], wanted: dict[str, object]) -> str | None:
+def identity_mismatch(stored: Mapping[str, object], wanted: Mapping[str, object]) -> str | None:
     """The first identity field where a store and a requested dump differ, described, or None."""
     for key in IDENTITY_FIELDS:
         a, b = stored.get(key, IDENTITY_DEFAULTS.get(key)), wanted.get(key, IDENTITY_DEFAULTS.get(key))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,14 @@ def per_view_arrays(store: CacheStore) -> list[str]:
     return [name for kind in names["teacher"] for name in kind] + names["view_hash"] + params
 
 
-def _attr_problems(attrs: dict) -> list[str]:
+def _attr_problems(attrs: Mapping[str, object]) -> list[str]:
     """The required attributes (or keys inside them) a store's ``zarr.json`` lacks."""
     out = []
     for name, keys in REQUIRED_ATTRS.items():
         value = attrs.get(name)
         if value is None or (keys and not isinstance(value, dict)):
             out.append(f"attribute {name!r} is missing {DAMAGED}")
-        else:
+        elif isinstance(value, dict):  # (a value that needs no keys inside may be anything)
             out += [f"attribute {name}.{k} is missing {DAMAGED}" for k in keys if k not in value]
     return out
 
@@ -79,7 +80,7 @@ def _labels_problem(store: CacheStore) -> str | None:
         labels = np.ascontiguousarray(store.labels(), dtype=np.int64)
     except Exception:  # the codec pipeline raises anything on a damaged file
         return "array labels does not decode (its chunk file is damaged)"
-    recorded = store.attrs["dataset"].get("labels_sha256")
+    recorded = store.attr_dict("dataset").get("labels_sha256")
     if recorded is None or hashlib.sha256(labels.tobytes()).hexdigest() == recorded:
         return None
     if store.array("labels").nchunks_initialized < store.array("labels").nchunks:

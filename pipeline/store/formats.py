@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import KdcacheError
+from kdcache.settings import TRAIN_DEFAULTS as T
 
 TAILS = ("uniform", "bucket")
 STAT_FIELDS = ("mean", "std", "lse", "target", "tail_lse", "tail_mean")
@@ -129,7 +130,7 @@ def buckets(
     teacher: TopKTeacher,
     target: torch.Tensor,
     temperature: float | torch.Tensor,
-    logit_stand: bool = False,
+    logit_stand: bool = T.logit_stand,
     eps: float = 1e-7,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Student and teacher logits over K + 2 buckets, already divided by the temperature, the target's bucket, and

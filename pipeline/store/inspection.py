@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,13 @@ class CacheReport:
 
     def lines(self) -> list[str]:
         a = self.store.attrs
-        t = a["teacher"]
-        ds = a["dataset"]
+        t = self.store.attr_dict("teacher")
+        ds = self.store.attr_dict("dataset")
         out = [
             f"cache      {self.store.location}  (format {a['kdcache_format']}, created {a.get('created')})",
             f"dataset    {ds['name']} / {a['split']}: {ds['length']} samples, {a['num_classes']} classes",
-            f"recipe     {_recipe_name(a['recipe'])}  views {self.store.num_views} ({a['views_mode']})  "
+            f"recipe     {_recipe_name(self.store.attr_dict('recipe'))}  "
+            f"views {self.store.num_views} ({a['views_mode']})  "
             f"seed {a['seed']}  "
             f"dtype {a['dtype']}  "
             f"format {self.store.format}",
@@ -51,7 +53,7 @@ class CacheReport:
         return out
 
 
-def _recipe_name(recipe: dict) -> str:
+def _recipe_name(recipe: Mapping[str, object]) -> str:
     """The recipe's name, with the strong-view version for MLKD caches (absent in caches made before version 2)."""
     if recipe["name"] != "mlkd":
         return str(recipe["name"])

@@ -24,7 +24,7 @@ from kdcache.dataset.datasets import build_dataset
 from kdcache.errors import KdcacheError
 from kdcache.settings import VERIFY_DEFAULTS as V
 from kdcache.settings import check_options
-from kdcache.store.cache import CHUNK, CacheStore, array_names, num_chunks, open_store
+from kdcache.store.cache import CHUNK, CacheStore, array_names, json_float, json_int, num_chunks, open_array, open_store
 from kdcache.store.checks import REDUMP, holes, layout_problems, per_view_arrays
 from kdcache.store.formats import encode
 from kdcache.teacher.runner import load_teacher
@@ -58,7 +58,7 @@ def _check_chunks(store: CacheStore, report: VerifyReport) -> None:
     report.problems += [("labels: " if name == "labels" else "missing: ") + line for name, line in lost.items()]
     names = [name for name in per_view_arrays(store) if name not in lost]  # a lost chunk reads as the fill value
     for name in sorted(names):
-        arr = store.group[name]
+        arr = open_array(store.group, name)
         for v in range(arr.shape[0]):
             for c in range(num_chunks(n)):
                 if not done[v, c]:
@@ -88,7 +88,7 @@ def _rows_lost(report: VerifyReport) -> bool:
 def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
     a = store.attrs
     fmt = store.format
-    main = store.group[fmt.arrays()[0]]
+    main = open_array(store.group, fmt.arrays()[0])
     width = fmt.k if fmt.is_topk else a["num_classes"]
     if main.shape[2] != width:
         report.problems.append(
@@ -97,21 +97,23 @@ def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
         )
     if str(main.dtype) != a["dtype"]:
         report.problems.append(f"attributes: dtype {a['dtype']} but {fmt.arrays()[0]} is {main.dtype}")
-    recipe = recipe_from_attrs(a["recipe"])
+    recipe = recipe_from_attrs(store.attr_dict("recipe"))
     if (fmt.arrays()[0] + "_strong" in store.group) != (len(recipe.kinds) == 2):
         report.problems.append(f"attributes: recipe {recipe.name} does not match the arrays present")
     top1 = a.get("teacher_top1")
     readable = not _rows_lost(report)
     if top1 is not None and store.complete() and readable:
-        if len(top1) != store.num_views:
+        if not isinstance(top1, list):
+            report.problems.append(f"attributes: teacher_top1 is {top1!r}, not a list of per-view accuracies")
+        elif len(top1) != store.num_views:
             report.problems.append(f"attributes: teacher_top1 has {len(top1)} entries for {store.num_views} views")
         else:
             labels = store.labels()
             for v in range(store.num_views):
-                acc = store.top1(v, labels)
-                if abs(acc - top1[v]) > 1e-9:
+                acc, recorded = store.top1(v, labels), json_float(top1[v], f"teacher_top1[{v}]")
+                if abs(acc - recorded) > 1e-9:
                     report.problems.append(
-                        f"attributes: teacher_top1[{v}] is {top1[v]:.6f} but the logits give {acc:.6f}"
+                        f"attributes: teacher_top1[{v}] is {recorded:.6f} but the logits give {acc:.6f}"
                     )
                     break
     report.checked.append("attributes consistent with arrays")
@@ -136,18 +138,16 @@ def _check_replay(
     data_root: str | None,
     device: str,
 ) -> None:
-    a = store.attrs
-    ds = build_dataset(a["dataset"]["name"], data_root, a["split"])
-    if ds.fingerprint() != a["dataset"]:
+    dataset, t = store.attr_dict("dataset"), store.attr_dict("teacher")
+    ds = build_dataset(str(dataset["name"]), data_root, str(store.attrs["split"]))
+    if ds.fingerprint() != dataset:
         report.problems.append("dataset: the data under --data-root differs from the data this cache was made from")
         return
-    t = a["teacher"]
-    model = load_teacher(
-        teacher, ds.num_classes, ds.norm, checkpoint, weights, device, int(t["forward_block"]), t["amp"]
-    )
+    block = json_int(t["forward_block"], "teacher.forward_block")
+    model = load_teacher(teacher, ds.num_classes, ds.norm, checkpoint, weights, device, block, str(t["amp"]))
     if model.checkpoint_sha256 != t["checkpoint_sha256"]:
         report.problems.append("teacher: --checkpoint is not the checkpoint this cache was made with (sha256 differs)")
-    recipe = recipe_from_attrs(a["recipe"])
+    recipe = recipe_from_attrs(store.attr_dict("recipe"))
     names = array_names(len(recipe.kinds), store.format)
     labels = store.labels()
     views, samples = _replay_items(store, sample)
@@ -159,7 +159,7 @@ def _check_replay(
             p = store.array(names["params"][k])[v, i] if store.has(names["params"][k]) else np.zeros(0, np.float32)
             partner = recipe.partner_of(np.asarray(p)) if k == 0 else None
             pixels = recipe.apply(img, np.asarray(p), k, ds.image(partner) if partner is not None else None)
-            if pixel_hash(pixels) != int(store.array(names["view_hash"][k])[v, i]):
+            if pixel_hash(pixels) != int(np.asarray(store.array(names["view_hash"][k])[v, i])):
                 bad_hash += 1
             teacher_rows = store.array(names["teacher"][k][0])
             stored = np.asarray(teacher_rows[v, i], dtype=np.float32)

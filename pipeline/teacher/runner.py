@@ -21,6 +21,7 @@ from kdcache.devices import resolve_device
 from kdcache.errors import KdcacheError
 from kdcache.models.checkpoints import file_sha256, load_checkpoint
 from kdcache.models.factory import check_model_name, create_model
+from kdcache.settings import DUMP_DEFAULTS as D
 from kdcache.settings import choices
 from kdcache.views.recipes import normalize
 
@@ -50,8 +51,8 @@ class Teacher:
     weights: str | None
     norm: Normalization
     device: torch.device
-    forward_block: int = 64
-    amp: str = "none"
+    forward_block: int = D.forward_block
+    amp: str = D.amp
     _graphs: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -143,9 +144,9 @@ def load_teacher(
     norm: Normalization,
     checkpoint: str | None = None,
     weights: str | None = None,
-    device: str = "auto",
-    forward_block: int = 64,
-    amp: str = "none",
+    device: str = D.device,
+    forward_block: int = D.forward_block,
+    amp: str = D.amp,
 ) -> Teacher:
     """Build, load and freeze a teacher for ``num_classes`` classes."""
     if forward_block < 1:
@@ -164,5 +165,5 @@ def load_teacher(
     if checkpoint:
         load_checkpoint(model, checkpoint)
         sha = file_sha256(checkpoint)
-    model.eval().requires_grad_(False).to(dev, memory_format=torch.channels_last)
+    model.eval().requires_grad_(False).to(dev).to(memory_format=torch.channels_last)
     return Teacher(model, name, sha, weights, norm, dev, forward_block, amp)

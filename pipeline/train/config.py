@@ -93,5 +93,5 @@ class TrainConfig:
         check_options({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         spec = self.spec
         check_loss_opts(spec, self.loss_opt)
-        if self.ctkd and not spec.ctkd:
+        if self.ctkd and not spec.with_ctkd:
             raise KdcacheError(f"--ctkd works with --loss kd or dkd (with or without --logit-stand), not {self.loss}")

@@ -16,7 +16,7 @@ from kdcache.errors import KdcacheError
 from kdcache.settings import read_settings, read_values, resolve
 from kdcache.settings.files import is_yacs, read_yaml
 from kdcache.settings.table import TRAIN
-from kdcache.settings.values import as_bool, as_float, as_int, as_ints, as_text
+from kdcache.settings.values import as_bool, as_epochs, as_float, as_int, as_text
 
 # ---------------------------------------------------------------- the mdistiller (yacs) form
 
@@ -58,7 +58,7 @@ _MDISTILLER_DEFAULTS: dict[str, object] = {
 # which mdistiller's yacs refuses) gets these; any other file gets mdistiller's.
 _LS_KD_DEFAULTS = {"KD.TEMPERATURE": 2.0, "KD.LOSS.KD_WEIGHT": 9.0}
 _SECTIONS = {key.rsplit(".", i)[0] for key in _MDISTILLER_DEFAULTS for i in range(1, key.count(".") + 1)}
-_BY_TYPE = {bool: as_bool, int: as_int, float: as_float, str: as_text, tuple: as_ints}
+_BY_TYPE = {bool: as_bool, int: as_int, float: as_float, str: as_text, tuple: as_epochs}
 _LOSSES = {"NONE": "ce", "KD": "kd", "DKD": "dkd", "MLKD": "mlkd", "KD_ours": "mlkd"}  # KD_ours: MLKD repo's name
 _READS = {"NONE": (), "KD": ("KD",), "DKD": ("DKD",), "MLKD": ("KD",), "KD_ours": ("KD",)}  # sections each type uses
 _FEATURE_DISTILLERS = ("AT", "OFD", "RKD", "FITNET", "KDSVD", "CRD", "NST", "PKT", "SP", "VID", "REVIEWKD")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+
+from kdcache.settings import TRAIN_DEFAULTS as T
 
 
 @dataclass(frozen=True)
@@ -13,10 +14,10 @@ class Precision:
     """How the student computes: autocast dtype (``amp``) and memory format, on ``device``."""
 
     device: torch.device
-    amp: str = "none"
-    channels_last: bool = False
+    amp: str = T.amp
+    channels_last: bool = T.channels_last
 
-    def autocast(self) -> AbstractContextManager:
+    def autocast(self) -> torch.autocast:
         dtype = torch.float16 if self.amp == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp != "none")
 

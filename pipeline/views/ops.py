@@ -182,7 +182,7 @@ def _randaugment_pil(img: Image.Image, op: int, v: float) -> Image.Image:
     if name == "Rotate":
         return img.rotate(v)
     if name == "Solarize":
-        return ImageOps.solarize(img, v)
+        return ImageOps.solarize(img, math.ceil(v))  # PIL takes an int level; i < v exactly when i < ceil(v)
     w, h = img.size
     matrix = {
         "ShearX": (1.0, v, 0.0, 0.0, 1.0, 0.0),

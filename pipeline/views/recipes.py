@@ -20,6 +20,7 @@ parameters stored in the reference's own units.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from kdcache.errors import KdcacheError
+from kdcache.settings import DUMP_DEFAULTS as D
 from kdcache.settings import choices
 from kdcache.views.ops import (
     CUTOUT_FILL,
@@ -67,8 +69,8 @@ class Recipe:
     eval_resize: int = 256
     fields_weak: tuple[str, ...] = field(default=())
     fields_strong: tuple[str, ...] = field(default=())
-    mix: str = "none"
-    mix_alpha: float = 1.0
+    mix: str = D.mix
+    mix_alpha: float = D.mix_alpha
     strong_version: int = 0
 
     @property
@@ -284,11 +286,9 @@ class Recipe:
         writing through a mirrored view, and one transpose per batch); everything else loops :meth:`apply`.
         """
         if self.mix != "none" and kind == 0:
+            unmixed: list[np.ndarray | None] = [None] * len(images)
             return torch.stack(
-                [
-                    self.apply(im, p, kind, q)
-                    for im, p, q in zip(images, params, partners or [None] * len(images), strict=True)
-                ]
+                [self.apply(im, p, kind, q) for im, p, q in zip(images, params, partners or unmixed, strict=True)]
             )
         if not (
             self.small
@@ -325,7 +325,7 @@ class Recipe:
 
 
 def make_recipe(
-    name: str, small: bool, mix: str = "none", mix_alpha: float = 1.0, strong_version: int = STRONG_VERSION
+    name: str, small: bool, mix: str = D.mix, mix_alpha: float = D.mix_alpha, strong_version: int = STRONG_VERSION
 ) -> Recipe:
     """The recipe ``name`` (one of :data:`RECIPES`) for 32x32 (``small``) or ImageNet-size images, optionally mixed.
 
@@ -341,10 +341,7 @@ def make_recipe(
     if mix != "none" and not mix_alpha > 0:
         raise KdcacheError(f"--mix-alpha must be positive, got {mix_alpha}")
     if name == "mlkd" and strong_version not in STRONG_VERSIONS:
-        raise KdcacheError(
-            f"MLKD strong-view version {strong_version!r} is unknown to this kdcache (it replays versions "
-            f"{', '.join(map(str, STRONG_VERSIONS))}): upgrade kdcache to use this cache"
-        )
+        raise _unknown_version(strong_version)
     size = 32 if small else 224
     crop = ("top", "left", "flip") if small else ("top", "left", "height", "width", "flip")
     if name == "none":
@@ -366,23 +363,42 @@ def make_recipe(
     )
 
 
-def recipe_from_attrs(attrs: dict[str, object]) -> Recipe:
+def _unknown_version(version: object) -> KdcacheError:
+    return KdcacheError(
+        f"MLKD strong-view version {version!r} is unknown to this kdcache (it replays versions "
+        f"{', '.join(map(str, STRONG_VERSIONS))}): upgrade kdcache to use this cache"
+    )
+
+
+def _stored_version(attrs: Mapping[str, object]) -> int:
+    """The strong-view version a cache's MLKD recipe attributes record (absent = 1, before version 2 existed)."""
+    version = attrs.get("strong_version", 1)
+    if not isinstance(version, int):
+        raise _unknown_version(version)
+    return version
+
+
+def recipe_from_attrs(attrs: Mapping[str, object]) -> Recipe:
     """Rebuild the :class:`Recipe` a cache records, at the strong-view version it was made with (absent = 1)."""
     name = str(attrs["name"])
-    version = attrs.get("strong_version", 1) if name == "mlkd" else STRONG_VERSION
-    recipe = make_recipe(
-        name, bool(attrs["small"]), str(attrs.get("mix", "none")), float(attrs.get("mix_alpha", 1.0)), version
-    )
-    stored = dict(attrs.get("fields") or {}).get("strong")
-    if stored is not None and list(stored) != list(recipe.fields_strong):
+    version = _stored_version(attrs) if name == "mlkd" else STRONG_VERSION
+    mix_alpha = attrs.get("mix_alpha", 1.0)
+    if not isinstance(mix_alpha, int | float):
         raise KdcacheError(
-            f"the cache's strong-view fields {list(stored)} do not match MLKD strong-view version {version}'s "
+            f"the cache's mix_alpha {mix_alpha!r} is not a number: the cache's recipe attributes are inconsistent"
+        )
+    recipe = make_recipe(name, bool(attrs["small"]), str(attrs.get("mix", "none")), float(mix_alpha), version)
+    fields = attrs.get("fields")
+    stored = fields.get("strong") if isinstance(fields, Mapping) else None
+    if stored is not None and (not isinstance(stored, list) or stored != list(recipe.fields_strong)):
+        raise KdcacheError(
+            f"the cache's strong-view fields {stored!r} do not match MLKD strong-view version {version}'s "
             f"{list(recipe.fields_strong)}: the cache's recipe attributes are inconsistent"
         )
     return recipe
 
 
-def resumed_recipe(recipe: Recipe, stored: dict[str, object]) -> Recipe:
+def resumed_recipe(recipe: Recipe, stored: Mapping[str, object]) -> Recipe:
     """The recipe a dump resuming or extending a store must use: ``recipe`` at the store's strong-view version.
 
     A store made before version 2 keeps its version-1 semantics, so its old
@@ -390,7 +406,7 @@ def resumed_recipe(recipe: Recipe, stored: dict[str, object]) -> Recipe:
     """
     if recipe.name != "mlkd" or stored.get("name") != "mlkd":
         return recipe
-    return make_recipe(recipe.name, recipe.small, recipe.mix, recipe.mix_alpha, stored.get("strong_version", 1))
+    return make_recipe(recipe.name, recipe.small, recipe.mix, recipe.mix_alpha, _stored_version(stored))
 
 
 def normalize(
