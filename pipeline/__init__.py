@@ -29,7 +29,7 @@ _EXPORTS = {
     "kdcache.models": ("create_model", "list_models", "save_checkpoint", "load_checkpoint"),
     "kdcache.teacher": ("Teacher", "load_teacher"),
     "kdcache.store": ("open_store", "verify_cache", "inspect_cache", "TopKTeacher", "VerifyReport"),
-    "kdcache.dump": ("dump_logits", "DumpSummary"),
+    "kdcache.dump": ("dump_logits", "dump_settings", "DumpSummary"),
     "kdcache.feed": ("DistillLoader", "Batch", "eval_loader", "init_ranks", "Ranks"),
     "kdcache.losses": (
         "register_loss",
@@ -46,7 +46,9 @@ _EXPORTS = {
         "zscore",
     ),
     "kdcache.train": (
+        "train_settings",
         "train_student",
+        "train_settings",
         "TrainConfig",
         "TrainResult",
         "evaluate",
@@ -67,7 +69,7 @@ _LAZY = {name: module for module, names in _EXPORTS.items() for name in names}
 
 if TYPE_CHECKING:  # what mypy and IDEs see; at run time module __getattr__ imports these on first use
     from kdcache.dataset import build_dataset, test_split
-    from kdcache.dump import DumpSummary, dump_logits
+    from kdcache.dump import DumpSummary, dump_logits, dump_settings
     from kdcache.experiments import Report, SweepResult, load_spec, run_sweep, study_views, write_report
     from kdcache.feed import Batch, DistillLoader, Ranks, eval_loader, init_ranks
     from kdcache.losses import (
@@ -99,6 +101,7 @@ if TYPE_CHECKING:  # what mypy and IDEs see; at run time module __getattr__ impo
         load_student,
         read_records,
         train_one_epoch,
+        train_settings,
         train_student,
     )
 
@@ -135,6 +138,7 @@ __all__ = [
     "TopKTeacher",
     "VerifyReport",
     "dump_logits",
+    "dump_settings",
     "DumpSummary",
     "DistillLoader",
     "Batch",
@@ -154,6 +158,7 @@ __all__ = [
     "normkd_loss",
     "zscore",
     "train_student",
+    "train_settings",
     "TrainConfig",
     "TrainResult",
     "evaluate",

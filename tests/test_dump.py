@@ -149,13 +149,13 @@ def test_documented_layout_reads_with_plain_zarr(cifar_root, teacher_ckpt, tmp_p
 def test_mismatch_is_refused_and_nothing_changes(cifar_root, teacher_ckpt, make_cache, tmp_path):
     out = make_cache(copy_to=tmp_path)  # what _dump_args dumps
     before = _arrays(out)
-    proc = cli(*_dump_args(cifar_root, teacher_ckpt[100], out, "--seed", "1"))
+    proc = cli(*_dump_args(cifar_root, teacher_ckpt[100], out, "--view-seed", "1"))
     assert proc.returncode == 2 and "seed" in proc.stderr and "--overwrite" in proc.stderr
     proc = cli(*_dump_args(cifar_root, teacher_ckpt[100], out, "--dtype", "float32"))
     assert proc.returncode == 2 and "dtype" in proc.stderr
     after = _arrays(out)
     assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
-    proc = cli(*_dump_args(cifar_root, teacher_ckpt[100], out, "--seed", "1", "--overwrite"))
+    proc = cli(*_dump_args(cifar_root, teacher_ckpt[100], out, "--view-seed", "1", "--overwrite"))
     assert proc.returncode == 0 and zarr.open_group(str(out)).attrs["seed"] == 1
 
 
@@ -528,12 +528,12 @@ def test_bad_data_is_refused_before_anything_is_stored(tmp_path, teacher_ckpt, c
         entry["fine_labels"][7] = 100
         train.write_bytes(pickle.dumps(entry))
     before = _user_data_unchanged(root)
-    extra = ["--seed", str(2**64)] if case == "seed-beyond-key" else []
+    extra = ["--view-seed", str(2**64)] if case == "seed-beyond-key" else []
     proc = cli(*_dump_args(root, teacher_ckpt[100], tmp_path / "o.zarr", *extra))
     needle = {
         "label-outside-classes": "sample 7 has label 100, outside 0..99",
         "empty-split": "holds no images",
-        "seed-beyond-key": "--seed must be in 0 .. 2**64 - 1",
+        "seed-beyond-key": "--view-seed must be in 0 .. 2**64 - 1",
     }[case]
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -178,41 +178,40 @@ def s3_server():
 
 
 @pytest.mark.slow
-def test_s3_store_end_to_end(tmp_path, teacher_ckpt, make_cache, s3_server, monkeypatch):
+def test_s3_store_end_to_end(tmp_path, teacher_ckpt, cifar_data, make_cache, s3_server, monkeypatch):
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
-    url = "s3://kdcache-test/digits-cifar.zarr"
+    url = "s3://kdcache-test/cifar.zarr"
+    data = ["--dataset", "cifar100", "--data-root", str(cifar_data)]
     common = [
         "dump-logits",
         "--teacher",
         "resnet8",
         "--checkpoint",
-        str(teacher_ckpt[10]),
-        "--dataset",
-        "digits",
+        str(teacher_ckpt[100]),
+        *data,
         "--augment",
         "cifar",
         "--views",
         "2",
     ]
     cli(*common, "--out", url, check=True)
-    local = make_cache(dataset="digits")  # the same dump into a local folder
+    local = make_cache()  # the same dump into a local folder
     assert_same_arrays(url, local)
     again = cli(*common, "--out", url, check=True)
     assert "nothing to do" in again.stdout
-    refused = cli(*common, "--out", url, "--seed", "1")
+    refused = cli(*common, "--out", url, "--view-seed", "1")
     assert refused.returncode == 2 and "seed" in refused.stderr
     assert_same_arrays(url, local)
     assert "complete   2/2 chunks" in cli("inspect", url, check=True).stdout
-    cli("verify", url, "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--sample", "8", check=True)
+    cli("verify", url, "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[100]), "--sample", "8", check=True)
     cli(
         "train-student",
         "--cache",
         url,
         "--student",
         "resnet8",
-        "--dataset",
-        "digits",
+        *data,
         "--loss",
         "kd",
         "--epochs",
@@ -271,8 +270,9 @@ def test_torchrun_more_processes_than_gpus_is_refused(monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, make_cache):
-    cache = make_cache(dataset="digits")
+def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, cifar_data, make_cache):
+    cache = make_cache()
+    data = ["--dataset", "cifar100", "--data-root", str(cifar_data)]
 
     def torchrun(out: str, *extra: str) -> subprocess.CompletedProcess:
         cmd = [
@@ -289,8 +289,7 @@ def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, make_cache
             str(cache),
             "--student",
             "resnet8",
-            "--dataset",
-            "digits",
+            *data,
             "--loss",
             "kd",
             "--lr-milestones",
@@ -334,8 +333,7 @@ def test_torchrun_two_processes_train_write_once_and_resume(tmp_path, make_cache
             str(cache),
             "--student",
             "resnet8",
-            "--dataset",
-            "digits",
+            *data,
             "--epochs",
             "1",
             "--batch-size",

@@ -71,7 +71,7 @@ def _dump(out: Path, ckpt: Path, seed: int = 0, overwrite: bool = False) -> Path
         views=2,
         out=str(out),
         dtype="float32",
-        seed=seed,
+        view_seed=seed,
         overwrite=overwrite,
         progress=False,
         data=small,

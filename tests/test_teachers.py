@@ -44,11 +44,9 @@ def _last_weights(run: Path) -> dict[str, torch.Tensor]:
 def test_weights_pick_teachers(two_caches, cifar_root, tmp_path):
     a, b = (str(p) for p in two_caches)
     single = train_student(out=tmp_path / "a", cache=a, data_root=str(cifar_root), **COMMON)
-    only_a = train_student(
-        out=tmp_path / "a0", cache=[a, b], teacher_weights="1,0", data_root=str(cifar_root), **COMMON
-    )
+    only_a = train_student(out=tmp_path / "a0", cache=[a, b], cache_weights="1,0", data_root=str(cifar_root), **COMMON)
     mixed = train_student(
-        out=tmp_path / "ab", cache=[a, b], teacher_weights=[0.5, 0.5], data_root=str(cifar_root), **COMMON
+        out=tmp_path / "ab", cache=[a, b], cache_weights=[0.5, 0.5], data_root=str(cifar_root), **COMMON
     )
     assert only_a.history[0]["train_loss"] == single.history[0]["train_loss"]
     wa, w0 = _last_weights(tmp_path / "a"), _last_weights(tmp_path / "a0")
@@ -75,7 +73,7 @@ def test_cli_mix_and_refusals(two_caches, cifar_root, make_cache, tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     wrong = cli(
-        "train-student", "--cache", a, "--cache", b, "--teacher-weights", "0.5", "--out", str(tmp_path / "w"), *common
+        "train-student", "--cache", a, "--cache", b, "--cache-weights", "0.5", "--out", str(tmp_path / "w"), *common
     )
     assert wrong.returncode == 2 and "2 non-negative numbers" in wrong.stderr
     name = cli(
@@ -84,14 +82,14 @@ def test_cli_mix_and_refusals(two_caches, cifar_root, make_cache, tmp_path):
         a,
         "--cache",
         b,
-        "--teacher-weights",
+        "--cache-weights",
         "IMAGENET1K_V1",
         "--out",
         str(tmp_path / "n"),
         *common,
     )
     assert name.returncode == 2 and "--weights" in name.stderr
-    other = make_cache(dtype="float32", seed=1)
+    other = make_cache(dtype="float32", view_seed=1)
     refused = cli("train-student", "--cache", a, "--cache", str(other), "--out", str(tmp_path / "s"), *common)
     assert refused.returncode == 2 and "do not hold the same views: seed differs" in refused.stderr
     assert not (tmp_path / "s" / "last.pt").exists()

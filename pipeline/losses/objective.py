@@ -23,12 +23,15 @@ from kdcache.errors import KdcacheError
 from kdcache.losses.functions import CTKDTemperature, sort_teacher
 from kdcache.losses.registry import LOSS_REGISTRY, LossFn, LossSpec
 from kdcache.settings import TRAIN_DEFAULTS as T
+from kdcache.settings import check_options
 
 _CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 def get_loss(name: str) -> LossSpec:
     """The registered loss ``name``, or a ``package.module:function`` imported and wrapped as a one-view loss."""
+    if not isinstance(name, str):
+        raise TypeError(f"a loss is named by text (kd, dkd, ... or package.module:function), got {name!r}")
     if name in LOSS_REGISTRY:
         return LOSS_REGISTRY[name]
     if not _CALLABLE.fullmatch(name):
@@ -37,16 +40,39 @@ def get_loss(name: str) -> LossSpec:
             "or name your own as package.module:function"
         )
     module, attr = name.split(":")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except ImportError as exc:
-        raise KdcacheError(f"--loss {name}: cannot import {module} ({exc}): put it on PYTHONPATH") from None
-    except AttributeError:
-        raise KdcacheError(f"--loss {name}: {module} has no {attr!r}: check the function name") from None
+    fn = getattr(_import_loss_module(name, module), attr, None)
+    if fn is None:
+        raise KdcacheError(f"--loss {name}: {module} has no {attr!r}: check the function name")
     if not callable(fn):
         raise KdcacheError(f"--loss {name}: {attr} is a {type(fn).__name__}, not a function")
     defaults = {"ce_weight": 1.0, "kd_weight": 1.0, **_keyword_defaults(fn)}
     return LossSpec(name, _checked(fn, name), f"user loss {name}", defaults, builtin=False)
+
+
+def _import_loss_module(name: str, module: str) -> object:
+    """The module of a user loss; a module that is missing or fails while importing is one line naming it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+            raise KdcacheError(f"--loss {name}: cannot import {module} ({exc}): put it on PYTHONPATH") from None
+        raise KdcacheError(
+            f"--loss {name}: {module} needs {exc.name!r}, which is not installed: pip install it"
+        ) from None
+    except SyntaxError as exc:
+        where = f"{exc.filename}, line {exc.lineno}" if exc.filename else module
+        raise KdcacheError(f"--loss {name}: {module} does not import (SyntaxError at {where}: {exc.msg})") from None
+    except Exception as exc:
+        raise KdcacheError(
+            f"--loss {name}: importing {module} raised {type(exc).__name__}: {_first_line(exc)}: fix the module"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line, saying how many more it had (a loss's own message may be long)."""
+    lines = [x for x in str(exc).splitlines() if x.strip()] or [type(exc).__name__]
+    more = f" (+{len(lines) - 1} more lines: call the function yourself to read them)" if len(lines) > 1 else ""
+    return lines[0][:200] + more
 
 
 def _keyword_defaults(fn: LossFn) -> dict[str, object]:
@@ -66,10 +92,20 @@ def _checked(fn: LossFn, name: str) -> LossFn:
         try:
             value = fn(student, teacher, labels, **options)
         except Exception as exc:
-            raise KdcacheError(f"--loss {name} raised {type(exc).__name__}: {exc}: fix the function") from None
+            given = ", ".join(f"--loss-opt {k}={v!r}" for k, v in options.items())
+            with_opts = f" (with {given})" if given else ""
+            raise KdcacheError(
+                f"--loss {name} raised {type(exc).__name__}{with_opts}: {_first_line(exc)}: fix the function"
+                + (" or the option values" if given else "")
+            ) from None
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             what = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
             raise KdcacheError(f"--loss {name} returned {what}, not a scalar tensor: reduce it (e.g. .mean())")
+        if torch.is_grad_enabled() and student.requires_grad and not value.requires_grad:
+            raise KdcacheError(
+                f"--loss {name} returned a tensor without gradient (detached, or computed without the student's "
+                "logits): the student would learn nothing; compute it from the student argument"
+            )
         if not torch.isfinite(value.detach()).all():
             raise KdcacheError(f"--loss {name} returned {float(value.detach())}: it must be finite for every batch")
         return value.reshape(())
@@ -86,7 +122,10 @@ def parse_loss_opts(items: Iterable[str] | dict[str, object] | None) -> dict[str
         key, sep, value = str(item).partition("=")
         if not sep or not key.strip():
             raise KdcacheError(f"--loss-opt takes name=value (e.g. --loss-opt margin=0.5), not {item!r}")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else None
+        name = key.strip().replace("-", "_")
+        if name in out:
+            raise KdcacheError(f"--loss-opt {name} is given twice: keep one")
+        out[name] = yaml.safe_load(value) if value.strip() else None
     return out
 
 
@@ -182,6 +221,7 @@ class Objective(torch.nn.Module):
         --beta 2`` trains with, warm-up included.
         """
         spec = get_loss(loss)
+        check_options({"logit_stand": logit_stand, "teacher_fix": teacher_fix, **overrides})
         values = {**spec.resolved_defaults(logit_stand), **overrides}
         unknown = sorted(set(overrides) - set(spec.defaults)) if spec.builtin else []
         if unknown:

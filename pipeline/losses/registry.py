@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from kdcache.errors import KdcacheError
 from kdcache.losses.functions import (
     dkd_loss,
     kd_loss,
@@ -61,11 +62,27 @@ class LossSpec:
 LOSS_REGISTRY: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, summary: str, defaults: dict[str, object], **spec: object) -> Callable[[LossFn], LossFn]:
-    """Register ``fn`` as ``--loss name`` (a decorator), with the defaults ``kdcache losses`` lists."""
+def register_loss(
+    name: str, summary: str, defaults: dict[str, object], *, replace: bool = False, **spec: object
+) -> Callable[[LossFn], LossFn]:
+    """Register ``fn`` as ``--loss name`` (a decorator), with the defaults ``kdcache losses`` lists.
+
+    A name already registered is refused unless ``replace=True``; ``defaults`` must map option names to values.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"register_loss takes the loss's name as text, got {name!r}")
+    if name in LOSS_REGISTRY and not replace:
+        raise KdcacheError(f"--loss {name} is already registered: choose another name or pass replace=True")
+    if not isinstance(defaults, Mapping) or not all(isinstance(k, str) for k in defaults):
+        raise TypeError(f"register_loss({name!r}) takes defaults as a mapping of option names, got {defaults!r}")
+    unknown = sorted(set(spec) - {f.name for f in fields(LossSpec)})
+    if unknown:
+        raise TypeError(f"register_loss({name!r}) takes no {unknown[0]!r}")
 
     def wrap(fn: LossFn) -> LossFn:
-        LOSS_REGISTRY[name] = LossSpec(name, fn, summary, defaults, **spec)
+        if not callable(fn):
+            raise TypeError(f"register_loss({name!r}) decorates a function, not a {type(fn).__name__}")
+        LOSS_REGISTRY[name] = LossSpec(name, fn, summary, dict(defaults), **spec)  # type: ignore[arg-type]
         return fn
 
     return wrap

@@ -65,7 +65,7 @@ def as_ints(value: object) -> tuple[int, ...]:
         items = value if isinstance(value, list | tuple) else [value]
         return tuple(as_int(x) for x in items)
     except ValueError:
-        raise ValueError("integers such as [150, 180, 210] or '150,180,210'") from None
+        raise ValueError("comma-separated integers such as 1,2,4,8") from None
 
 
 def as_epochs(value: object) -> tuple[int, ...]:
@@ -93,7 +93,7 @@ def as_weights(value: object) -> list[float]:
             return [as_float(x) for x in items]
     except ValueError:
         pass
-    raise ValueError("weights such as [0.5, 0.5] or '0.5,0.5'")
+    raise ValueError("one number per --cache such as [0.5, 0.5] or '0.5,0.5' (torchvision weights go to --weights)")
 
 
 def as_size(value: object) -> int:

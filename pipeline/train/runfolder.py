@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,10 +38,15 @@ LEGACY_SETTINGS = {
 
 @contextlib.contextmanager
 def run_lock(out: Path, ranks: Ranks) -> Iterator[None]:
-    """Hold ``out`` for this run (rank 0 creates it and takes ``out/.lock``): a second run into it is refused."""
+    """Hold ``out`` for this run (rank 0 creates it and takes ``out/.lock``): a second run into it is refused.
+
+    A run that stops before its first epoch is saved leaves ``out`` as it found it: a folder it created is removed,
+    and in a folder that existed only the files it added are.
+    """
     if not ranks.main:
         yield
         return
+    before = set(os.listdir(out)) if out.is_dir() else None
     make_output_dir(out)
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -50,8 +56,25 @@ def run_lock(out: Path, ranks: Ranks) -> Iterator[None]:
         raise KdcacheError(f"{out} is in use by another running student: wait for it or choose another --out") from None
     try:
         yield
+    except BaseException:
+        if not (out / "last.pt").exists():
+            _remove_added(out, before)
+        raise
     finally:
         os.close(fd)
+
+
+def _remove_added(out: Path, before: set[str] | None) -> None:
+    """Remove what a run that saved nothing added to ``out`` (``out`` itself when it did not exist)."""
+    if before is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in set(os.listdir(out)) - before:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def resume_state(out: Path, resume: bool, ranks: Ranks) -> dict | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kdcache.dataset.datasets import build_dataset, test_split
+from kdcache.dataset.datasets import build_dataset, check_dataset, test_split
 from kdcache.errors import KdcacheError
 from kdcache.feed.batches import DistillLoader, eval_loader
 from kdcache.feed.ranks import Ranks, init_ranks
@@ -218,20 +218,25 @@ def train_student(
             f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH"
         )
     ranks, dev = init_ranks(device)
-    out = check_output_dir(out)
-    with run_lock(out, ranks):
-        state = resume_state(out, resume, ranks)
+    try:
+        out = check_output_dir(out)
+        state = resume_state(out, resume, ranks)  # refused before anything is written into out
         given["view_schedule"] = view_schedule or (stored_record(state)["view_schedule"] if state else "chunk")
         loader, test_ds = _build_loader(cfg, given, ranks, dev)
-        record = _run_record(cfg, loader, given)
-        settings = {**given, **dataclasses.asdict(cfg), "cache": loader.cache_locations or None}
         try:
+            record = _run_record(cfg, loader, given)
             if state is not None:
                 check_resume(state.get("config", {}), record, cfg, out)
-            return _fit(cfg, loader, test_ds, out, state, record, settings, ranks, dev, progress and ranks.main)
+            settings = {**given, **dataclasses.asdict(cfg), "cache": loader.cache_locations or None}
+            with run_lock(out, ranks):
+                state = resume_state(out, resume, ranks)  # as it is now that this run holds the folder
+                if state is not None:
+                    check_resume(state.get("config", {}), record, cfg, out)
+                return _fit(cfg, loader, test_ds, out, state, record, settings, ranks, dev, progress and ranks.main)
         finally:
             loader.close()
-            ranks.close()
+    finally:
+        ranks.close()
 
 
 def _config(given: dict[str, object], hyper: dict[str, object]) -> TrainConfig:
@@ -253,6 +258,8 @@ def _build_loader(cfg: TrainConfig, given: dict, ranks: Ranks, dev: torch.device
     g = given
     train_ds = build_dataset(g["dataset"], g["data_root"], "train", g["download"])
     test_ds = build_dataset(g["dataset"], g["data_root"], test_split(g["dataset"]), g["download"])
+    check_dataset(train_ds)
+    check_dataset(test_ds)
     online: Teacher | None = None
     if g["teacher"] is not None and not g["cache"] and cfg.spec.fn is not None:
         norm = train_ds.norm
