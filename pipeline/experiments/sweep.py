@@ -47,6 +47,7 @@ from kdcache.store.cache import check_output_dir, local_path, make_output_dir
 from kdcache.store.checks import open_checked
 from kdcache.train.config import TrainConfig
 from kdcache.train.runfolder import finished_run
+from kdcache.train.trainer import check_run
 
 SPEC_KEYS = ("methods", "grid", "seeds", "reference", "dump")
 ONLINE = "online"  # a method key (not a train-student option): run its teacher online instead of dumping a cache
@@ -283,6 +284,28 @@ def check_caches(runs: list[SweepRun]) -> None:
             open_checked(cache)
 
 
+def check_runs(runs: list[SweepRun], ready: list[SweepRun], dumps: dict[str, dict]) -> None:
+    """Every run passes train-student's checks, every existing cache matches its run's data, and every planned dump
+    has its teacher checkpoint and valid options, before anything is written (the first failure names the run)."""
+    seen: set[str] = set()
+    for run in runs:
+        key = json.dumps({k: v for k, v in run.options.items() if k != "seed"}, sort_keys=True, default=str)
+        try:
+            if key in seen:  # the same run but for its seed
+                check_options({"seed": run.seed})
+            else:
+                check_run(run.options, caches=run in ready)
+        except KdcacheError as exc:
+            raise KdcacheError(f"run {run.name}: {exc}") from None
+        seen.add(key)
+    for location, plan in dumps.items():
+        check_options(plan)
+        ckpt = plan.get("checkpoint")
+        lp = local_path(str(ckpt)) if ckpt else None
+        if lp is not None and not lp.is_file():
+            raise KdcacheError(f"the dump of {location} needs the teacher checkpoint {ckpt}, which does not exist")
+
+
 def check_planned(runs: list[SweepRun], out: Path) -> None:
     """Refuse a run folder that exists with other planned options (naming the run and the setting), as --resume does."""
     for run in runs:
@@ -314,7 +337,9 @@ def prepare(spec: SweepSpec, out: str | Path, scheduler: str | None = None, loca
     out = check_output_dir(out)
     runs, dumps = _with_caches(expand(spec), spec.dump, out)
     check_planned(runs, out)
-    check_caches([r for r in runs if not any(c in dumps for c in r.options.get("cache") or [])])
+    ready = [r for r in runs if not any(c in dumps for c in r.options.get("cache") or [])]
+    check_caches(ready)
+    check_runs(runs, ready, dumps)
     make_output_dir(out)
     for location, plan in dumps.items():
         tqdm.write(f"sweep: dumping {plan['teacher']} ({plan['augment']} views) once into {location}")

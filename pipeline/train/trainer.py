@@ -11,17 +11,20 @@ epoch is strictly past, as mdistiller does.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from kdcache.dataset.datasets import build_dataset, check_dataset, test_split
 from kdcache.errors import KdcacheError
-from kdcache.feed.batches import DistillLoader, eval_loader
+from kdcache.feed.batches import DistillLoader, eval_loader, open_caches
 from kdcache.feed.ranks import Ranks, init_ranks
 from kdcache.losses.functions import CTKDTemperature
 from kdcache.losses.objective import Objective, parse_loss_opts
@@ -208,15 +211,7 @@ def train_student(
     DistributedDataParallel; ``batch_size`` stays the global batch and rank 0
     alone writes checkpoints and metrics.
     """
-    given = read_values(TRAIN, {k: v for k, v in locals().items() if k not in NOT_SETTINGS})
-    given["plot"] = None if plot in (None, False) else "" if plot is True else given["plot"]
-    cfg = _config(given, hyper)
-    if given["plot"]:
-        check_output_dir(Path(str(given["plot"])).absolute().parent, "--plot folder")
-    if cfg.spec.fn is not None and not cache and teacher is None:
-        raise KdcacheError(
-            f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH"
-        )
+    given, cfg = _checked(read_values(TRAIN, {k: v for k, v in locals().items() if k not in NOT_SETTINGS}), hyper)
     ranks, dev = init_ranks(device)
     try:
         out = check_output_dir(out)
@@ -237,6 +232,43 @@ def train_student(
             loader.close()
     finally:
         ranks.close()
+
+
+def _checked(given: dict[str, object], hyper: dict[str, object]) -> tuple[dict[str, object], TrainConfig]:
+    """A run's settings and resolved hyper-parameters, refused (before anything is loaded) when they cannot train."""
+    plot = given["plot"]
+    given["plot"] = None if plot in (None, False) else "" if plot is True else plot
+    cfg = _config(given, hyper)
+    if given["plot"]:
+        check_output_dir(Path(str(given["plot"])).absolute().parent, "--plot folder")
+    if cfg.spec.fn is not None and not given["cache"] and given["teacher"] is None:
+        raise KdcacheError(
+            f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH"
+        )
+    return given, cfg
+
+
+def check_run(settings: Mapping[str, object], caches: bool = True) -> TrainConfig:
+    """Everything :func:`train_student` checks before it writes, for ``settings`` (its keyword arguments) without
+    training: every setting's rule, the loss and its options, the teacher signal and, with ``caches``, each cache
+    against the dataset. A sweep checks every run of its SPEC this way before it starts one."""
+    params = inspect.signature(train_student).parameters
+    for name in ("student", "dataset"):
+        if settings.get(name) is None:
+            raise KdcacheError(f"missing option --{name}: every run needs one")
+    defaults = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in NOT_SETTINGS}
+    named = {k: v for k, v in settings.items() if k in defaults}
+    hyper = {k: v for k, v in settings.items() if k not in defaults and k not in NOT_SETTINGS}
+    given, cfg = _checked(read_values(TRAIN, {**defaults, **named, "out": None}), hyper)
+    if caches and given["cache"]:
+        g: dict[str, Any] = given
+        open_caches(
+            list(g["cache"]),
+            build_dataset(g["dataset"], g["data_root"], "train", g["download"]),
+            g["augment"],
+            g["mix"],
+        )
+    return cfg
 
 
 def _config(given: dict[str, object], hyper: dict[str, object]) -> TrainConfig:
