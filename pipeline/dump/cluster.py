@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -132,6 +133,18 @@ def dump_unit(job: ChunkJob, unit: Unit) -> tuple[Unit, int]:
     return unit, len(items)
 
 
+_ADDRESS = re.compile(r"(?:(?:tcp|tls|ucx|ws|wss|inproc)://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}")
+
+
+def check_scheduler(address: str | None) -> None:
+    """Refuse a ``--scheduler`` that is not an address (``tcp://HOST:PORT``) before anything connects."""
+    if address is not None and not _ADDRESS.fullmatch(str(address)):
+        raise KdcacheError(
+            f"--scheduler {address!r} is not a dask scheduler address: give tcp://HOST:PORT (as `dask scheduler` "
+            "prints it)"
+        )
+
+
 @contextlib.contextmanager
 def cluster_client(scheduler: str | None, local_cluster: int | None) -> Iterator:
     """A dask ``Client`` for ``--scheduler ADDRESS`` or a new ``LocalCluster`` of ``--local-cluster N`` processes.
@@ -149,6 +162,7 @@ def cluster_client(scheduler: str | None, local_cluster: int | None) -> Iterator
             "--scheduler / --local-cluster need dask.distributed: pip install 'dask[distributed]'"
         ) from None
     if local_cluster is None:
+        check_scheduler(scheduler)
         try:
             client = Client(scheduler, timeout="5s")
         except OSError as exc:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from kdcache import __version__
 from kdcache.dataset.datasets import ImageDataset, build_dataset, check_dataset, worker_errors
 from kdcache.dump.chunks import ChunkRows, Unit, ViewBatch, ViewSet, as_is, chunk_rows, plan_units, teacher_rows
-from kdcache.dump.cluster import ChunkJob, cluster_client, run_on_cluster
+from kdcache.dump.cluster import ChunkJob, check_scheduler, cluster_client, run_on_cluster
 from kdcache.dump.writer import chunk_writer
 from kdcache.errors import KdcacheError
 from kdcache.settings import DUMP_DEFAULTS as D
@@ -310,6 +310,7 @@ def _check_options(scheduler: str | None, local_cluster: int | None, in_memory: 
     distributed = scheduler is not None or local_cluster is not None
     if scheduler is not None and local_cluster is not None:
         raise KdcacheError("pass either --scheduler or --local-cluster, not both")
+    check_scheduler(scheduler)
     if distributed and in_memory:
         raise KdcacheError("a distributed dump needs a --dataset name the workers can load, not an in-memory dataset")
 

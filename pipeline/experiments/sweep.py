@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kdcache.dump.cluster import cluster_client
+from kdcache.dump.cluster import check_scheduler, cluster_client
 from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
 from kdcache.experiments.report import write_report
@@ -541,6 +541,7 @@ def run_sweep(
     threads each, or on dask), then write the report (``summary.csv``, ``results.md``, ``curves.png``)."""
     if local_cluster is not None and scheduler is not None:
         raise KdcacheError("pass either --local-cluster N or --scheduler ADDRESS, not both")
+    check_scheduler(scheduler)
     slots = _slots(parallel, per_gpu, threads) if local_cluster is None and scheduler is None else []
     runs = prepare(spec, out, scheduler, local_cluster)
     out = Path(out)

@@ -10,11 +10,12 @@ epoch is strictly past, as mdistiller does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,24 +215,30 @@ def train_student(
     given, cfg = _checked(read_values(TRAIN, {k: v for k, v in locals().items() if k not in NOT_SETTINGS}), hyper)
     ranks, dev = init_ranks(device)
     try:
-        out = check_output_dir(out)
-        state = resume_state(out, resume, ranks)  # refused before anything is written into out
-        given["view_schedule"] = view_schedule or (stored_record(state)["view_schedule"] if state else "chunk")
-        loader, test_ds = _build_loader(cfg, given, ranks, dev)
-        try:
-            record = _run_record(cfg, loader, given)
-            if state is not None:
-                check_resume(state.get("config", {}), record, cfg, out)
-            settings = {**given, **dataclasses.asdict(cfg), "cache": loader.cache_locations or None}
-            with run_lock(out, ranks):
-                state = resume_state(out, resume, ranks)  # as it is now that this run holds the folder
-                if state is not None:
-                    check_resume(state.get("config", {}), record, cfg, out)
-                return _fit(cfg, loader, test_ds, out, state, record, settings, ranks, dev, progress and ranks.main)
-        finally:
-            loader.close()
+        return _train(cfg, given, check_output_dir(out), resume, ranks, dev, progress and ranks.main)
     finally:
         ranks.close()
+
+
+def _train(
+    cfg: TrainConfig, given: dict[str, Any], out: Path, resume: bool, ranks: Ranks, dev: torch.device, progress: bool
+) -> TrainResult:
+    """Check the run folder and the caches, then hold the folder and train (:func:`_fit`)."""
+    state = resume_state(out, resume, ranks)  # refused before anything is written into out
+    given["view_schedule"] = given["view_schedule"] or (stored_record(state)["view_schedule"] if state else "chunk")
+    loader, test_ds = _build_loader(cfg, given, ranks, dev)
+    try:
+        record = _run_record(cfg, loader, given)
+        if state is not None:
+            check_resume(state.get("config", {}), record, cfg, out)
+        settings = {**given, **dataclasses.asdict(cfg), "cache": loader.cache_locations or None}
+        with run_lock(out, ranks):
+            state = resume_state(out, resume, ranks)  # as it is now that this run holds the folder
+            if state is not None:
+                check_resume(state.get("config", {}), record, cfg, out)
+            return _fit(cfg, loader, test_ds, out, state, record, settings, ranks, dev, progress)
+    finally:
+        loader.close()
 
 
 def _checked(given: dict[str, object], hyper: dict[str, object]) -> tuple[dict[str, object], TrainConfig]:
@@ -283,6 +290,21 @@ def _config(given: dict[str, object], hyper: dict[str, object]) -> TrainConfig:
     cfg = TrainConfig(student=given["student"], loss=given["loss"], **hyper, loss_opt=loss_opt)  # type: ignore[arg-type]
     cfg.validate()
     return cfg.resolved()
+
+
+@contextlib.contextmanager
+def _compile_errors(compiled: bool) -> Iterator[None]:
+    """torch.compile's errors (raised at the first step, often a missing C++ compiler) as one line."""
+    try:
+        yield
+    except Exception as exc:
+        if compiled and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise KdcacheError(
+                f"--compile failed ({type(exc).__name__}: {first}): install a C++ compiler (g++) and the Python "
+                "headers torch.compile needs, or run without --compile"
+            ) from None
+        raise
 
 
 def _build_loader(cfg: TrainConfig, given: dict, ranks: Ranks, dev: torch.device) -> tuple[DistillLoader, object]:
@@ -399,7 +421,8 @@ def _fit(
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        stats = train_one_epoch(net, objective, optimizer, loader, epoch, precision, scaler, ranks, progress)
+        with _compile_errors(cfg.compile):
+            stats = train_one_epoch(net, objective, optimizer, loader, epoch, precision, scaler, ranks, progress)
         # Rank 0's weights and BatchNorm statistics are the run's; it evaluates and tells the others.
         metrics = ranks.broadcast(
             evaluate(model, test_loader, test_ds.norm, dev, test_ds.num_classes, precision) if ranks.main else None
