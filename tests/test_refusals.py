@@ -614,3 +614,248 @@ def test_library_functions_validate_like_the_cli(call, tmp_path):
             dump_logits(teacher="resnet8", dataset="digits", augment="cifar", views=1, out=str(tmp_path), workers=-1)
         else:
             verify_cache(str(tmp_path), sample="3")
+
+
+# -- the new surfaces: the CLI form and the Python form side by side ---------------------------------------------------
+
+LOSS_MODULES = {
+    "broken_syntax": "def fn(s, t, y):\n    return (s - t).pow(2).mean(\n",
+    "raises_on_import": "raise RuntimeError('no GPU found\\nsecond line')\n",
+    "attr_on_import": "import math\nmath.no_such_thing\ndef fn(s, t, y):\n    return s.sum()\n",
+    "needs_missing": "import kdcache_not_installed_anywhere\n",
+    "loud": "def fn(s, t, y):\n    raise ValueError('labels must be one-hot\\nsee the docs\\nand more')\n",
+    "detached": "def fn(s, t, y):\n    return (s.detach() - t).pow(2).mean()\n",
+    "scaled": "def fn(s, t, y, *, scale=1.0):\n    return (s * scale - t).pow(2).mean()\n",
+}
+
+
+@pytest.fixture
+def loss_modules(tmp_path, monkeypatch) -> Path:
+    """The user loss modules above on sys.path (and PYTHONPATH, for the CLI's processes)."""
+    folder = tmp_path / "user_losses"
+    folder.mkdir()
+    for name, code in LOSS_MODULES.items():
+        (folder / f"{name}.py").write_text(code)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return folder
+
+
+USER_LOSSES = [
+    ("broken_syntax:fn", [], "broken_syntax does not import (SyntaxError at"),
+    ("raises_on_import:fn", [], "importing raises_on_import raised RuntimeError: no GPU found (+1 more lines"),
+    ("attr_on_import:fn", [], "importing attr_on_import raised AttributeError"),
+    ("needs_missing:fn", [], "needs 'kdcache_not_installed_anywhere', which is not installed"),
+    ("loud:fn", [], "raised ValueError: labels must be one-hot (+2 more lines"),
+    ("detached:fn", [], "returned a tensor without gradient"),
+    ("scaled:fn", ["--loss-opt", "scale=hot"], "raised TypeError (with --loss-opt scale='hot')"),
+    ("scaled:fn", ["--loss-opt", "scale=2", "--loss-opt", "scale=3"], "--loss-opt scale is given twice"),
+]
+
+
+@pytest.mark.parametrize(
+    "loss,extra,needle", USER_LOSSES, ids=[f"{x[0]}{'+opts' if x[1] else ''}" for x in USER_LOSSES]
+)
+def test_user_loss_problems_are_one_line_in_both_forms(
+    loss_modules, cache, teacher_ckpt, tmp_path, loss, extra, needle
+):
+    import kdcache
+
+    ctx = Ctx(tmp_path, tmp_path, cache, teacher_ckpt)
+    before = snapshot(cache, loss_modules)
+    out = tmp_path / "run"
+    assert_refused(invoke(train(ctx, cache, out, "--loss", loss, *extra)), needle)
+    assert not out.exists()  # a refused run leaves no folder, lock or file behind
+    opts = [x for x in extra if x != "--loss-opt"]
+    with pytest.raises(KdcacheError) as raised:
+        kdcache.train_student(**_train_kwargs(cache, out), loss=loss, loss_opt=opts)
+    assert needle in str(raised.value) and "\n" not in str(raised.value)
+    assert not out.exists() and snapshot(cache, loss_modules) == before
+
+
+def _train_kwargs(cache: Path, out: Path) -> dict:
+    return dict(
+        student="resnet8", dataset="digits", epochs=1, batch_size=256, cache=str(cache), out=out, progress=False
+    )
+
+
+PYTHON_API = [
+    (lambda k: k.register_loss("kd", "again", {})(lambda s, t, y: s.sum()), KdcacheError, "already registered"),
+    (lambda k: k.register_loss("mine", "x", [1, 2]), TypeError, "defaults as a mapping"),
+    (lambda k: k.register_loss("mine", "x", {})(42), TypeError, "decorates a function"),
+    (lambda k: k.Objective.create("kd", temperature=-1.0), KdcacheError, "--temperature must be positive, got -1.0"),
+    (lambda k: k.Objective.create("kd", temperature="hot"), KdcacheError, "--temperature must be a number, got 'hot'"),
+    (lambda k: k.Objective.create(123), TypeError, "a loss is named by text"),
+    (lambda k: k.get_loss("kd:"), KdcacheError, "unknown --loss 'kd:'"),
+]
+
+
+@pytest.mark.parametrize("call,kind,needle", PYTHON_API, ids=range(len(PYTHON_API)))
+def test_python_loss_api_applies_the_rules(call, kind, needle):
+    import kdcache
+
+    registered = dict(kdcache.LOSS_REGISTRY)
+    with pytest.raises(kind) as raised:
+        call(kdcache)
+    assert needle in str(raised.value) and "\n" not in str(raised.value)
+    assert registered == kdcache.LOSS_REGISTRY  # nothing replaced or added
+
+
+def test_register_loss_replaces_only_when_told():
+    import kdcache
+
+    saved = dict(kdcache.LOSS_REGISTRY)
+    try:
+        kdcache.register_loss("kd", "mine", {"temperature": 1.0}, replace=True)(lambda s, t, y, *, temperature: s.sum())
+        assert kdcache.LOSS_REGISTRY["kd"].summary == "mine"
+    finally:
+        kdcache.LOSS_REGISTRY.clear()
+        kdcache.LOSS_REGISTRY.update(saved)
+
+
+LOADER_ARGS = [
+    ({"batch_size": 0}, KdcacheError, "--batch-size must be at least 1, got 0"),
+    ({"batch_size": "64"}, KdcacheError, "--batch-size must be an integer, got '64'"),
+    ({"batch_size": 32.5}, KdcacheError, "--batch-size must be an integer, got 32.5"),
+    ({"seed": -1}, KdcacheError, "--seed must be in 0 .. 2**64 - 1, got -1"),
+    ({"cache_memory": "lots"}, KdcacheError, "--cache-memory takes a size such as 512MiB"),
+    ({"kinds": 0}, KdcacheError, "kinds is 1 (one view per sample) or 2"),
+    ({"view_schedule": "random"}, KdcacheError, "unknown --view-schedule 'random'"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs,kind,needle", LOADER_ARGS, ids=[next(iter(x[0])) + str(i) for i, x in enumerate(LOADER_ARGS)]
+)
+def test_distill_loader_applies_the_cli_rules(cache, kwargs, kind, needle):
+    import kdcache
+
+    with pytest.raises(kind) as raised:
+        kdcache.DistillLoader(str(cache), "digits", **kwargs)
+    assert needle in str(raised.value)
+
+
+def test_distill_loader_reads_sizes_as_the_cli_does(cache):
+    import kdcache
+
+    loader = kdcache.DistillLoader(str(cache), "digits", cache_memory="4GiB", batch_size=256)
+    try:
+        assert next(iter(loader)).views[0].shape[0] == 256
+    finally:
+        loader.close()
+
+
+def test_a_scheduler_that_is_no_address_is_refused_before_connecting(cache, teacher_ckpt, tmp_path):
+    ctx = Ctx(tmp_path, tmp_path, cache, teacher_ckpt)
+    out = tmp_path / "o.zarr"
+    assert_refused(invoke(dump(ctx, out, "--scheduler", "not an address")), "is not a dask scheduler address")
+    with pytest.raises(KdcacheError, match="not a dask scheduler address"):
+        dump_logits(**_dump_kwargs(teacher_ckpt, out), scheduler="tcp//nowhere")
+    assert not out.exists()
+
+
+def _dump_kwargs(teacher_ckpt, out: Path) -> dict:
+    return dict(
+        teacher="resnet8", checkpoint=str(teacher_ckpt[10]), dataset="digits", augment="cifar", views=1, out=out
+    )
+
+
+COMPILE_FAILS = """
+import torch
+class BackendCompilerFailed(RuntimeError):
+    pass
+BackendCompilerFailed.__module__ = "torch._dynamo.exc"
+class Compiled(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+    def forward(self, *args):
+        raise BackendCompilerFailed("backend='inductor' raised:\\nCppCompileError: C++ compile error\\n(119 lines)")
+torch.compile = lambda net, *args, **kwargs: Compiled(net)
+"""
+
+
+def test_a_compile_failure_is_one_line(cache, teacher_ckpt, tmp_path):
+    ctx = Ctx(tmp_path, tmp_path, cache, teacher_ckpt, prelude=COMPILE_FAILS)
+    out = tmp_path / "run"
+    result = invoke(train(ctx, cache, out, "--compile"), ctx.prelude)
+    assert_refused(result, "--compile failed (BackendCompilerFailed: backend='inductor' raised:)")
+    assert "or run without --compile" in result.stderr and not out.exists()
+
+
+def test_a_refused_run_leaves_a_fresh_out_absent_and_a_users_folder_as_it_was(cache, teacher_ckpt, tmp_path):
+    ctx = Ctx(tmp_path, tmp_path, cache, teacher_ckpt)
+    fresh, mine = tmp_path / "fresh", tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    corrupt = ctx.copy(flip_byte)
+    for args, needle in [
+        (train(ctx, cache, fresh, "--student", "resnet9"), "resnet9"),
+        (train(ctx, tmp_path / "nope.zarr", fresh), "not found"),
+        (train(ctx, corrupt, fresh), "corrupt"),
+    ]:
+        for out in (fresh, mine):
+            args = [mine if a == fresh and out == mine else a for a in args]
+            before = snapshot(mine)
+            assert_refused(invoke(args), needle)
+            assert not fresh.exists() and snapshot(mine) == before and sorted(os.listdir(mine)) == ["notes.txt"]
+
+
+def test_ce_on_labels_outside_the_class_count_is_one_line(tmp_path):
+    root = tmp_path / "data"
+    write_cifar100(root, n_train=20, n_test=10)
+    batch = root / "cifar-100-python" / "train"
+    import pickle
+
+    data = pickle.loads(batch.read_bytes())
+    data["fine_labels"][3] = 100
+    batch.write_bytes(pickle.dumps(data))
+    args = [
+        "train-student",
+        "--student",
+        "resnet8",
+        "--dataset",
+        "cifar100",
+        "--data-root",
+        root,
+        "--loss",
+        "ce",
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "run",
+    ]
+    assert_refused(invoke(args), "sample 3 has label 100, outside 0..99")
+    assert not (tmp_path / "run").exists()
+
+
+BAD_SPECS = [
+    ({"student": None}, "run kd/default/seed-0: missing option --student"),
+    ({"methods": {"kd": {"loss": "nope"}}}, "run kd/default/seed-0: unknown --loss 'nope'"),
+    ({"methods": {"kd": {"lr": -1}}}, "run kd/default/seed-0: --lr must be positive, got -1.0"),
+    ({"seeds": [0, 2**64]}, f"seed-{2**64}: --seed must be in 0 .. 2**64 - 1"),
+    ({"cache": None}, "run kd/default/seed-0: --loss kd needs a teacher signal"),
+    ({"dataset": "cifar100", "data-root": "CIFAR"}, "run kd/default/seed-0: cache"),
+]
+
+
+@pytest.mark.parametrize("change,needle", BAD_SPECS, ids=range(len(BAD_SPECS)))
+def test_a_bad_spec_is_refused_before_anything_is_written(cache, tmp_path, change, needle):
+    import yaml
+
+    from kdcache import load_spec, run_sweep
+
+    spec = {"dataset": "digits", "student": "resnet8", "cache": str(cache), "epochs": 1, "methods": {"kd": {}}}
+    for key, value in change.items():
+        if value == "CIFAR":
+            value = str(tmp_path / "cifar")
+            write_cifar100(Path(value), n_train=20, n_test=10)
+        spec.pop(key) if value is None else spec.update({key: value})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "sweep"
+    assert_refused(invoke(["sweep", path, "--out", out]), needle)
+    assert not out.exists()
+    with pytest.raises(KdcacheError) as raised:
+        run_sweep(load_spec(path), out, progress=False)
+    assert needle in str(raised.value) and not out.exists()
