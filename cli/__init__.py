@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -73,7 +74,8 @@ def dump_logits_cmd(**kw) -> None:
     """Stage one: run a teacher over replayable views and store its logits in a Zarr cache."""
     from kdcache.dump import dump_logits, dump_settings
 
-    summary = dump_logits(**dump_settings(**typed(kw)))
+    settings: Mapping[str, Any] = dump_settings(**typed(kw))  # mixed settings, each checked by dump_logits
+    summary = dump_logits(**settings)
     click.echo("\n".join(summary.lines()))
 
 
@@ -84,7 +86,8 @@ def train_student_cmd(**kw) -> None:
     """Stage two: train a student from cached logits (or an online teacher, or CE alone)."""
     from kdcache.train import train_settings, train_student
 
-    result = train_student(**train_settings(**typed(kw)))
+    settings: Mapping[str, Any] = train_settings(**typed(kw))  # mixed settings, each checked by train_student
+    result = train_student(**settings)
     if result.main:
         last = result.last.get("test_top1", float("nan"))
         click.echo(
@@ -162,7 +165,7 @@ def study_views_cmd(**kw) -> None:
     from kdcache.experiments import study_views
     from kdcache.settings import resolve
 
-    settings = resolve(STUDY, None, typed(kw))
+    settings: Mapping[str, Any] = resolve(STUDY, None, typed(kw))  # mixed settings, each checked by study_views
     for p in study_views(**settings):
         label = "online" if p.views is None else f"{p.views} view(s)"
         accuracy = f"last-epoch test top-1 {p.final_top1:6.2f}%  best-epoch test top-1 {p.best_top1:6.2f}%"

@@ -98,7 +98,7 @@ class DumpSummary:
         s = self.stages
         spent = "  ".join(f"{k} {v:.2f} s" for k, v in s.items())
         parts = {"views": s["views"], "teacher": s["teacher"] + s["gpu_wait"], "rows": s["rows"], "writer": s["writer"]}
-        worst = max(parts, key=parts.get)
+        worst = max(parts, key=lambda k: parts[k])
         return (
             spent
             + ": "
@@ -160,7 +160,7 @@ def _prefetched(iterable, depth: int):
         thread.join()
 
 
-def view_batches(view_set: ViewSet, batch_size: int, workers: int, pin: bool) -> Iterable[tuple]:
+def view_batches(view_set: ViewSet, batch_size: int, workers: int, pin: bool) -> Iterable[ViewBatch]:
     """The batches of ``view_set`` in order, built by ``workers`` DataLoader processes or, with 0, one prefetch thread.
 
     ``pin`` puts each batch's pixels in page-locked memory (for a GPU teacher) on the loader's pinning thread.
@@ -169,7 +169,8 @@ def view_batches(view_set: ViewSet, batch_size: int, workers: int, pin: bool) ->
         view_set,
         batch_size=None,
         sampler=BatchSampler(SequentialSampler(view_set), batch_size, drop_last=False),
-        collate_fn=as_is,
+        # torch types collate_fn for a list of samples; with batch_size=None it is given each batch the sampler made
+        collate_fn=as_is,  # type: ignore[arg-type]
         num_workers=workers,
         persistent_workers=False,
         pin_memory=pin,
@@ -252,7 +253,7 @@ def dump_logits(
     existing = None if overwrite or not store_exists(out) else open_checked(out)
     recipe = make_recipe(augment, ds.small, mix, mix_alpha)
     if existing is not None:  # a store made with older strong-view semantics keeps them
-        recipe = resumed_recipe(recipe, existing.attrs["recipe"])
+        recipe = resumed_recipe(recipe, existing.attr_dict("recipe"))
     num_views, views_mode = parse_views(views, recipe)
     fmt = parse_format(format, ds.num_classes)
     check_writable_location(out)

@@ -7,7 +7,9 @@ FOLDER`` in a process of its own.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kdcache.errors import KdcacheError
 from kdcache.settings import read_settings
@@ -20,8 +22,8 @@ PLAN_FILE = "plan.yaml"
 def train_plan(folder: str | Path) -> int:
     """Train (or resume) the run in ``folder`` from its ``plan.yaml``; prints its last line, returns the exit code."""
     try:
-        settings = read_settings(Path(folder) / PLAN_FILE, TRAIN)
-        result = train_student(**settings, out=folder, resume=True)  # type: ignore[arg-type]
+        settings: Mapping[str, Any] = read_settings(Path(folder) / PLAN_FILE, TRAIN)  # train_student checks them
+        result = train_student(**settings, out=folder, resume=True)
     except KdcacheError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

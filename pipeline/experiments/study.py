@@ -14,13 +14,14 @@ import json
 import numbers
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
 from kdcache.settings import STUDY_DEFAULTS as S
 from kdcache.settings import check_options
-from kdcache.store.cache import check_output_dir, make_output_dir
+from kdcache.store.cache import check_output_dir, json_float, json_int, make_output_dir
 from kdcache.store.checks import open_checked
 from kdcache.train.runfolder import finished_run
 from kdcache.train.trainer import train_student
@@ -48,16 +49,16 @@ def default_counts(num_views: int) -> list[int]:
     return counts + [num_views]
 
 
-def _check_counts(counts: list[int] | None, num_views: int) -> list[int]:
+def _check_counts(counts: Sequence[int] | None, num_views: int) -> list[int]:
     """The distinct view counts to train from, sorted (default :func:`default_counts`); each must be in 1..num_views."""
     if not counts:
         return default_counts(num_views)
     if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in counts):
         raise KdcacheError(f"--counts takes integers such as 1,2,4,8, got {counts!r}")
-    counts = sorted(set(counts))
-    if counts[0] < 1 or counts[-1] > num_views:
-        raise KdcacheError(f"--counts must lie in 1..{num_views} (the views the cache holds), got {counts}")
-    return counts
+    distinct = sorted(set(counts))
+    if distinct[0] < 1 or distinct[-1] > num_views:
+        raise KdcacheError(f"--counts must lie in 1..{num_views} (the views the cache holds), got {distinct}")
+    return distinct
 
 
 def _study_dir(out: str | Path) -> Path:
@@ -123,6 +124,7 @@ def study_views(
     if teacher is not None:
         if progress:
             print(f"study: training with the online teacher {teacher} on fresh views", flush=True)
+        recipe = store.attr_dict("recipe")
         points.append(
             _point(
                 None,
@@ -131,11 +133,11 @@ def study_views(
                 teacher=teacher,
                 checkpoint=checkpoint,
                 weights=weights,
-                augment=store.attrs["recipe"]["name"],
-                mix=store.attrs["recipe"].get("mix", "none"),
-                mix_alpha=float(store.attrs["recipe"].get("mix_alpha", 1.0)),
-                view_seed=int(store.attrs["seed"]),
-                forward_block=int(store.attrs["teacher"]["forward_block"]),
+                augment=recipe["name"],
+                mix=recipe.get("mix", "none"),
+                mix_alpha=json_float(recipe.get("mix_alpha", 1.0), "recipe.mix_alpha"),
+                view_seed=json_int(store.attrs["seed"], "seed"),
+                forward_block=json_int(store.attr_dict("teacher")["forward_block"], "teacher.forward_block"),
                 **common,
             )
         )

@@ -26,10 +26,11 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any, SupportsInt
 
 from tqdm import tqdm
 
@@ -97,15 +98,22 @@ class SweepRun:
     def name(self) -> str:
         return f"{self.method}/{self.point}/seed-{self.seed}"
 
+    @property
+    def epochs(self) -> int:
+        """The epochs the run trains: its options', else train-student's default."""
+        epochs = self.options.get("epochs", TrainConfig.epochs)
+        if not isinstance(epochs, SupportsInt | str):
+            raise TypeError(f"epochs takes an integer, got {epochs!r}")
+        return int(epochs)
+
     def record(self) -> dict[str, object]:
         """``run.json``: what the run is (read by the report) and the options it was planned with."""
-        epochs = int(self.options.get("epochs", TrainConfig.epochs))
         return {
             "method": self.method,
             "grid": self.grid,
             "point": self.point,
             "seed": self.seed,
-            "epochs": epochs,
+            "epochs": self.epochs,
             "reference": self.reference,
             "order": self.order,
             "online": self.online,
@@ -202,12 +210,13 @@ def _grid(node: object, options: set[str], path: Path) -> dict[str, list[tuple[o
 
 
 def _seeds(node: object, path: Path) -> list[int]:
-    ok = isinstance(node, list) and node and all(isinstance(s, int) and not isinstance(s, bool) for s in node)
-    if not ok or min(node) < 0 or len(set(node)) != len(node):
+    seeds = node if isinstance(node, list) else []
+    ok = bool(seeds) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    if not ok or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise KdcacheError(
             f"{path}: seeds: takes a list of distinct integers 0 or more, such as [0, 1, 2], not {node!r}"
         )
-    return list(node)
+    return list(seeds)
 
 
 def expand(spec: SweepSpec) -> list[SweepRun]:
@@ -267,12 +276,21 @@ def _default_augment(dataset: str) -> str:
     return "cifar" if dataset in ("cifar100", "digits") else "imagenet"
 
 
+def _caches(options: Mapping[str, object]) -> list[str]:
+    """A run's ``cache`` option as a list of locations (a SPEC's is a list already; one location may be text)."""
+    caches = options.get("cache") or []
+    if isinstance(caches, str):
+        return [caches]
+    if not isinstance(caches, Iterable):
+        raise TypeError(f"cache takes a store path or a list of them, got {caches!r}")
+    return list(caches)
+
+
 def check_caches(runs: list[SweepRun]) -> None:
     """Every named cache opens (exists, is a kdcache store) before any run starts."""
     seen: set[str] = set()
     for run in runs:
-        caches = run.options.get("cache") or []
-        for cache in [caches] if isinstance(caches, str) else caches:
+        for cache in _caches(run.options):
             if cache in seen:
                 continue
             seen.add(cache)
@@ -313,7 +331,7 @@ def check_planned(runs: list[SweepRun], out: Path) -> None:
         if not path.exists():
             continue
         stored = json.loads(path.read_text()).get("options", {})
-        planned = run.record()["options"]
+        planned = _jsonable(run.options)  # as run.json records them
         diff = sorted(k for k in stored.keys() | planned.keys() if stored.get(k) != planned.get(k))
         if diff:
             k = diff[0]
@@ -337,7 +355,7 @@ def prepare(spec: SweepSpec, out: str | Path, scheduler: str | None = None, loca
     out = check_output_dir(out)
     runs, dumps = _with_caches(expand(spec), spec.dump, out)
     check_planned(runs, out)
-    ready = [r for r in runs if not any(c in dumps for c in r.options.get("cache") or [])]
+    ready = [r for r in runs if not any(c in dumps for c in _caches(r.options))]
     check_caches(ready)
     check_runs(runs, ready, dumps)
     make_output_dir(out)
@@ -365,9 +383,10 @@ def _with_caches(runs: list[SweepRun], dump: dict, out: Path) -> tuple[list[Swee
         if plan is None:
             placed.append(run)
             continue
-        dumps.setdefault(plan["out"], plan)
+        location = str(plan["out"])  # text: cache_plan made it
+        dumps.setdefault(location, plan)
         options = {k: v for k, v in run.options.items() if k not in ("checkpoint", "weights")}
-        placed.append(dataclasses.replace(run, options={**options, "cache": [plan["out"]]}))
+        placed.append(dataclasses.replace(run, options={**options, "cache": [location]}))
     return placed, dumps
 
 
@@ -435,7 +454,7 @@ class _Progress:
         tqdm.write(f"{state:<9} {run.name}")
 
     def finished(self, run: SweepRun, folder: Path, code: int, failed: dict[str, str]) -> None:
-        history = finished_run(folder, run.record()["epochs"])
+        history = finished_run(folder, run.epochs)
         if code == 0 and history:
             top1 = history[-1]["test_top1"]
             self.line(run, "finished")
@@ -467,7 +486,7 @@ def _student_process(folder: str, env: dict[str, str]) -> None:
     sys.exit(train_plan(folder))
 
 
-def _fork_server() -> multiprocessing.context.BaseContext:
+def _fork_server() -> multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext:
     """Students forked from a server that imported torch and kdcache once (saves seconds per run)."""
     if sys.platform.startswith("linux"):
         context = multiprocessing.get_context("forkserver")
@@ -480,7 +499,8 @@ def _run_local(todo: list[SweepRun], out: Path, slots: list[dict[str, str]], pro
     """Run the students, ``len(slots)`` at a time, each in its own process."""
     context = _fork_server()
     failed: dict[str, str] = {}
-    pending, active, free = list(todo), {}, list(range(len(slots)))
+    active: dict[multiprocessing.process.BaseProcess, tuple[SweepRun, int]] = {}
+    pending, free = list(todo), list(range(len(slots)))
     while pending or active:
         while pending and free:
             run, slot = pending.pop(0), free.pop(0)
@@ -490,10 +510,10 @@ def _run_local(todo: list[SweepRun], out: Path, slots: list[dict[str, str]], pro
             proc.start()
             active[proc] = (run, slot)
         time.sleep(0.1)
-        for proc in [p for p in active if p.exitcode is not None]:
-            run, slot = active.pop(proc)
+        for ended, code in [(p, p.exitcode) for p in active if p.exitcode is not None]:
+            run, slot = active.pop(ended)
             free.append(slot)
-            progress.finished(run, out / run.folder, proc.exitcode, failed)
+            progress.finished(run, out / run.folder, code, failed)
     return failed
 
 
@@ -545,7 +565,7 @@ def run_sweep(
     slots = _slots(parallel, per_gpu, threads) if local_cluster is None and scheduler is None else []
     runs = prepare(spec, out, scheduler, local_cluster)
     out = Path(out)
-    todo = [r for r in runs if not finished_run(out / r.folder, r.record()["epochs"])]
+    todo = [r for r in runs if not finished_run(out / r.folder, r.epochs)]
     bar = _Progress(len(runs), len(runs) - len(todo), progress)
     for run in runs:
         if run not in todo:
@@ -553,8 +573,8 @@ def run_sweep(
     if todo and slots:
         failed = _run_local(todo, out, slots, bar)
     elif todo:
-        threads = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        failed = _run_on_cluster(todo, out, scheduler, local_cluster, bar, threads)
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        failed = _run_on_cluster(todo, out, scheduler, local_cluster, bar, env)
     else:
         failed = {}
     bar.bar.close()
@@ -568,7 +588,7 @@ __all__ = ["SweepSpec", "SweepRun", "SweepResult", "load_spec", "preset_path", "
 def sweep_command(spec: str | Path | None = None, **given: object) -> tuple[list[str], list[str]]:
     """What ``kdcache sweep`` does with a SPEC (or ``preset``) and its settings: the lines it prints and the runs
     that failed. ``report=True`` only rebuilds the report of the runs in ``out``."""
-    settings = resolve(SWEEP, None, given)
+    settings: dict[str, Any] = resolve(SWEEP, None, given)  # mixed settings, checked just below
     check_options(settings)
     out = Path(str(settings.pop("out")))
     preset = settings.pop("preset", None)
@@ -576,7 +596,7 @@ def sweep_command(spec: str | Path | None = None, **given: object) -> tuple[list
         return [f"report     {p}" for p in write_report(out).paths], []
     if (spec is None) == (preset is None):
         raise KdcacheError("give a SPEC.yaml or --preset NAME (one of them)")
-    result = run_sweep(load_spec(spec or preset_path(str(preset))), out, **settings)  # type: ignore[arg-type]
+    result = run_sweep(load_spec(spec or preset_path(str(preset))), out, **settings)
     done = len(result.runs) - len(result.failed)
     lines = [f"results    {out / 'results.md'}  ({done} of {len(result.runs)} runs)"]
     return lines, [f"{name}: {line}" for name, line in result.failed.items()]

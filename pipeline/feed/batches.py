@@ -79,7 +79,10 @@ class Batch:
     @property
     def mixed(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(partner_labels, lam)`` for mixed views, as :func:`kdcache.losses.objective.cross_entropy` takes it."""
-        return None if self.lam is None else (self.partner_labels, self.lam)
+        if self.lam is None:
+            return None
+        assert self.partner_labels is not None, "a mixed batch has partner_labels"
+        return self.partner_labels, self.lam
 
 
 class StudentViews(Dataset):
@@ -163,14 +166,14 @@ def cache_matches(store: CacheStore, ds: ImageDataset, augment: str | None, mix:
             f"cache {store.location} is incomplete ({missing} chunks missing): re-run its dump-logits command to "
             "finish it"
         )
-    fp, stored = ds.fingerprint(), store.attrs["dataset"]
+    fp, stored = ds.fingerprint(), store.attr_dict("dataset")
     for key in ("name", "split", "length", "num_classes", "labels_sha256", "images_sha256", "files_sha256"):
         if stored.get(key) != fp.get(key):
             raise KdcacheError(
                 f"cache {store.location} was made for other data: dataset {key} is {stored.get(key)!r} there, "
                 f"{fp.get(key)!r} here; pass the matching --dataset/--data-root or dump a new cache"
             )
-    recipe = recipe_from_attrs(store.attrs["recipe"])
+    recipe = recipe_from_attrs(store.attr_dict("recipe"))
     if augment is not None and augment != recipe.name:
         raise KdcacheError(
             f"cache {store.location} holds --augment {recipe.name} views, not {augment}: drop --augment or use "
@@ -207,7 +210,9 @@ def mixing_weights(cache_weights: str | list[float] | None, count: int, teacher_
     return [w / sum(weights) for w in weights]
 
 
-def open_caches(caches: list[str], ds: ImageDataset, augment: str | None, mix: str | None) -> tuple[list, Recipe]:
+def open_caches(
+    caches: list[str], ds: ImageDataset, augment: str | None, mix: str | None
+) -> tuple[list[CacheStore], Recipe]:
     """Open every cache, check each against the data, and check they hold the same views."""
     stores = [open_store(c) for c in caches]
     recipe = [cache_matches(st, ds, augment, mix) for st in stores][0]
@@ -247,7 +252,8 @@ def _online_views(
     recipe = make_recipe(augment or ("cifar" if ds.small else "imagenet"), ds.small, mix or "none", alpha)
     if views is None and epochs is None and not recipe.num_discrete_views:
         raise KdcacheError(f"an online teacher on {recipe.name} views needs views= (seeded views) or epochs=")
-    default = "all" if recipe.num_discrete_views else epochs
+    # Without epochs there are discrete views here (or views= is given): that was checked above.
+    default = "all" if recipe.num_discrete_views or epochs is None else epochs
     num_views, mode = parse_views(views if views is not None else default, recipe)
     return recipe, num_views, mode == "all"
 
@@ -277,6 +283,8 @@ class DistillLoader:
     recipe (``augment``, ``mix``, ``views``, ``view_seed``) exactly as a dump would have; ``with_teacher=False``
     yields views and labels only. ``epochs`` (if known) stops the prefetch of an epoch that will not come.
     """
+
+    stores: list[CacheStore]
 
     @old_names(teacher_weights="cache_weights")
     def __init__(
@@ -406,7 +414,9 @@ class DistillLoader:
             self.samples.set_epoch(views, check, params, offset=self.lo)
         else:
             self.samples.set_epoch(views, check, None, self.view_seed, self.uniform)
-        for idx, y, pixels, hashes, mix in DataLoader(self.samples, batch_sampler=batches, num_workers=self.workers):
+        # torch types a batch of indices as a list; DataLoader takes any sequence of them, such as these arrays
+        loader = DataLoader(self.samples, batch_sampler=batches, num_workers=self.workers)  # type: ignore[arg-type]
+        for idx, y, pixels, hashes, mix in loader:
             if rows:
                 self._check_hashes(rows[0], idx, hashes, views)
             yield self._batch(idx, y, pixels, mix, rows)
@@ -440,7 +450,7 @@ class DistillLoader:
         parts = [
             [torch.from_numpy(rows[0][a][at]).to(dev) for a in self.names["teacher"][k]] for k in range(self.kinds)
         ]
-        return [p[0].float() if len(p) == 1 else TopKTeacher(*p, self.num_classes) for p in parts]
+        return [p[0].float() if len(p) == 1 else TopKTeacher(p[0], p[1], p[2], self.num_classes) for p in parts]
 
     def _check_hashes(self, rows: dict[str, np.ndarray], idx: torch.Tensor, hashes: list, views: np.ndarray) -> None:
         """Compare the pixel hashes the workers computed with the ones the teacher's views had."""

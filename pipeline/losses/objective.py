@@ -14,6 +14,7 @@ import importlib
 import inspect
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,7 @@ def check_loss_opts(spec: LossSpec, opts: dict[str, object]) -> None:
             f"--loss-opt is for losses of your own; --loss {spec.name} takes its options as flags "
             f"({', '.join('--' + o.replace('_', '-') for o in spec.options) or 'none'})"
         )
+    assert spec.fn is not None  # only the built-in "ce" has no function
     params = inspect.signature(spec.fn).parameters  # the user's function, through functools.wraps
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
@@ -175,7 +177,7 @@ class Objective(torch.nn.Module):
         options: dict[str, object],
         ce_weight: float,
         kd_weight: float,
-        warmup: int = 0,
+        warmup: int | None = 0,
         teacher_fix: str = T.teacher_fix,
         ctkd: CTKDTemperature | None = None,
     ):
@@ -222,7 +224,8 @@ class Objective(torch.nn.Module):
         """
         spec = get_loss(loss)
         check_options({"logit_stand": logit_stand, "teacher_fix": teacher_fix, **overrides})
-        values = {**spec.resolved_defaults(logit_stand), **overrides}
+        # Mixed option values; the weights and the warm-up are numbers.
+        values: dict[str, Any] = {**spec.resolved_defaults(logit_stand), **overrides}
         unknown = sorted(set(overrides) - set(spec.defaults)) if spec.builtin else []
         if unknown:
             raise KdcacheError(f"--loss {loss} takes no option {unknown[0]}: it takes {', '.join(spec.defaults)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ LOSS_REGISTRY: dict[str, LossSpec] = {}
 
 
 def register_loss(
-    name: str, summary: str, defaults: dict[str, object], *, replace: bool = False, **spec: object
+    name: str, summary: str, defaults: Mapping[str, object], *, replace: bool = False, **spec: Any
 ) -> Callable[[LossFn], LossFn]:
     """Register ``fn`` as ``--loss name`` (a decorator), with the defaults ``kdcache losses`` lists.
 
@@ -82,7 +83,7 @@ def register_loss(
     def wrap(fn: LossFn) -> LossFn:
         if not callable(fn):
             raise TypeError(f"register_loss({name!r}) decorates a function, not a {type(fn).__name__}")
-        LOSS_REGISTRY[name] = LossSpec(name, fn, summary, dict(defaults), **spec)  # type: ignore[arg-type]
+        LOSS_REGISTRY[name] = LossSpec(name, fn, summary, dict(defaults), **spec)
         return fn
 
     return wrap

@@ -161,14 +161,18 @@ def read_values(command: str, values: Mapping[str, object]) -> dict[str, object]
 
 
 def resolve(
-    command: str, config: str | Path | None = None, given: Mapping[str, object] | None = None, **kw: object
+    command: str,
+    config: str | Path | None = None,
+    given: Mapping[str, object] | None = None,
+    yacs: YacsReader | None = None,
 ) -> dict[str, object]:
     """The settings a ``command`` run uses: the ``config`` file's, with ``given`` (what the user typed) on top.
 
     Settings that are neither given nor in the file are left out (the library applies its defaults); a required
-    setting missing from both is refused naming its flag. ``kw`` passes ``yacs`` (see :func:`read_settings`).
+    setting missing from both is refused naming its flag. ``yacs`` reads an mdistiller file (see
+    :func:`read_settings`).
     """
-    values = dict(read_settings(config, command, **kw) if config is not None else {})
+    values = dict(read_settings(config, command, yacs) if config is not None else {})
     values.update(read_values(command, {k: v for k, v in (given or {}).items() if v is not None}))
     for s in command_settings(command):
         if s.uses[command].default is REQUIRED and values.get(s.name) in (None, (), []):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kdcache.errors import KdcacheError
 from kdcache.losses.objective import check_loss_opts, get_loss
@@ -71,7 +72,8 @@ class TrainConfig:
 
         settings = train_settings(path, **overrides)
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in settings.items() if k in names})  # type: ignore[arg-type]
+        values: dict[str, Any] = {k: v for k, v in settings.items() if k in names}  # read by the table's readers
+        return cls(**values)
 
     @property
     def spec(self) -> LossSpec:
@@ -84,7 +86,7 @@ class TrainConfig:
         d = spec.resolved_defaults(self.logit_stand)
         d = {k: v for k, v in d.items() if k not in ("logit_stand", "mlkd_variant") and hasattr(self, k)}
         d["lr"] = default_lr(self.student, spec.kinds)
-        values = {k: (getattr(self, k) if getattr(self, k) is not None else d[k]) for k in d}
+        values: dict[str, Any] = {k: (getattr(self, k) if getattr(self, k) is not None else d[k]) for k in d}
         loss_opt = {} if spec.builtin else {**{k: spec.defaults[k] for k in spec.options}, **self.loss_opt}
         return dataclasses.replace(self, **values, loss_opt=loss_opt, lr_milestones=tuple(self.lr_milestones))
 

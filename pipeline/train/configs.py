@@ -72,8 +72,7 @@ def from_mdistiller(cfg: dict) -> dict[str, object]:
     The result is the complete set upstream trains with, so the run does not depend on kdcache's own defaults.
     """
     given = _flatten(cfg)
-    kind = given.get("DISTILLER.TYPE", "NONE")
-    _check_type(kind)
+    kind = _check_type(given.get("DISTILLER.TYPE", "NONE"))
     ls_only = kind == "MLKD" or "EXPERIMENT.LOGIT_STAND" in given
     defaults = {**_MDISTILLER_DEFAULTS, **(_LS_KD_DEFAULTS if ls_only else {})}
     values = dict(defaults)
@@ -105,10 +104,10 @@ def _flatten(node: dict, prefix: str = "") -> dict[str, object]:
     return leaves
 
 
-def _check_type(kind: object) -> None:
-    """Refuse a distiller kdcache does not train, by name."""
+def _check_type(kind: object) -> str:
+    """``kind``, the distiller TYPE; one kdcache does not train is refused by name."""
     if isinstance(kind, str) and kind in _LOSSES:
-        return
+        return kind
     supported = ", ".join(_LOSSES)
     if kind in _FEATURE_DISTILLERS:
         raise KdcacheError(
@@ -154,12 +153,12 @@ def _check_run(values: dict[str, object], kind: str) -> None:
 
 def _common_settings(values: dict[str, object], kind: str, with_workers: bool) -> dict[str, object]:
     """Dataset, models and the SGD schedule, in train-student option names."""
-    dataset = values["DATASET.TYPE"]
+    dataset = str(values["DATASET.TYPE"])  # text: _BY_TYPE read it, _check_run checked it
     loss = _LOSSES[kind]
     settings: dict[str, object] = {
         "loss": loss,
         "dataset": dataset,
-        "student": _model_name("DISTILLER.STUDENT", values["DISTILLER.STUDENT"], dataset),
+        "student": _model_name("DISTILLER.STUDENT", str(values["DISTILLER.STUDENT"]), dataset),
         "augment": "mlkd" if loss == "mlkd" else "cifar" if dataset == "cifar100" else "imagenet",
         "epochs": values["SOLVER.EPOCHS"],
         "batch_size": values["SOLVER.BATCH_SIZE"],
@@ -170,7 +169,7 @@ def _common_settings(values: dict[str, object], kind: str, with_workers: bool) -
         "momentum": values["SOLVER.MOMENTUM"],
     }
     if loss != "ce":  # mdistiller's vanilla run never builds its teacher
-        settings["teacher"] = _model_name("DISTILLER.TEACHER", values["DISTILLER.TEACHER"], dataset)
+        settings["teacher"] = _model_name("DISTILLER.TEACHER", str(values["DISTILLER.TEACHER"]), dataset)
     if with_workers:
         settings["workers"] = values["DATASET.NUM_WORKERS"]
     return settings
@@ -270,13 +269,13 @@ def train_settings(config: str | Path | None = None, **given: object) -> dict[st
     """
     base_temp = given.pop("base_temp", None)
     yacs = config is not None and is_mdistiller_file(config)
-    if not yacs or not given.get("logit_stand"):
+    if config is None or not yacs or not given.get("logit_stand"):
         if base_temp is not None and not yacs:
             raise KdcacheError("--base-temp goes with an mdistiller/LS --config (as LS's train.py): use --temperature")
         if base_temp is not None:
             raise KdcacheError("--base-temp takes effect only with --logit-stand (as LS's train.py): add it or drop it")
         return resolve(TRAIN, config, given, yacs=read_yacs)
-    settings = read_settings(config, TRAIN, yacs=read_yacs)  # type: ignore[arg-type]
+    settings = read_settings(config, TRAIN, yacs=read_yacs)
     settings = apply_ls_args(settings, True, base_temp, given.pop("kd_weight", None))  # type: ignore[arg-type]
     given.pop("logit_stand")
     return resolve(TRAIN, None, {**settings, **read_values(TRAIN, given)})

@@ -62,6 +62,7 @@ class TrainResult:
 def build_objective(cfg: TrainConfig, device: torch.device) -> Objective:
     """The loss of a resolved config, built once: its function, options, weights, warm-up and CTKD temperature."""
     spec = cfg.spec
+    assert cfg.ce_weight is not None and cfg.kd_weight is not None, "build_objective takes TrainConfig.resolved()"
     options = {k: getattr(cfg, k) for k in spec.options} if spec.builtin else dict(cfg.loss_opt)
     ctkd = None
     if cfg.ctkd:
@@ -84,10 +85,11 @@ def check_signal(cfg: TrainConfig, loader: DistillLoader) -> None:
         raise KdcacheError(
             f"--loss {cfg.loss} needs a teacher signal: pass --cache STORE or --teacher NAME --checkpoint PATH"
         )
-    if loader.format.is_topk and spec.fn is not None and (not spec.topk or cfg.teacher_fix != "none"):
+    topk_store = loader.store if loader.format.is_topk else None  # a top-K format comes from a cache
+    if topk_store is not None and spec.fn is not None and (not spec.topk or cfg.teacher_fix != "none"):
         what = f"--teacher-fix {cfg.teacher_fix}" if spec.topk else f"--loss {cfg.loss}"
         raise KdcacheError(
-            f"{what} needs every teacher logit, but {loader.store.location} is a {loader.format} cache: use --loss "
+            f"{what} needs every teacher logit, but {topk_store.location} is a {loader.format} cache: use --loss "
             "kd or dkd with it, or dump with --format full"
         )
     if loader.recipe.mix != "none" and (not spec.mixed or cfg.teacher_fix != "none"):
@@ -112,7 +114,7 @@ def build_student(
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
     if cfg.compile:
-        net = torch.compile(net)
+        net = torch.compile(net)  # type: ignore[assignment]  # torch types it a Callable; a Module's is a Module
     return model, net
 
 
@@ -278,16 +280,16 @@ def check_run(settings: Mapping[str, object], caches: bool = True) -> TrainConfi
     return cfg
 
 
-def _config(given: dict[str, object], hyper: dict[str, object]) -> TrainConfig:
+def _config(given: dict[str, Any], hyper: dict[str, object]) -> TrainConfig:
     """The run's resolved hyper-parameters, every setting checked against the settings table first."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(hyper) - fields)
     if unknown:
         raise KdcacheError(f"train_student takes no setting {unknown[0]!r}: see `kdcache train-student --help`")
-    hyper = read_values(TRAIN, hyper)
-    check_options({**given, **hyper})
-    loss_opt = parse_loss_opts(hyper.pop("loss_opt", None))  # type: ignore[arg-type]
-    cfg = TrainConfig(student=given["student"], loss=given["loss"], **hyper, loss_opt=loss_opt)  # type: ignore[arg-type]
+    values: dict[str, Any] = read_values(TRAIN, hyper)  # mixed settings, checked by the table next
+    check_options({**given, **values})
+    loss_opt = parse_loss_opts(values.pop("loss_opt", None))
+    cfg = TrainConfig(student=given["student"], loss=given["loss"], **values, loss_opt=loss_opt)
     cfg.validate()
     return cfg.resolved()
 
@@ -358,7 +360,7 @@ def _check_cache_teacher(loader: DistillLoader, teacher: str | None) -> None:
     """With a cache, ``--teacher`` (as an mdistiller config's DISTILLER.TEACHER) must name the cache's teacher."""
     if teacher is None or loader.store is None:
         return
-    held = loader.store.attrs["teacher"].get("name")
+    held = loader.store.attr_dict("teacher").get("name")
     if held != teacher:
         raise KdcacheError(
             f"cache {loader.store.location} holds {held}'s logits, not {teacher}'s: drop --teacher or use a cache "
@@ -404,6 +406,7 @@ def _fit(
     model, net = build_student(cfg, loader.num_classes, dev, ranks)
     objective = build_objective(cfg, dev)
     params = list(model.parameters()) + list(objective.parameters())
+    assert cfg.lr is not None, "_fit takes TrainConfig.resolved()"
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     precision = Precision(dev, cfg.amp, cfg.channels_last)
     scaler = precision.scaler()
@@ -427,6 +430,7 @@ def _fit(
         metrics = ranks.broadcast(
             evaluate(model, test_loader, test_ds.norm, dev, test_ds.num_classes, precision) if ranks.main else None
         )
+        assert isinstance(metrics, dict)  # evaluate's, from rank 0
         row = {"epoch": epoch, "lr": lr, **stats, **metrics, "seconds": time.perf_counter() - t0}
         if objective.ctkd is not None:
             row["temperature"] = objective.temperature(epoch)
