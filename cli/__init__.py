@@ -34,6 +34,12 @@ def _errors(fn: Callable) -> Callable:
 class _Main(click.Group):
     """The command group, with click's usage errors as one ``error:`` line (exit 2) like kdcache's own."""
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """One whole line per command (click cuts each description at 45 characters)."""
+        rows = [(name, self.commands[name].get_short_help_str(limit=200)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, h) for n, h in rows if not self.commands[n].hidden])
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)

@@ -213,6 +213,13 @@ def _cifar100(root: Path, split: str, download: bool) -> ArrayDataset:
 
     try:
         ds = _Cifar100(str(root), train=split == "train", download=download)
+    except OSError as exc:
+        if not download or not _network_error(exc):
+            raise KdcacheError(f"cannot read CIFAR-100 under {root} ({exc.__class__.__name__}: {exc})") from None
+        raise KdcacheError(
+            f"cannot reach the download server ({exc.__class__.__name__}): check the network, or place "
+            f"cifar-100-python/ under {root}"
+        ) from None
     except RuntimeError:
         raise KdcacheError(
             f"CIFAR-100 not found under {root}/cifar-100-python: pass --download (needs internet) or --data-root "
@@ -224,6 +231,16 @@ def _cifar100(root: Path, split: str, download: bool) -> ArrayDataset:
             "folder and re-run with --download"
         ) from None
     return ArrayDataset("cifar100", split, ds.data, np.asarray(ds.targets), 100, Normalization(CIFAR_MEAN, CIFAR_STD))
+
+
+def _network_error(exc: BaseException) -> bool:
+    """Whether a download failed for want of a network (not a full disk or a folder it cannot write)."""
+    import socket
+    import urllib.error
+
+    return isinstance(exc, urllib.error.URLError | socket.timeout | ConnectionError | TimeoutError) or (
+        "urlopen" in str(exc) or "Name or service" in str(exc)
+    )
 
 
 def check_dataset(ds: ImageDataset) -> None:

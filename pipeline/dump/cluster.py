@@ -28,6 +28,7 @@ from tqdm import tqdm
 from kdcache.dataset.datasets import ImageDataset, build_dataset
 from kdcache.dump.chunks import ChunkRows, Unit, ViewSet, chunk_rows, mark_done, teacher_rows
 from kdcache.errors import KdcacheError
+from kdcache.progress import Progress
 from kdcache.store.cache import CacheStore, open_store
 from kdcache.teacher.runner import Teacher, load_teacher
 from kdcache.views.recipes import recipe_from_attrs
@@ -203,9 +204,7 @@ def run_on_cluster(client, store: CacheStore, job: ChunkJob, todo: list[Unit], p
         for u in todo
     ]
     written = 0
-    bar = tqdm(
-        total=total, unit="view", disable=None if progress else True, desc="dump-logits (cluster)", dynamic_ncols=True
-    )
+    bar = Progress(total, "dump-logits (cluster)", "view", progress)
     try:
         for fut in as_completed(futures):
             try:

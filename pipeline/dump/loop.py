@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
-from tqdm import tqdm
 
 from kdcache import __version__
 from kdcache.dataset.datasets import ImageDataset, build_dataset, check_dataset, worker_errors
@@ -35,6 +34,7 @@ from kdcache.dump.chunks import ChunkRows, Unit, ViewBatch, ViewSet, as_is, chun
 from kdcache.dump.cluster import ChunkJob, check_scheduler, cluster_client, run_on_cluster
 from kdcache.dump.writer import chunk_writer
 from kdcache.errors import KdcacheError
+from kdcache.progress import Progress
 from kdcache.settings import DUMP_DEFAULTS as D
 from kdcache.settings import check_options, old_names, resolve
 from kdcache.settings.table import DUMP
@@ -46,6 +46,7 @@ from kdcache.store.cache import (
     disk_bytes,
     extend_views,
     identity_mismatch,
+    local_path,
     num_chunks,
     open_store,
     remove_store,
@@ -82,8 +83,10 @@ class DumpSummary:
         out = [
             f"cache     {self.location}",
             f"views     {self.num_views}  samples {self.num_samples}  classes {self.num_classes}",
-            f"written   {self.written_chunks} chunks in {self.seconds:.1f} s ({self.samples_per_second:,.0f} views/s)",
         ]
+        if self.written_chunks:
+            rate = f"{self.samples_per_second:,.0f} views/s"
+            out.append(f"written   {self.written_chunks} chunks in {self.seconds:.1f} s ({rate})")
         if len(top):
             out.append(f"teacher   top-1 per view mean {top.mean():.2f}%  range {top.min():.2f}-{top.max():.2f}%")
         if self.disk_bytes is not None:
@@ -96,7 +99,7 @@ class DumpSummary:
     def where_time_went(self) -> str:
         """Seconds of a single-process dump loop per stage (:attr:`stages`), and which one held it back."""
         s = self.stages
-        spent = "  ".join(f"{k} {v:.2f} s" for k, v in s.items())
+        spent = "  ".join(f"{k} {v:.2f} s" for k, v in s.items() if k != "gpu_wait" or v > 0)  # a GPU's wait only
         parts = {"views": s["views"], "teacher": s["teacher"] + s["gpu_wait"], "rows": s["rows"], "writer": s["writer"]}
         worst = max(parts, key=lambda k: parts[k])
         return (
@@ -248,7 +251,7 @@ def dump_logits(
     distributed = scheduler is not None or local_cluster is not None
     check_options({k: v for k, v in args.items() if k != "data"})
     _check_options(scheduler, local_cluster, data is not None)
-    ds = data if data is not None else build_dataset(dataset, data_root, split, download)
+    ds = data if data is not None else _inputs(dataset, data_root, split, download, checkpoint)
     check_dataset(ds)
     existing = None if overwrite or not store_exists(out) else open_checked(out)
     recipe = make_recipe(augment, ds.small, mix, mix_alpha)
@@ -275,6 +278,19 @@ def dump_logits(
             if created and not store.done().any():
                 remove_store(out)
             raise
+
+
+def _inputs(dataset: str, data_root: str | None, split: str, download: bool, checkpoint: str | None) -> ImageDataset:
+    """The dataset, with a missing checkpoint file reported in the same line as a missing dataset (all at once)."""
+    lp = local_path(checkpoint) if checkpoint else None
+    gone = f"checkpoint {checkpoint} not found: check the path" if lp is not None and not lp.exists() else None
+    try:
+        ds = build_dataset(dataset, data_root, split, download)
+    except KdcacheError as exc:
+        raise KdcacheError(f"{exc}; also, {gone}" if gone else str(exc)) from None
+    if gone:
+        raise KdcacheError(gone)
+    return ds
 
 
 def _chunk_job(store: CacheStore, model: Teacher, views_mode: str, args: dict) -> ChunkJob:
@@ -386,7 +402,14 @@ class DumpLoop:
     """
 
     def __init__(
-        self, store: CacheStore, units: list[Unit], teacher: Teacher, labels: np.ndarray, dtype: str, writer, bar: tqdm
+        self,
+        store: CacheStore,
+        units: list[Unit],
+        teacher: Teacher,
+        labels: np.ndarray,
+        dtype: str,
+        writer,
+        bar: Progress,
     ):
         self.store, self.teacher, self.dtype, self.writer, self.bar = store, teacher, dtype, writer, bar
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
@@ -501,9 +524,7 @@ def _run_dump(
     )
     writer = chunk_writer(store)
     start = time.perf_counter()
-    bar = tqdm(
-        total=len(items), unit="view", disable=None if progress else True, desc="dump-logits", dynamic_ncols=True
-    )
+    bar = Progress(len(items), "dump-logits", "view", progress)
     loop = DumpLoop(store, todo, teacher, ds.labels, dtype, writer, bar)
     try:
         loop.run(loader)

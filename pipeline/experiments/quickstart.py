@@ -19,6 +19,7 @@ from typing import TypeVar
 import torch
 import yaml
 
+from kdcache.dataset.datasets import build_dataset, test_split
 from kdcache.dump.loop import dump_logits
 from kdcache.experiments.report import Report, write_report
 from kdcache.experiments.sweep import load_spec, run_sweep
@@ -151,11 +152,14 @@ def quickstart(
     sweep = {"spec": str(spec_path), "out": str(out / "sweep"), "parallel": parallel, "threads": 1}
     _run("sweep", _sweep, sweep, log, ("spec",))
     report = write_report(out / "sweep")
-    table = results_table(report, t_hist, identical_online(out / "sweep", seeds))
+    identical = identical_online(out / "sweep", seeds)
+    test_images = len(build_dataset("digits", split=test_split("digits")))
+    table = results_table(report, t_hist, identical) + "\n\n" + "\n".join(comparisons(report, test_images))
     print("\n" + table, flush=True)
     (out / "results.md").write_text(table + "\n")
     (out / "commands.txt").write_text("\n".join(log) + "\n")
-    print(f"\nplot: {report.curves_png}\ntable: {out / 'results.md'}", flush=True)
+    plot = plot_methods(report, out / "quickstart.png", identical)
+    print(f"\nplot: {plot}\ntable: {out / 'results.md'}", flush=True)
     return report
 
 
@@ -194,3 +198,62 @@ def results_table(report: Report, teacher: list[dict], identical: bool) -> str:
         f"{same} in every seed."
     )
     return "\n".join(lines)
+
+
+#: The significance level a difference must reach before the quickstart calls it clear.
+ALPHA = 0.05
+
+
+def comparisons(report: Report, test_images: int, baseline: str = "ce", alpha: float = ALPHA) -> list[str]:
+    """Each method's last-epoch top-1 against ``baseline``'s, with Welch's t-test over the seeds: a sentence per
+    method, saying "within noise" unless p < ``alpha``. Generated from the runs, so the prose is what they show."""
+    from scipy.stats import ttest_ind
+
+    rows = {r.method: r for r in report.rows}
+    base = rows.get(baseline)
+    if base is None or base.n < 2:
+        return []
+    lines = [
+        f"Against {LABELS.get(baseline, baseline)} (Welch's t-test on last-epoch test top-1 over seeds, two-sided; a "
+        f"difference counts only at p < {alpha}; one test image is {100 / test_images:.2f} points of the "
+        f"{test_images}-image test split):"
+    ]
+    for method, row in rows.items():
+        if method == baseline or row.n < 2:
+            continue
+        a, b = [r.last_top1 for r in row.runs], [r.last_top1 for r in base.runs]
+        diff, p = row.last_top1[0] - base.last_top1[0], float(ttest_ind(a, b, equal_var=False).pvalue)
+        verdict = f"{'above' if diff > 0 else 'below'} it" if p < alpha else "within noise"
+        lines.append(
+            f"- {LABELS.get(method, method)}: {diff:+.2f} points (n = {row.n} and {base.n}, p = {p:.2f}): {verdict}."
+        )
+    return lines
+
+
+def plot_methods(report: Report, path: Path, identical: bool) -> Path:
+    """Mean test top-1 per epoch of each method (± std band) under the table's names; a line drawn under an identical
+    one says so in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kdcache.experiments.report import _curve
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"kd-online": dict(ls="--", lw=2.5)}
+    for row in report.rows:
+        epochs, mean, std = _curve(row)
+        label = LABELS.get(row.method, row.method)
+        if row.method == "kd" and identical:
+            label += " = KD (online teacher), drawn under it"
+        (line,) = ax.plot(epochs, mean, label=label, **styles.get(row.method, dict(lw=1.5)))
+        low, high = [m - s for m, s in zip(mean, std, strict=True)], [m + s for m, s in zip(mean, std, strict=True)]
+        ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"quickstart: mean ± std over {report.rows[0].n} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=10, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -94,7 +94,8 @@ def reuse_warning(epochs: int, num_views: int, uniform: bool) -> str | None:
         return None
     return (
         f"the cache holds {num_views} views per sample but the run has {epochs} epochs: "
-        f"{epochs - num_views} epochs reuse views already seen (dump more with a larger --views)"
+        f"{epochs - num_views} {'epoch reuses' if epochs - num_views == 1 else 'epochs reuse'} views already seen "
+        "(dump more with a larger --views)"
     )
 
 

@@ -20,6 +20,18 @@ LEARNING_RATES = {"default": (0.05, 0.025), "slow": (0.01, 0.01)}
 LOSS_OPTIONS = ("temperature", "alpha", "beta", "warmup", "gamma", "t_norm", "mlkd_variant")
 
 
+#: The CIFAR-100 recipe's LR milestones, for its 240 epochs (mdistiller's SOLVER.LR_DECAY_STAGES).
+RECIPE_MILESTONES = (150, 180, 210)
+
+
+def default_milestones(epochs: int) -> tuple[int, ...]:
+    """The recipe's milestones for a run of ``epochs``: as published from 240 epochs on, else at the same fractions of
+    the run, so a short run's LR decays too."""
+    if epochs >= TrainConfig.epochs:
+        return RECIPE_MILESTONES
+    return tuple(max(1, round(m * epochs / TrainConfig.epochs)) for m in RECIPE_MILESTONES)
+
+
 def default_lr(student: str, kinds: int) -> float:
     """The published learning rate for ``student`` with a loss of ``kinds`` view kinds."""
     rates = LEARNING_RATES["slow" if student in SLOW_LR_STUDENTS else "default"]
@@ -55,7 +67,7 @@ class TrainConfig:
     epochs: int = T.epochs
     batch_size: int = T.batch_size
     lr: float | None = T.lr
-    lr_milestones: tuple[int, ...] = T.lr_milestones
+    lr_milestones: tuple[int, ...] | None = T.lr_milestones
     lr_decay_rate: float = T.lr_decay_rate
     weight_decay: float = T.weight_decay
     momentum: float = T.momentum
@@ -88,7 +100,8 @@ class TrainConfig:
         d["lr"] = default_lr(self.student, spec.kinds)
         values: dict[str, Any] = {k: (getattr(self, k) if getattr(self, k) is not None else d[k]) for k in d}
         loss_opt = {} if spec.builtin else {**{k: spec.defaults[k] for k in spec.options}, **self.loss_opt}
-        return dataclasses.replace(self, **values, loss_opt=loss_opt, lr_milestones=tuple(self.lr_milestones))
+        milestones = default_milestones(self.epochs) if self.lr_milestones is None else tuple(self.lr_milestones)
+        return dataclasses.replace(self, **values, loss_opt=loss_opt, lr_milestones=milestones)
 
     def validate(self) -> None:
         """Refuse nonsense settings with a one-line message naming the flag."""

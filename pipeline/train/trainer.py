@@ -31,6 +31,7 @@ from kdcache.losses.functions import CTKDTemperature
 from kdcache.losses.objective import Objective, parse_loss_opts
 from kdcache.models.checkpoints import load_checkpoint
 from kdcache.models.factory import create_model
+from kdcache.progress import say
 from kdcache.settings import TRAIN_DEFAULTS as T
 from kdcache.settings import check_options, old_names, read_values, write_settings
 from kdcache.settings.table import TRAIN
@@ -217,16 +218,29 @@ def train_student(
     given, cfg = _checked(read_values(TRAIN, {k: v for k, v in locals().items() if k not in NOT_SETTINGS}), hyper)
     ranks, dev = init_ranks(device)
     try:
-        return _train(cfg, given, check_output_dir(out), resume, ranks, dev, progress and ranks.main)
+        own_milestones = hyper.get("lr_milestones") is not None
+        return _train(cfg, given, check_output_dir(out), resume, ranks, dev, progress and ranks.main, own_milestones)
     finally:
         ranks.close()
 
 
 def _train(
-    cfg: TrainConfig, given: dict[str, Any], out: Path, resume: bool, ranks: Ranks, dev: torch.device, progress: bool
+    cfg: TrainConfig,
+    given: dict[str, Any],
+    out: Path,
+    resume: bool,
+    ranks: Ranks,
+    dev: torch.device,
+    progress: bool,
+    own_milestones: bool,
 ) -> TrainResult:
-    """Check the run folder and the caches, then hold the folder and train (:func:`_fit`)."""
+    """Check the run folder and the caches, then hold the folder and train (:func:`_fit`). A resumed run keeps its
+    LR milestones unless the command gives its own."""
     state = resume_state(out, resume, ranks)  # refused before anything is written into out
+    if state is not None and not own_milestones:
+        cfg = dataclasses.replace(
+            cfg, lr_milestones=tuple(stored_record(state).get("lr_milestones", cfg.lr_milestones))
+        )
     given["view_schedule"] = given["view_schedule"] or (stored_record(state)["view_schedule"] if state else "chunk")
     loader, test_ds = _build_loader(cfg, given, ranks, dev)
     try:
@@ -441,9 +455,11 @@ def _fit(
             save_run(out, model, optimizer, objective, scaler, epoch, best, record, improved)
         ranks.barrier()
         if progress:
-            tqdm.write(
-                f"epoch {epoch:>3}  lr {lr:.4g}  loss {row['train_loss']:.4f}  top-1 {metrics['test_top1']:.2f}  "
-                f"nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  {row['seconds']:.1f}s"
+            left = (cfg.epochs - epoch) * (sum(h["seconds"] for h in history[-3:]) / len(history[-3:]))
+            say(
+                f"epoch {epoch:>3}/{cfg.epochs}  lr {lr:.4g}  loss {row['train_loss']:.4f}  "
+                f"top-1 {metrics['test_top1']:.2f}  nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  "
+                f"{row['seconds']:.1f}s  ETA {left:.0f}s"
             )
     log.close()
     if settings["plot"] is not None and history and ranks.main:
