@@ -10,6 +10,8 @@ distillation term is a built-in one from kdcache's loss registry (``kdcache loss
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 
 import torch
 
@@ -30,6 +32,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args()
+    if args.student.startswith("timm.") and importlib.util.find_spec("timm") is None:
+        sys.exit("timm_student.py needs timm: pip install 'kdcache[timm]' (or pass a zoo --student such as resnet8)")
 
     train = build_dataset(args.dataset, args.data_root, "train")
     test = build_dataset(args.dataset, args.data_root, test_split(args.dataset))
