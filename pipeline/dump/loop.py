@@ -15,6 +15,7 @@ bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata as md
 import queue
 import threading
@@ -56,6 +57,7 @@ from kdcache.store.cache import (
 from kdcache.store.checks import open_checked
 from kdcache.store.formats import LogitFormat, parse_format
 from kdcache.store.inspection import view_predictions
+from kdcache.store.manifest import write_manifest
 from kdcache.teacher.runner import Teacher, load_teacher
 from kdcache.views.recipes import Recipe, make_recipe, parse_views, resumed_recipe
 
@@ -77,6 +79,8 @@ class DumpSummary:
     #: seconds of the dump loop's thread per stage (``views``, ``teacher``, ``gpu_wait``, ``rows``, ``writer``);
     #: empty for a distributed dump or when there was nothing to do
     stages: dict[str, float] = field(default_factory=dict)
+    #: whether the teacher ran on a GPU (the ``gpu_wait`` stage is shown only then)
+    on_gpu: bool = False
 
     def lines(self) -> list[str]:
         top = np.asarray(self.teacher_top1) * 100
@@ -99,7 +103,7 @@ class DumpSummary:
     def where_time_went(self) -> str:
         """Seconds of a single-process dump loop per stage (:attr:`stages`), and which one held it back."""
         s = self.stages
-        spent = "  ".join(f"{k} {v:.2f} s" for k, v in s.items() if k != "gpu_wait" or v > 0)  # a GPU's wait only
+        spent = "  ".join(f"{k} {v:.2f} s" for k, v in s.items() if k != "gpu_wait" or self.on_gpu)
         parts = {"views": s["views"], "teacher": s["teacher"] + s["gpu_wait"], "rows": s["rows"], "writer": s["writer"]}
         worst = max(parts, key=lambda k: parts[k])
         return (
@@ -536,7 +540,8 @@ def _run_dump(
     bar.close()
     writer.close()
     seconds = time.perf_counter() - start
-    return _finish(store, writer.written, seconds, len(items), bool(todo), loop.stages if todo else {})
+    summary = _finish(store, writer.written, seconds, len(items), bool(todo), loop.stages if todo else {})
+    return dataclasses.replace(summary, on_gpu=teacher.device.type == "cuda")
 
 
 def _todo(store: CacheStore) -> list[Unit]:
@@ -559,6 +564,7 @@ def _finish(
     if top1:
         store.group.attrs["teacher_top1"] = top1
         store.group.attrs["complete"] = True
+        write_manifest(store.location)  # every file with its size and sha256: the cache can be read where it lies
     notes = [] if had_work else ["nothing to do: every chunk of every view was already written"]
     return DumpSummary(
         store.location,

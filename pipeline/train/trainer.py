@@ -455,18 +455,24 @@ def _fit(
             save_run(out, model, optimizer, objective, scaler, epoch, best, record, improved)
         ranks.barrier()
         if progress:
-            left = (cfg.epochs - epoch) * (sum(h["seconds"] for h in history[-3:]) / len(history[-3:]))
-            say(
-                f"epoch {epoch:>3}/{cfg.epochs}  lr {lr:.4g}  loss {row['train_loss']:.4f}  "
-                f"top-1 {metrics['test_top1']:.2f}  nll {metrics['test_nll']:.3f}  ece {metrics['test_ece']:.3f}  "
-                f"{row['seconds']:.1f}s  ETA {left:.0f}s"
-            )
+            say(_epoch_line(row, history, cfg.epochs))
     log.close()
     if settings["plot"] is not None and history and ranks.main:
         from kdcache.plots import plot_training
 
         plot_training({out.name: history}, Path(str(settings["plot"])) if settings["plot"] else out / "curves.png")
     return TrainResult(out, best, history[-1] if history else {}, history, ranks.main)
+
+
+def _epoch_line(row: dict[str, float], history: list[dict[str, float]], epochs: int) -> str:
+    """An epoch's line in the log: its numbers, and the run's ETA from the last three epochs."""
+    recent = history[-3:]
+    left = (epochs - int(row["epoch"])) * sum(h["seconds"] for h in recent) / len(recent)
+    return (
+        f"epoch {int(row['epoch']):>3}/{epochs}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}  "
+        f"top-1 {row['test_top1']:.2f}  nll {row['test_nll']:.3f}  ece {row['test_ece']:.3f}  "
+        f"{row['seconds']:.1f}s  ETA {left:.0f}s"
+    )
 
 
 def load_student(path: str | Path, name: str, num_classes: int) -> torch.nn.Module:
