@@ -123,6 +123,9 @@ def main() -> None:
         means = " ".join(f"{k} {v / len(train):.6f}" for k, v in sums.items())
         print(f"epoch {epoch} {means} test_top1 {metrics['test_top1']:.2f}")
     loader.close()
+    seen_by_teacher = kdcache.open_store(args.cache).attrs.get("teacher_top1") or [float("nan")]
+    teacher = 100 * sum(seen_by_teacher) / len(seen_by_teacher)
+    print(f"final test top-1 {metrics['test_top1']:.2f}% (the teacher: {teacher:.2f}% on its cached training views)")
 
 
 if __name__ == "__main__":

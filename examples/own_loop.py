@@ -91,6 +91,9 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             log.write({"epoch": epoch + 1, "train_loss": loss_sum / seen, **metrics, "seconds": seconds})
     loader.close()
+    seen_by_teacher = kdcache.open_store(args.cache).attrs.get("teacher_top1") or [float("nan")]
+    teacher = 100 * sum(seen_by_teacher) / len(seen_by_teacher)
+    print(f"final test top-1 {metrics['test_top1']:.2f}% (the teacher: {teacher:.2f}% on its cached training views)")
     if args.out:
         save_checkpoint(args.out, student)
     if log is not None:

@@ -70,6 +70,9 @@ def main() -> None:
         metrics = evaluate(student, test_batches, test.norm, loader.device, test.num_classes)
         print(f"epoch {epoch + 1} train_loss {loss_sum / seen:.6f} test_top1 {metrics['test_top1']:.2f}")
     loader.close()
+    seen_by_teacher = kdcache.open_store(args.cache).attrs.get("teacher_top1") or [float("nan")]
+    teacher = 100 * sum(seen_by_teacher) / len(seen_by_teacher)
+    print(f"final test top-1 {metrics['test_top1']:.2f}% (the teacher: {teacher:.2f}% on its cached training views)")
 
 
 if __name__ == "__main__":
