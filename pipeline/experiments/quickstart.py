@@ -14,7 +14,7 @@ import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -241,13 +241,13 @@ def plot_methods(report: Report, path: Path, identical: bool) -> Path:
     from kdcache.experiments.report import _curve
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"kd-online": dict(ls="--", lw=2.5)}
+    styles: dict[str, dict[str, Any]] = {"kd-online": {"ls": "--", "lw": 2.5}}
     for row in report.rows:
         epochs, mean, std = _curve(row)
         label = LABELS.get(row.method, row.method)
         if row.method == "kd" and identical:
             label += " = KD (online teacher), drawn under it"
-        (line,) = ax.plot(epochs, mean, label=label, **styles.get(row.method, dict(lw=1.5)))
+        (line,) = ax.plot(epochs, mean, label=label, **styles.get(row.method, {"lw": 1.5}))
         low, high = [m - s for m, s in zip(mean, std, strict=True)], [m + s for m, s in zip(mean, std, strict=True)]
         ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15, lw=0)
     ax.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"quickstart: mean ± std over {report.rows[0].n} seeds")

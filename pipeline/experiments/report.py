@@ -1,13 +1,15 @@
 """The report of run folders: ``summary.csv``, ``results.md`` and ``curves.png`` from the run folders alone.
 
 A sweep writes ``DIR/runs/<method>/<point>/seed-<s>/``: an ordinary train-student run folder plus ``run.json``
-(method, grid, point, seed, planned epochs, published reference top-1). Any other folder under ``DIR`` that holds
-``config.yaml`` and ``metrics.jsonl`` (a ``train-student`` run, or a loop of your own that writes them, e.g. with
-:class:`kdcache.RunLog`) is a plain run: its method is ``config.yaml``'s ``loss`` (``+ls`` with ``logit-stand``) or
-its parent folder's name, its seed ``config.yaml``'s ``seed``, and the settings that differ between runs of one method
-are its grid, so the seeds of the same settings form one row. Only finished runs (last epoch of ``metrics.jsonl`` >=
-the planned epochs) are reported, so the report can be rebuilt while runs still train; the same folders always give
-the same csv and md.
+(method, grid, point, seed, planned epochs, published reference top-1), and ``DIR/sweep.json``, the runs its SPEC
+names (with ``DIR/spec.yaml``, a copy of the SPEC). The report holds exactly those runs: a run folder in ``runs/`` that
+the SPEC no longer names is listed as not in this SPEC and never enters a mean. Any other folder under a ``DIR``
+without ``sweep.json`` that holds ``config.yaml`` and ``metrics.jsonl`` (a ``train-student`` run, or a loop of your
+own that writes them, e.g. with :class:`kdcache.RunLog`) is a plain run: its method is ``config.yaml``'s ``loss``
+(``+ls`` with ``logit-stand``) or its parent folder's name, its seed ``config.yaml``'s ``seed``, and the settings that
+differ between runs of one method are its grid, so the seeds of the same settings form one row. Only finished runs
+(last epoch of ``metrics.jsonl`` >= the planned epochs) are reported, so the report can be rebuilt while runs still
+train; the same folders always give the same csv and md.
 """
 
 from __future__ import annotations
@@ -22,112 +24,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from kdcache.errors import KdcacheError  # noqa: E402
-from kdcache.train.runlog import METRICS_FILE, TENSORBOARD_DIR, read_records  # noqa: E402
+from kdcache.errors import KdcacheError
+from kdcache.experiments.results import Row, RunResult, pairs_of
+from kdcache.experiments.tables import count, flat_table, grid_options, notes, paper_tables, stale_lines
+from kdcache.plots import Curve, figure_png, sweep_figure
+from kdcache.train.runlog import METRICS_FILE, TENSORBOARD_DIR, read_records
 
 RUN_FILE, CONFIG_FILE = "run.json", "config.yaml"
 SUMMARY_CSV, RESULTS_MD, CURVES_PNG = "summary.csv", "results.md", "curves.png"
+#: Written by a sweep into its --out: the runs its SPEC names (sweep.json) and the SPEC itself (spec.yaml).
+MANIFEST_FILE, SPEC_FILE = "sweep.json", "spec.yaml"
+#: Where ``--prune`` moves the run folders the SPEC no longer names.
+PRUNED_DIR = "pruned"
 _RUN_KEYS = ("method", "grid", "point", "seed", "epochs")
 _METRIC_COLUMNS = ("last_top1", "best_top1", "best_epoch", "top5", "nll", "ece", "train_seconds")
 #: config.yaml keys that are not settings of a run: runs that differ only in these are seeds of one row.
 _NOT_SETTINGS = ("seed", "out", "resume", "progress")
+#: A single panel holds at most this many curves; more are split into small multiples.
+_ONE_PANEL = 10
 
-
-def _value(record: dict[str, Any], key: str) -> float:
-    """``record[key]`` as a float; NaN when the run did not record it (a loop of your own may log less)."""
-    return float(record[key]) if key in record else math.nan
-
-
-@dataclass
-class RunResult:
-    """One finished run: its method, grid point and seed (a sweep's ``run.json`` or a plain run's ``config.yaml``)
-    and its per-epoch ``metrics.jsonl`` records."""
-
-    method: str
-    grid: dict[str, Any]
-    point: str
-    seed: int
-    reference: float | None
-    epochs: int
-    history: list[dict[str, Any]]
-    path: Path
-    order: int = 0  # the method's place in the SPEC (rows follow it)
-    kind: str = "sweep"  # "sweep" (run.json) or "run" (config.yaml alone): rows never mix the two
-
-    @property
-    def last_top1(self) -> float:
-        return float(self.history[-1]["test_top1"])
-
-    @property
-    def best_top1(self) -> float:
-        return max(float(h["test_top1"]) for h in self.history)
-
-    @property
-    def best_epoch(self) -> int:
-        """The first epoch that reached the best test top-1 (as ``best.pt`` keeps it)."""
-        return next(int(h["epoch"]) for h in self.history if float(h["test_top1"]) == self.best_top1)
-
-    @property
-    def top5(self) -> float:
-        return _value(self.history[-1], "test_top5")
-
-    @property
-    def nll(self) -> float:
-        return _value(self.history[-1], "test_nll")
-
-    @property
-    def ece(self) -> float:
-        return _value(self.history[-1], "test_ece")
-
-    @property
-    def train_seconds(self) -> float:
-        return float(sum(_value(h, "seconds") for h in self.history))
-
-
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (ddof 1; None for a single value)."""
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-@dataclass
-class Row:
-    """One method at one grid point: its finished runs (one per seed) and their statistics."""
-
-    method: str
-    point: str
-    grid: dict[str, Any]
-    reference: float | None
-    runs: list[RunResult] = field(default_factory=list)
-
-    @property
-    def n(self) -> int:
-        return len(self.runs)
-
-    @property
-    def last_top1(self) -> tuple[float, float | None]:
-        """Mean and sample std of the last-epoch top-1 over seeds."""
-        return _mean_std([r.last_top1 for r in self.runs])
-
-    @property
-    def best_top1(self) -> tuple[float, float | None]:
-        """Mean and sample std of the best-epoch top-1 over seeds."""
-        return _mean_std([r.best_top1 for r in self.runs])
-
-    def mean(self, metric: str) -> float:
-        """The mean over seeds of a :class:`RunResult` property (``top5``, ``nll``, ``ece``, ``train_seconds``)."""
-        return statistics.mean(getattr(r, metric) for r in self.runs)
-
-    @property
-    def delta(self) -> float | None:
-        """Mean last-epoch top-1 minus the published reference, when there is one."""
-        return None if self.reference is None else self.last_top1[0] - self.reference
+__all__ = [
+    "Report",
+    "Row",
+    "RunResult",
+    "collect_runs",
+    "read_manifest",
+    "stale_runs",
+    "write_manifest",
+    "write_report",
+]
 
 
 @dataclass
@@ -140,6 +67,8 @@ class Report:
     summary_csv: Path
     results_md: Path
     curves_png: Path
+    stale: list[str] = field(default_factory=list)  # run folders in runs/ that the sweep's SPEC no longer names
+    planned: int | None = None  # the runs the SPEC names (None without sweep.json)
 
     @property
     def paths(self) -> tuple[Path, Path, Path]:
@@ -152,8 +81,8 @@ def _read_run(folder: Path) -> RunResult | None:
     path = folder / RUN_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
+    except (json.JSONDecodeError, FileNotFoundError):
+        return None  # being written, or a run of the SPEC not planned yet
     except OSError as exc:
         raise KdcacheError(f"cannot read {path} ({exc.strerror or exc}): check its permissions") from None
     missing = [key for key in _RUN_KEYS if not isinstance(meta, dict) or key not in meta]
@@ -173,6 +102,7 @@ def _read_run(folder: Path) -> RunResult | None:
         history=history,
         path=folder,
         order=int(meta.get("order", 0)),
+        options=dict(meta.get("options") or {}),
     )
 
 
@@ -190,7 +120,9 @@ def _run_folders(root: Path, skip: set[Path]) -> list[Path]:
         if "zarr.json" in names:  # a cache store: thousands of chunk files, never a run
             dirs.clear()
             continue
-        dirs[:] = sorted(d for d in dirs if d != TENSORBOARD_DIR)
+        dirs[:] = sorted(d for d in dirs if d != TENSORBOARD_DIR and not (Path(folder) == root and d == PRUNED_DIR))
+        if RUN_FILE in names:  # a sweep's run folder (one --prune moved aside, or one out of place): never plain
+            continue
         if CONFIG_FILE in names and METRICS_FILE in names and Path(folder) not in skip:
             found.append(Path(folder))
     return sorted(found)
@@ -264,24 +196,76 @@ def _plain_runs(root: Path, skip: set[Path]) -> tuple[list[RunResult], int]:
     return runs, len(found) - len(runs)
 
 
-def _scan(folder: str | Path) -> tuple[list[RunResult], int]:
-    """The finished runs under ``folder``, and how many runs are unfinished: a sweep's runs ordered by method (as the
-    SPEC lists them), point and seed, then the plain runs ordered by method, point and seed."""
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """A sweep folder's ``sweep.json`` (the runs its SPEC names, in order), or None when it has none."""
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KdcacheError(f"cannot read {path} ({exc}): re-run the sweep, which rewrites it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list):
+        raise KdcacheError(f"{path} lists no runs: it was not written by kdcache sweep; re-run the sweep")
+    return manifest
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write ``sweep.json`` in one step."""
+    return _write(Path(folder) / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+
+
+def _sweep_folders(root: Path) -> list[Path]:
+    return [p.parent for p in sorted((root / "runs").glob(f"*/*/seed-*/{RUN_FILE}"))]
+
+
+def stale_runs(folder: str | Path, names: list[str] | None = None) -> list[str]:
+    """The sweep run folders in ``folder/runs`` (as ``method/point/seed-s``) that ``names`` (default: the runs of
+    ``sweep.json``) does not hold; none without a manifest."""
+    root = Path(folder)
+    if names is None:
+        manifest = read_manifest(root)
+        if manifest is None:
+            return []
+        names = [str(n) for n in manifest["runs"]]
+    keep = set(names)
+    found = [str(p.relative_to(root / "runs")) for p in _sweep_folders(root)]
+    return [name for name in found if name not in keep]
+
+
+@dataclass
+class _Found:
+    runs: list[RunResult]
+    unfinished: int
+    stale: list[str]
+    manifest: dict[str, Any] | None
+
+
+def _scan(folder: str | Path) -> _Found:
+    """The finished runs under ``folder`` and how many are unfinished. With ``sweep.json``: the SPEC's runs in its
+    order, the other run folders as stale. Without: a sweep's runs ordered by method (as the SPEC lists them), point
+    and seed, then the plain runs ordered by method, point and seed."""
     root = Path(folder)
     if not root.is_dir():
         raise KdcacheError(
             f"sweep folder {root} does not exist: pass the --out folder of a `kdcache sweep` or a folder of run folders"
         )
-    sweep_folders = [p.parent for p in sorted((root / "runs").glob(f"*/*/seed-*/{RUN_FILE}"))]
+    manifest = read_manifest(root)
+    if manifest is not None:
+        names = [str(n) for n in manifest["runs"]]
+        found = [_read_run(root / "runs" / name) for name in names]
+        runs = [r for r in found if r is not None]
+        return _Found(runs, len(found) - len(runs), stale_runs(root, names), manifest)
+    sweep_folders = _sweep_folders(root)
     found = [_read_run(p) for p in sweep_folders]
     runs = sorted((r for r in found if r is not None), key=lambda r: (r.order, r.method, r.point, r.seed))
     plain, plain_unfinished = _plain_runs(root, set(sweep_folders))
-    return runs + plain, len(found) - len(runs) + plain_unfinished
+    return _Found(runs + plain, len(found) - len(runs) + plain_unfinished, [], None)
 
 
 def collect_runs(folder: str | Path) -> list[RunResult]:
-    """The finished runs under ``folder``: a sweep's (``runs/``, by method, grid point and seed), then plain runs."""
-    return _scan(folder)[0]
+    """The finished runs under ``folder``: a sweep's (its SPEC's, by method, grid point and seed), then plain runs."""
+    return _scan(folder).runs
 
 
 def _group_rows(runs: list[RunResult]) -> list[Row]:
@@ -294,11 +278,6 @@ def _group_rows(runs: list[RunResult]) -> list[Row]:
         if row.reference is None:
             row.reference = run.reference
     return list(rows.values())
-
-
-def _grid_options(runs: list[RunResult]) -> list[str]:
-    """Every grid option any run has, sorted: one column each."""
-    return sorted({key for run in runs for key in run.grid})
 
 
 def _write(path: Path, data: str | bytes) -> Path:
@@ -314,7 +293,7 @@ def _write(path: Path, data: str | bytes) -> Path:
 
 def _summary_csv(runs: list[RunResult], path: Path) -> Path:
     """One line per finished run: method, grid options, seed and its final / best metrics."""
-    options = _grid_options(runs)
+    options = grid_options(runs)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["method", *options, "seed", *_METRIC_COLUMNS])
@@ -330,63 +309,6 @@ def _cell(value: object) -> object:
     return "" if isinstance(value, float) and math.isnan(value) else value
 
 
-def _num(value: float, spec: str) -> str:
-    """``value`` formatted with ``spec``; ``–`` for a metric the runs did not record (NaN)."""
-    return "–" if math.isnan(value) else format(value, spec)
-
-
-def _pm(mean: float, std: float | None) -> str:
-    """``71.31 ± 0.42``; ``71.31 ± –`` when there is a single run."""
-    return f"{mean:.2f} ± " + ("–" if std is None else f"{std:.2f}")
-
-
-def _count(n: int, what: str) -> str:
-    """``1 finished run``, ``3 finished runs``."""
-    return f"{n} {what}{'' if n == 1 else 's'}"
-
-
-def _md_line(cells: list[object]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _md_row(row: Row, options: list[str]) -> str:
-    """One results.md table line for ``row``."""
-    ref = "–" if row.reference is None else f"{row.reference:.2f}"
-    delta = "–" if row.delta is None else f"{row.delta:+.2f}"
-    return _md_line(
-        [
-            row.method,
-            *(row.grid.get(key, "") for key in options),
-            row.n,
-            _pm(*row.last_top1),
-            _pm(*row.best_top1),
-            _num(row.mean("top5"), ".2f"),
-            _num(row.mean("nll"), ".3f"),
-            _num(row.mean("ece"), ".4f"),
-            _num(row.mean("train_seconds") / 60, ".1f"),
-            ref,
-            delta,
-        ]
-    )
-
-
-def _results_md(rows: list[Row], runs: list[RunResult], unfinished: int, path: Path) -> Path:
-    """The per-(method, point) table: mean ± sample std over seeds, and the difference to the published number."""
-    plain = bool(runs) and all(r.kind == "run" for r in runs)
-    lines = ["# Run results" if plain else "# Sweep results", ""]
-    left_out = f"; {_count(unfinished, 'unfinished run')} left out" if unfinished else ""
-    if not runs:
-        lines.append(f"No run has finished yet{left_out}.")
-        return _write(path, "\n".join(lines) + "\n")
-    lines += [f"{_count(len(runs), 'finished run')}{left_out}.", ""]
-    options = _grid_options(runs)
-    head = ["method", *options, "n", "top-1 last (%)", "top-1 best (%)", "top-5 (%)", "NLL", "ECE", "train min/run"]
-    lines.append(_md_line([*head, "reference", "Δ last − ref"]))
-    lines.append(_md_line(["---"] * (len(head) + 2)))
-    lines += [_md_row(row, options) for row in rows]
-    return _write(path, "\n".join(lines) + "\n")
-
-
 def _curve(row: Row) -> tuple[list[int], list[float], list[float]]:
     """Epochs every run of ``row`` has, with the mean and sample std (0 for one run) of test top-1 there."""
     per_run = [{int(h["epoch"]): float(h["test_top1"]) for h in r.history} for r in row.runs]
@@ -395,42 +317,97 @@ def _curve(row: Row) -> tuple[list[int], list[float], list[float]]:
     return epochs, [statistics.mean(v) for v in values], [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
 
 
-def _curves_png(rows: list[Row], path: Path) -> Path:
-    """Mean test top-1 per epoch with a ± std band, one line per (method, point)."""
-    ncol = max(1, math.ceil(len(rows) / 30))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for row in rows:
+def _counts(found: _Found) -> str:
+    """``8 of 8 runs of this SPEC finished.``; without a SPEC ``12 finished runs; 3 unfinished runs left out.``"""
+    if found.manifest is not None:
+        planned = len(found.manifest["runs"])
+        text = f"{len(found.runs)} of {count(planned, 'run')} of this SPEC finished"
+        return text + (f"; {count(found.unfinished, 'unfinished run')} left out." if found.unfinished else ".")
+    left_out = f"; {count(found.unfinished, 'unfinished run')} left out" if found.unfinished else ""
+    if not found.runs:
+        return f"No run has finished yet{left_out}."
+    return f"{count(len(found.runs), 'finished run')}{left_out}."
+
+
+def _configs(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """The ``config.yaml`` of every finished sweep run that has one (the header's shared settings)."""
+    found = []
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for run in runs:
+        try:
+            config = yaml.load((run.path / CONFIG_FILE).read_text(encoding="utf-8"), Loader=loader)
+        except (OSError, yaml.YAMLError):
+            return []  # a run without one (a folder made by hand): state only the SPEC's settings
+        found.append(config if isinstance(config, dict) else {})
+    return found
+
+
+def _results_md(rows: list[Row], found: _Found, path: Path) -> Path:
+    """The header, the paper-shaped tables (when the methods carry teacher/student pairs), the table of every method
+    and grid point (mean ± sample std over seeds, and the difference to the published number), the stale runs."""
+    runs = found.runs
+    plain = bool(runs) and all(r.kind == "run" for r in runs)
+    lines = ["# Run results" if plain else "# Sweep results", "", _counts(found), ""]
+    lines += stale_lines(found.stale)
+    if not runs:
+        if found.manifest is not None:
+            lines.append("No run has finished yet.")
+        return _write(path, "\n".join(lines).rstrip("\n") + "\n")
+    lines += notes(rows, found.manifest, _configs(runs))
+    seeds = len((found.manifest or {}).get("seeds") or []) or max(r.n for r in rows)
+    paper = paper_tables(rows, seeds)
+    lines += paper
+    if paper:
+        lines += ["## Every method and grid point", ""]
+    lines += flat_table(rows, runs)
+    return _write(path, "\n".join(lines) + "\n")
+
+
+def curve_panels(rows: list[Row]) -> tuple[dict[str, list[Curve]], list[str], list[str]]:
+    """The curves of ``rows`` as small multiples: one panel per teacher/student pair when the methods carry pairs,
+    else one panel (up to 10 curves) or one per method group (the name before its first ``+``); with the methods
+    (one colour each) and grid points (one shade each) in order."""
+    split = pairs_of(rows)
+    methods = list(dict.fromkeys(split[i][1] if split else r.method for i, r in enumerate(rows)))
+    points = list(dict.fromkeys(r.point for r in rows))
+    panels: dict[str, list[Curve]] = {}
+    for i, row in enumerate(rows):
         epochs, mean, std = _curve(row)
-        label = row.method if not row.grid else f"{row.method} {row.point}"
-        (line,) = ax.plot(epochs, mean, lw=1, label=f"{label} (n={row.n})")
-        low, high = [m - s for m, s in zip(mean, std, strict=True)], [m + s for m, s in zip(mean, std, strict=True)]
-        ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, lw=0)
-    if rows:
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=ncol)
-    else:
-        ax.text(0.5, 0.5, "no run has finished yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="test top-1, mean ± std over seeds")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")  # "tight" keeps the legend beside the axes
-    finally:
-        plt.close(fig)
-    return _write(path, buf.getvalue())
+        if split:
+            pair, method = split[i]
+            panel = pair.title
+        else:
+            method = row.method
+            panel = "" if len(rows) <= _ONE_PANEL else row.method.split("+")[0]
+        shade = points.index(row.point)
+        panels.setdefault(panel, []).append(Curve(method, row.point, epochs, mean, std, row.n, shade, len(points)))
+    if not split and len(panels) > 1:  # a method group's panel is titled by its methods: "kd, kd+ls"
+        panels = {", ".join(dict.fromkeys(c.method for c in curves)): curves for curves in panels.values()}
+    return panels, methods, points if len(points) > 1 else []
+
+
+def _curves_png(rows: list[Row], path: Path) -> Path:
+    """Mean test top-1 per epoch with a ± std band per (method, point), as small multiples with one legend."""
+    panels, methods, points = curve_panels(rows)
+    n = max((r.n for r in rows), default=0)
+    title = f"test top-1 per epoch, mean ± std over seeds (n = {n})" if rows else "test top-1 per epoch"
+    return _write(path, figure_png(sweep_figure(panels, methods, points, title)))
 
 
 def write_report(folder: str | Path) -> Report:
     """Write ``summary.csv``, ``results.md`` and ``curves.png`` into ``folder`` from the finished runs under it: a
-    sweep's (``runs/``) and any other run folder holding ``config.yaml`` and ``metrics.jsonl``."""
+    sweep's (those its SPEC names, by ``sweep.json``) or, in a folder without one, every run folder holding
+    ``config.yaml`` and ``metrics.jsonl``."""
     root = Path(folder)
-    runs, unfinished = _scan(root)
-    rows = _group_rows(runs)
+    found = _scan(root)
+    rows = _group_rows(found.runs)
     return Report(
         rows=rows,
-        runs=runs,
-        unfinished=unfinished,
-        summary_csv=_summary_csv(runs, root / SUMMARY_CSV),
-        results_md=_results_md(rows, runs, unfinished, root / RESULTS_MD),
+        runs=found.runs,
+        unfinished=found.unfinished,
+        summary_csv=_summary_csv(found.runs, root / SUMMARY_CSV),
+        results_md=_results_md(rows, found, root / RESULTS_MD),
         curves_png=_curves_png(rows, root / CURVES_PNG),
+        stale=found.stale,
+        planned=None if found.manifest is None else len(found.manifest["runs"]),
     )

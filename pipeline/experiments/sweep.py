@@ -12,39 +12,44 @@ unless it says ``online: true`` (the teacher then runs online in every step, as 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import itertools
 import json
-import multiprocessing
-import multiprocessing.forkserver
-import os
+import math
 import re
-import signal
-import subprocess
 import sys
-import time
-import warnings
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, SupportsInt
 
+import yaml
 from tqdm import tqdm
 
-from kdcache.dump.cluster import check_scheduler, cluster_client
+from kdcache.dump.cluster import check_scheduler
 from kdcache.dump.loop import dump_logits
 from kdcache.errors import KdcacheError
-from kdcache.experiments.report import write_report
-from kdcache.experiments.student import PLAN_FILE, train_plan
+from kdcache.experiments.launch import run_local, run_on_cluster, slots
+from kdcache.experiments.monitor import SweepMonitor
+from kdcache.experiments.preflight import check_inputs, work_ahead
+from kdcache.experiments.report import (
+    MANIFEST_FILE,
+    PRUNED_DIR,
+    SPEC_FILE,
+    read_manifest,
+    stale_runs,
+    write_manifest,
+    write_report,
+)
+from kdcache.experiments.student import PLAN_FILE
 from kdcache.settings import SWEEP_DEFAULTS as W
 from kdcache.settings import check_options, command_settings, resolve, write_settings
 from kdcache.settings.files import NOT_IN_FILES, read_yaml
 from kdcache.settings.files import parse_settings as parse_file_settings
 from kdcache.settings.table import SWEEP, TRAIN
-from kdcache.store.cache import check_output_dir, local_path, make_output_dir
+from kdcache.store.cache import IDENTITY_FIELDS, check_output_dir, local_path, make_output_dir, open_store
 from kdcache.store.checks import open_checked
 from kdcache.train.config import TrainConfig
 from kdcache.train.runfolder import finished_run
@@ -132,6 +137,7 @@ class SweepSpec:
     reference: dict[str, object] = field(default_factory=dict)
     dump: dict[str, object] = field(default_factory=dict)
     source: str = "SPEC"
+    preset: str | None = None  # the --preset it was loaded as: its work ahead is stated, on a CPU it needs --yes
 
 
 def _text(value: object) -> str:
@@ -166,13 +172,29 @@ def load_spec(path: str | Path) -> SweepSpec:
     shared = parse_settings({k: v for k, v in data.items() if k not in SPEC_KEYS}, "train-student", options, path)
     methods = _methods(data.get("methods"), options, path)
     grid = _grid(data.get("grid"), options, path)
+    _check_grid_clashes(shared, methods, grid, path)
     seeds = _seeds(data.get("seeds", [0]), path)
-    reference = data.get("reference") or {}
-    unknown = sorted(set(reference) - set(methods)) if isinstance(reference, dict) else ["(not a mapping)"]
-    if unknown:
-        raise KdcacheError(f"{path}: reference names {unknown[0]!r}, which is not a method: use a name under methods:")
+    reference = _references(data.get("reference") or {}, methods, grid, options, path)
     dump = parse_settings(data.get("dump") or {}, "dump-logits", DUMP_OPTIONS, f"{path} dump:")
     return SweepSpec(shared, methods, grid, seeds, reference, dump, str(path))
+
+
+def _check_grid_clashes(shared: dict, methods: dict[str, dict], grid: dict[str, list], path: Path) -> None:
+    """A grid option the SPEC's top level or a method also sets is refused by name: the grid's values win, so the
+    other value would never be used."""
+    for key, values in grid.items():
+        name = values[0][1]
+        for method, opts in methods.items():
+            if name in opts:
+                raise KdcacheError(
+                    f"{path}: method {method} sets {key}: {_text(opts[name])}, which the grid also sets (its values "
+                    f"win, so {_text(opts[name])} is never used): drop {key} from the method or from the grid"
+                )
+        if name in shared:
+            raise KdcacheError(
+                f"{path}: {key}: {_text(shared[name])} at the top level is never used, the grid sets {key}: drop "
+                "one of them"
+            )
 
 
 def _methods(node: object, options: set[str], path: Path) -> dict[str, dict[str, object]]:
@@ -206,7 +228,103 @@ def _grid(node: object, options: set[str], path: Path) -> dict[str, list[tuple[o
             raise KdcacheError(f"{path}: grid {key} needs a non-empty list of values, got {values!r}")
         parsed = [parse_settings({key: v}, "train-student", options, f"{path} grid:") for v in values]
         grid[key] = [(v, *next(iter(p.items()))) for v, p in zip(values, parsed, strict=True)]
+        seen: dict[str, object] = {}
+        for raw, _, value in grid[key]:
+            canonical = _canonical(value)
+            if canonical in seen:
+                same = seen[canonical]
+                raise KdcacheError(
+                    f"{path}: grid {key} lists {_text(same)} and {_text(raw)}, the same value (two folders of one "
+                    "run): list each value once"
+                )
+            seen[canonical] = raw
     return grid
+
+
+def _canonical(value: object) -> str:
+    """A parsed setting as comparable text: 4 and 4.0 of a float setting are one value."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+_KEY_PART = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_-]*\s*=)")  # a comma that starts the next option=value
+
+
+def _references(
+    node: object, methods: dict[str, dict], grid: dict[str, list], options: set[str], path: Path
+) -> dict[str, object]:
+    """The SPEC's ``reference:`` with every number checked and every per-point key parsed as a grid point (its
+    folder name): ``{temperature=2.0: 80}`` under ``grid: {temperature: [2, 4]}`` is point ``temperature=2``."""
+    if not isinstance(node, dict):
+        raise KdcacheError(f"{path}: reference: maps a method to its published top-1, e.g. kd: 73.33; not {node!r}")
+    found: dict[str, object] = {}
+    for method, value in node.items():
+        if method not in methods:
+            raise KdcacheError(f"{path}: reference names {method!r}, which is not a method: use a name under methods:")
+        where = f"{path}: reference {method}"
+        if isinstance(value, dict):
+            points = {
+                _reference_point(key, grid, options, where): _number(v, f"{where} {key}") for key, v in value.items()
+            }
+            found[method] = points
+        else:
+            found[method] = _number(value, where)
+    return found
+
+
+def _number(value: object, where: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str):
+        raise KdcacheError(f"{where}: {value!r} is text, not a number: write the published top-1 without quotes")
+    raise KdcacheError(f"{where}: takes the published top-1 (%) as a number, or one per grid point; got {value!r}")
+
+
+def _reference_point(key: object, grid: dict[str, list], options: set[str], where: str) -> str:
+    """The grid point a per-point reference key names (its folder name); a key that names no point is refused."""
+    names = {k.replace("_", "-"): k for k in grid}
+    if not isinstance(key, str):
+        raise KdcacheError(f"{where}: key {key!r} is not option=value: write e.g. {_example(grid)}")
+    if key.strip() == "default" and not grid:
+        return "default"
+    given: dict[str, object] = {}
+    for part in _KEY_PART.split(key):
+        option, eq, text = part.partition("=")
+        option = option.strip().replace("_", "-")
+        if not eq or option not in names:
+            known = ", ".join(grid) or "no options (use the key default, or one number)"
+            raise KdcacheError(
+                f"{where}: key {key!r} names {option!r}, which is not a grid option (the grid has {known})"
+            )
+        if names[option] in given:
+            raise KdcacheError(f"{where}: key {key!r} names {option} twice: name it once")
+        given[names[option]] = _key_value(text)
+    missing = [k for k in grid if k not in given]
+    if missing:
+        raise KdcacheError(
+            f"{where}: key {key!r} gives no value for {missing[0]}: a key names a whole grid point, "
+            f"e.g. {_example(grid)}"
+        )
+    parts = []
+    for option, values in grid.items():
+        value = parse_settings({option: given[option]}, "train-student", options, f"{where} key {key!r}:")
+        match = [raw for raw, _, v in values if _canonical(v) == _canonical(next(iter(value.values())))]
+        if not match:
+            listed = ", ".join(_text(raw) for raw, _, _ in values)
+            raise KdcacheError(f"{where}: key {key!r}: {option} {_text(given[option])} is not in the grid ({listed})")
+        parts.append(f"{option}={_text(match[0])}")
+    return ",".join(parts)
+
+
+def _key_value(text: str) -> object:
+    """A value in a reference key as YAML reads it (``2.0``, ``true``, ``'4'``), so it is parsed as the grid's are."""
+    try:
+        return yaml.safe_load(text.strip()) if text.strip() else text
+    except yaml.YAMLError:
+        return text.strip()
+
+
+def _example(grid: dict[str, list]) -> str:
+    return ",".join(f"{k}={_text(v[0][0])}" for k, v in grid.items()) or "default"
 
 
 def _seeds(node: object, path: Path) -> list[int]:
@@ -304,7 +422,7 @@ def check_caches(runs: list[SweepRun]) -> None:
 
 def check_runs(runs: list[SweepRun], ready: list[SweepRun], dumps: dict[str, dict]) -> None:
     """Every run passes train-student's checks, every existing cache matches its run's data, and every planned dump
-    has its teacher checkpoint and valid options, before anything is written (the first failure names the run)."""
+    has valid options, before anything is written (the first failure names the run)."""
     seen: set[str] = set()
     for run in runs:
         key = json.dumps({k: v for k, v in run.options.items() if k != "seed"}, sort_keys=True, default=str)
@@ -316,12 +434,8 @@ def check_runs(runs: list[SweepRun], ready: list[SweepRun], dumps: dict[str, dic
         except KdcacheError as exc:
             raise KdcacheError(f"run {run.name}: {exc}") from None
         seen.add(key)
-    for location, plan in dumps.items():
+    for plan in dumps.values():  # their checkpoints: check_inputs named every missing one before
         check_options(plan)
-        ckpt = plan.get("checkpoint")
-        lp = local_path(str(ckpt)) if ckpt else None
-        if lp is not None and not lp.is_file():
-            raise KdcacheError(f"the dump of {location} needs the teacher checkpoint {ckpt}, which does not exist")
 
 
 def check_planned(runs: list[SweepRun], out: Path) -> None:
@@ -350,24 +464,130 @@ class SweepResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def prepare(spec: SweepSpec, out: str | Path, scheduler: str | None = None, local_cluster: int | None = None) -> list:
-    """Check everything a sweep needs, dump the caches its methods name by teacher, and write each run's plan."""
+def prepare(
+    spec: SweepSpec,
+    out: str | Path,
+    scheduler: str | None = None,
+    local_cluster: int | None = None,
+    *,
+    prune: bool = W.prune,
+    yes: bool = W.yes,
+    parallel: int = W.parallel,
+    threads: int = W.threads,
+) -> list:
+    """Check everything a sweep needs (its data, teacher checkpoints and device before the first dump; a preset's
+    work ahead), set aside the runs the SPEC no longer names (``prune``), copy the SPEC into ``out`` as
+    ``spec.yaml``, dump the caches its methods name by teacher, and write each run's plan and ``sweep.json``."""
     out = check_output_dir(out)
     runs, dumps = _with_caches(expand(spec), spec.dump, out)
     check_planned(runs, out)
+    sizes = check_inputs(runs, dumps, spec.preset, spec.source)
     ready = [r for r in runs if not any(c in dumps for c in _caches(r.options))]
     check_caches(ready)
     check_runs(runs, ready, dumps)
+    if spec.preset:
+        todo = [r for r in runs if not finished_run(out / r.folder, r.epochs)]
+        fresh = sum(not _exists(location) for location in dumps)
+        _say("sweep: " + work_ahead(spec.preset, runs, todo, fresh, sizes, parallel, threads, yes))
     make_output_dir(out)
+    _set_aside(out, [r.name for r in runs], prune)
+    _copy_spec(spec, out)
+    write_manifest(out, sweep_manifest(spec, runs))
     for location, plan in dumps.items():
-        tqdm.write(f"sweep: dumping {plan['teacher']} ({plan['augment']} views) once into {location}")
+        _say(f"sweep: dumping {plan['teacher']} ({plan['augment']} views) once into {location}")
         dump_logits(**plan, scheduler=scheduler, local_cluster=local_cluster)
     for run in runs:
         folder = out / run.folder
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "run.json").write_text(json.dumps(run.record(), indent=1) + "\n")
         write_settings({**run.options, "cache_scratch": str(out / "scratch")}, folder / PLAN_FILE)
+    write_manifest(out, sweep_manifest(spec, runs))  # now with the ids of the caches just dumped
     return runs
+
+
+def _say(line: str) -> None:
+    tqdm.write(line)
+    sys.stdout.flush()
+
+
+def _exists(location: str) -> bool:
+    lp = local_path(location)
+    return lp is None or (lp / "zarr.json").exists()
+
+
+def _set_aside(out: Path, names: list[str], prune: bool) -> list[str]:
+    """The run folders in ``out/runs`` that the SPEC no longer names: moved to ``out/pruned/`` with ``prune``, else
+    said (the report lists them and leaves them out)."""
+    stale = stale_runs(out, names)
+    if stale and not prune:
+        _say(
+            f"sweep: {len(stale)} run folder{'s' if len(stale) > 1 else ''} in {out / 'runs'} "
+            f"{'are' if len(stale) > 1 else 'is'} not in this SPEC: the report lists and leaves them out "
+            "(--prune moves them aside)"
+        )
+        return []
+    for name in stale:
+        source, target = out / "runs" / name, out / PRUNED_DIR / "runs" / name
+        for i in itertools.count(2):
+            if not target.exists():
+                break
+            target = out / PRUNED_DIR / "runs" / f"{name}.{i}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        for parent in (source.parent, source.parent.parent):  # the point and method folders, once empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        _say(f"{'pruned':<9} {name} -> {target.relative_to(out)}")
+    return stale
+
+
+def _copy_spec(spec: SweepSpec, out: Path) -> None:
+    """The SPEC as ``out/spec.yaml``: the file itself (comments and all), or its parsed form when it has none."""
+    target = out / SPEC_FILE
+    source = Path(spec.source)
+    if source.is_file():
+        if target.exists() and source.resolve() == target.resolve():
+            return
+        data = source.read_bytes()
+    else:
+        body = {k.replace("_", "-"): v for k, v in spec.shared.items()}
+        body["methods"] = {m: {k.replace("_", "-"): v for k, v in o.items()} for m, o in spec.methods.items()}
+        body["grid"] = {k: [raw for raw, _, _ in values] for k, values in spec.grid.items()}
+        body |= {"seeds": spec.seeds, "reference": spec.reference}
+        data = yaml.safe_dump(json.loads(json.dumps(body, default=str)), sort_keys=False).encode()
+    tmp = target.with_name(target.name + ".partial")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+
+
+def cache_id(location: str) -> str | None:
+    """A short, stable id of a cache: the hash of its identity attributes (teacher and checkpoint hash, data
+    fingerprint, recipe, view seed, dtype, ...), equal for two stores of the same logits; None if it cannot be read."""
+    try:
+        attrs = open_store(location).attrs
+    except (KdcacheError, OSError, ValueError):
+        return None
+    identity = {k: attrs.get(k) for k in IDENTITY_FIELDS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def sweep_manifest(spec: SweepSpec, runs: list[SweepRun]) -> dict[str, object]:
+    """``sweep.json``: the runs this SPEC names (in its order), its seeds and shared settings, kdcache's version,
+    and the id of every cache that exists."""
+    from kdcache import __version__
+
+    locations = list(dict.fromkeys(c for r in runs for c in _caches(r.options)))
+    caches = [{"location": c, "name": Path(c).name, "id": cache_id(c)} for c in locations if _exists(c)]
+    return {
+        "kdcache": __version__,
+        "spec": SPEC_FILE,
+        "source": str(spec.source),
+        "preset": spec.preset,
+        "seeds": spec.seeds,
+        "shared": _jsonable({k.replace("_", "-"): v for k, v in spec.shared.items()}),
+        "caches": [c for c in caches if c["id"] is not None],
+        "runs": [r.name for r in runs],
+    }
 
 
 def _with_caches(runs: list[SweepRun], dump: dict, out: Path) -> tuple[list[SweepRun], dict[str, dict]]:
@@ -390,162 +610,6 @@ def _with_caches(runs: list[SweepRun], dump: dict, out: Path) -> tuple[list[Swee
     return placed, dumps
 
 
-def _command(folder: Path) -> list[str]:
-    return [sys.executable, "-m", "kdcache.experiments.student", str(folder)]
-
-
-def _die_with_parent() -> None:
-    """In a child: be killed when the sweep (or dask worker) that started it dies, so no student runs on orphaned."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def run_student(folder: str | Path, env: dict[str, str] | None = None) -> int:
-    """Run (or resume) one sweep run's ``train-student`` in a child process; its exit code. Output goes to train.log."""
-    folder = Path(folder)
-    with (folder / "train.log").open("a") as log:
-        proc = subprocess.run(
-            _command(folder),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {}), "PYTHONWARNINGS": "ignore"},
-            preexec_fn=_die_with_parent,
-        )
-    return proc.returncode
-
-
-def _last_line(folder: Path) -> str:
-    lines = [x for x in (folder / "train.log").read_text(errors="replace").splitlines() if x.strip()]
-    return lines[-1] if lines else "no output"
-
-
-def _slots(parallel: int, per_gpu: int, threads: int) -> list[dict[str, str]]:
-    """The environment of each concurrent student: its GPU (round-robin) and its CPU threads.
-
-    Every student gets ``threads`` threads however many run at once: CPU results depend on the thread count, so a
-    SPEC gives the same numbers with any ``parallel``.
-    """
-    import torch
-
-    if min(parallel, per_gpu, threads) < 1:
-        raise KdcacheError(
-            f"--parallel, --per-gpu and --threads must be at least 1, got {parallel}, {per_gpu} and {threads}"
-        )
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
-    gpus = gpus or [str(i) for i in range(torch.cuda.device_count())]
-    if not gpus:
-        return [env] * parallel
-    if parallel > len(gpus) * per_gpu:
-        raise KdcacheError(
-            f"--parallel {parallel} students need {-(-parallel // per_gpu)} GPUs at --per-gpu {per_gpu}, but "
-            f"{len(gpus)} are visible: raise --per-gpu or lower --parallel"
-        )
-    return [{**env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(parallel)]
-
-
-class _Progress:
-    """One line per run state change and an overall bar (runs done, ETA)."""
-
-    def __init__(self, total: int, done: int, enabled: bool):
-        self.bar = tqdm(total=total, initial=done, unit="run", desc="sweep", disable=None if enabled else True)
-
-    def line(self, run: SweepRun, state: str) -> None:
-        tqdm.write(f"{state:<9} {run.name}")
-
-    def finished(self, run: SweepRun, folder: Path, code: int, failed: dict[str, str]) -> None:
-        history = finished_run(folder, run.epochs)
-        if code == 0 and history:
-            top1 = history[-1]["test_top1"]
-            self.line(run, "finished")
-            tqdm.write(f"{'':<9} last-epoch test top-1 {top1:.2f}%  ({sum(h['seconds'] for h in history):.1f} s)")
-        else:
-            failed[run.name] = _last_line(folder)
-            self.line(run, "failed")
-            tqdm.write(f"{'':<9} {failed[run.name]}  (log: {folder / 'train.log'})")
-        self.bar.update(1)
-
-
-def _student_process(folder: str, env: dict[str, str]) -> None:
-    """A forked student: its environment and threads, its log, then ``train-student`` on its plan (exit 2 on a
-    refusal, as the command would)."""
-    import torch
-
-    # Its parent is the fork server, which exits with the sweep once no child holds its alive pipe open.
-    alive = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_forkserver_alive_fd", None)
-    if alive is not None:
-        with contextlib.suppress(OSError):
-            os.close(alive)
-    _die_with_parent()
-    os.environ.update({**env, "PYTHONWARNINGS": "ignore"})
-    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    log = os.open(Path(folder) / "train.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    for fd in (1, 2):
-        os.dup2(log, fd)
-    warnings.simplefilter("ignore")
-    sys.exit(train_plan(folder))
-
-
-def _fork_server() -> multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext:
-    """Students forked from a server that imported torch and kdcache once (saves seconds per run)."""
-    if sys.platform.startswith("linux"):
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "kdcache.train.trainer", "kdcache.experiments.student"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def _run_local(todo: list[SweepRun], out: Path, slots: list[dict[str, str]], progress: _Progress) -> dict[str, str]:
-    """Run the students, ``len(slots)`` at a time, each in its own process."""
-    context = _fork_server()
-    failed: dict[str, str] = {}
-    active: dict[multiprocessing.process.BaseProcess, tuple[SweepRun, int]] = {}
-    pending, free = list(todo), list(range(len(slots)))
-    while pending or active:
-        while pending and free:
-            run, slot = pending.pop(0), free.pop(0)
-            folder = out / run.folder
-            progress.line(run, "resumed" if (folder / "last.pt").exists() else "started")
-            proc = context.Process(target=_student_process, args=(str(folder), slots[slot]), daemon=False)
-            proc.start()
-            active[proc] = (run, slot)
-        time.sleep(0.1)
-        for ended, code in [(p, p.exitcode) for p in active if p.exitcode is not None]:
-            run, slot = active.pop(ended)
-            free.append(slot)
-            progress.finished(run, out / run.folder, code, failed)
-    return failed
-
-
-def _run_on_cluster(
-    todo: list[SweepRun],
-    out: Path,
-    scheduler: str | None,
-    local_cluster: int | None,
-    progress: _Progress,
-    env: dict[str, str],
-) -> dict[str, str]:
-    """Each run is a dask task; a task whose worker is lost runs again elsewhere and resumes from its last.pt."""
-    from distributed import as_completed
-
-    failed: dict[str, str] = {}
-    with cluster_client(scheduler, local_cluster) as client:
-        futures = {}
-        for run in todo:
-            key = f"kdcache-run-{hashlib.sha256(str(out / run.folder).encode()).hexdigest()[:16]}"
-            futures[client.submit(run_student, str(out / run.folder), env, key=key, pure=False, retries=2)] = run
-            progress.line(run, "queued")
-        for future in as_completed(futures):
-            run = futures[future]
-            try:
-                code = future.result()
-            except Exception as exc:  # the task itself failed on every worker it was given
-                code = 1
-                (out / run.folder / "train.log").open("a").write(f"sweep: dask task failed: {exc}\n")
-            progress.finished(run, out / run.folder, code, failed)
-    return failed
-
-
 def run_sweep(
     spec: SweepSpec,
     out: str | Path,
@@ -556,28 +620,34 @@ def run_sweep(
     local_cluster: int | None = W.local_cluster,
     scheduler: str | None = W.scheduler,
     progress: bool = True,
+    prune: bool = W.prune,
+    yes: bool = W.yes,
 ) -> SweepResult:
     """Run every not yet finished run of ``spec`` into ``out`` (locally ``parallel`` at a time with ``threads`` CPU
-    threads each, or on dask), then write the report (``summary.csv``, ``results.md``, ``curves.png``)."""
+    threads each, or on dask), then write the report (``summary.csv``, ``results.md``, ``curves.png``) of exactly
+    the SPEC's runs. ``prune`` moves the run folders the SPEC no longer names to ``out/pruned/``; ``yes`` lets a
+    preset start on a machine without a GPU. ``progress`` adds the per-epoch display (or lines, off a terminal)."""
     if local_cluster is not None and scheduler is not None:
         raise KdcacheError("pass either --local-cluster N or --scheduler ADDRESS, not both")
     check_scheduler(scheduler)
-    slots = _slots(parallel, per_gpu, threads) if local_cluster is None and scheduler is None else []
-    runs = prepare(spec, out, scheduler, local_cluster)
+    envs = slots(parallel, per_gpu, threads) if local_cluster is None and scheduler is None else []
+    runs = prepare(spec, out, scheduler, local_cluster, prune=prune, yes=yes, parallel=parallel, threads=threads)
     out = Path(out)
     todo = [r for r in runs if not finished_run(out / r.folder, r.epochs)]
-    bar = _Progress(len(runs), len(runs) - len(todo), progress)
-    for run in runs:
-        if run not in todo:
-            bar.line(run, "finished")
-    if todo and slots:
-        failed = _run_local(todo, out, slots, bar)
-    elif todo:
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        failed = _run_on_cluster(todo, out, scheduler, local_cluster, bar, env)
-    else:
-        failed = {}
-    bar.bar.close()
+    monitor = SweepMonitor(runs, out, enabled=progress)
+    try:
+        for run in runs:
+            if run not in todo:
+                monitor.line(run, "finished")
+        if todo and envs:
+            failed = run_local(todo, out, envs, monitor)
+        elif todo:
+            env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            failed = run_on_cluster(todo, out, scheduler, local_cluster, monitor, env)
+        else:
+            failed = {}
+    finally:
+        monitor.close()
     write_report(out)
     return SweepResult(out, runs, failed)
 
@@ -587,16 +657,28 @@ __all__ = ["SweepSpec", "SweepRun", "SweepResult", "load_spec", "preset_path", "
 
 def sweep_command(spec: str | Path | None = None, **given: object) -> tuple[list[str], list[str]]:
     """What ``kdcache sweep`` does with a SPEC (or ``preset``) and its settings: the lines it prints and the runs
-    that failed. ``report=True`` only rebuilds the report of the runs in ``out``."""
+    that failed. ``report=True`` only rebuilds the report of the runs in ``out`` (those of the SPEC last swept into
+    it, by its ``sweep.json``), after moving aside the runs that SPEC does not name with ``prune``."""
     settings: dict[str, Any] = resolve(SWEEP, None, given)  # mixed settings, checked just below
     check_options(settings)
     out = Path(str(settings.pop("out")))
     preset = settings.pop("preset", None)
     if settings.pop("report", False):
-        return [f"report     {p}" for p in write_report(out).paths], []
+        lines = []
+        if settings.get("prune"):
+            manifest = read_manifest(out)
+            if manifest is None:
+                raise KdcacheError(
+                    f"--prune --report needs {out / MANIFEST_FILE}, which a sweep of this kdcache writes: run the "
+                    "sweep with --prune instead"
+                )
+            lines = [f"pruned     {name}" for name in _set_aside(out, [str(n) for n in manifest["runs"]], True)]
+        return lines + [f"report     {p}" for p in write_report(out).paths], []
     if (spec is None) == (preset is None):
         raise KdcacheError("give a SPEC.yaml or --preset NAME (one of them)")
-    result = run_sweep(load_spec(spec or preset_path(str(preset))), out, **settings)
+    loaded = load_spec(spec or preset_path(str(preset)))
+    loaded.preset = None if preset is None else str(preset)
+    result = run_sweep(loaded, out, **settings)
     done = len(result.runs) - len(result.failed)
     lines = [f"results    {out / 'results.md'}  ({done} of {len(result.runs)} runs)"]
     return lines, [f"{name}: {line}" for name, line in result.failed.items()]

@@ -238,9 +238,8 @@ def _train(
     LR milestones unless the command gives its own."""
     state = resume_state(out, resume, ranks)  # refused before anything is written into out
     if state is not None and not own_milestones:
-        cfg = dataclasses.replace(
-            cfg, lr_milestones=tuple(stored_record(state).get("lr_milestones", cfg.lr_milestones))
-        )
+        stored = stored_record(state).get("lr_milestones") or cfg.lr_milestones or ()
+        cfg = dataclasses.replace(cfg, lr_milestones=tuple(stored))
     given["view_schedule"] = given["view_schedule"] or (stored_record(state)["view_schedule"] if state else "chunk")
     loader, test_ds = _build_loader(cfg, given, ranks, dev)
     try:
@@ -434,7 +433,7 @@ def _fit(
         warnings.warn(note, stacklevel=3)
     test_loader = eval_loader(test_ds, loader.recipe, loader.workers)
     for epoch in range(start, cfg.epochs + 1):
-        lr = cfg.lr * cfg.lr_decay_rate ** sum(epoch > m for m in cfg.lr_milestones)
+        lr = cfg.lr * cfg.lr_decay_rate ** sum(epoch > m for m in cfg.lr_milestones or ())
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
