@@ -63,7 +63,7 @@ def _flat_row(row: Row, options: list[str]) -> str:
 
 
 def flat_table(rows: list[Row], runs: list[RunResult]) -> list[str]:
-    """The table of every method and grid point: n, top-1 last and best (mean ± std), top-5, NLL, ECE, seconds of training per run."""
+    """Every method and grid point: n, top-1 last and best (mean ± std), top-5, NLL, ECE, training seconds per run."""
     options = grid_options(runs)
     head = ["method", *options, "n", "top-1 last (%)", "top-1 best (%)", "top-5 (%)", "NLL", "ECE", "train s/run"]
     lines = [md_line([*head, "reference", "Δ last − ref"]), md_line(["---"] * (len(head) + 2))]
