@@ -14,7 +14,19 @@ import click
 from kdcache import __version__
 from kdcache.cli.options import GroupedCommand, settings_options, typed
 from kdcache.errors import KdcacheError
-from kdcache.settings.table import DUMP, INSPECT, MODELS, QUICKSTART, STUDY, SWEEP, TRAIN, VERIFY
+from kdcache.settings.table import (
+    DERIVE,
+    DUMP,
+    INSPECT,
+    MODELS,
+    PUBLISH,
+    PULL,
+    QUICKSTART,
+    STUDY,
+    SWEEP,
+    TRAIN,
+    VERIFY,
+)
 
 
 def _errors(fn: Callable) -> Callable:
@@ -90,10 +102,12 @@ def dump_logits_cmd(**kw) -> None:
 @_errors
 def train_student_cmd(**kw) -> None:
     """Stage two: train a student from cached logits (or an online teacher, or CE alone)."""
+    from kdcache.store import use_cache_dir
     from kdcache.train import train_settings, train_student
 
-    settings: Mapping[str, Any] = train_settings(**typed(kw))  # mixed settings, each checked by train_student
-    result = train_student(**settings)
+    settings: dict[str, Any] = train_settings(**typed(kw))  # mixed settings, each checked by train_student
+    with use_cache_dir(settings.pop("cache_dir", None)):  # where reads of a remote --cache keep what they fetch
+        result = train_student(**settings)
     if result.main:
         last = result.last.get("test_top1", float("nan"))
         click.echo(
@@ -130,14 +144,15 @@ def _options(values: dict) -> str:
 @click.argument("caches", nargs=-1, required=True, metavar="CACHE...")
 @settings_options(INSPECT)
 @_errors
-def inspect_cmd(caches: tuple[str, ...], plot: str | None) -> None:
-    """Show a cache's attributes, completion, size and per-view teacher accuracy.
+def inspect_cmd(caches: tuple[str, ...], plot: str | None, cache_dir: str | None) -> None:
+    """Show a cache's attributes, completion, size, per-view teacher accuracy, manifest and card.
 
-    Given several caches of the same views (one per teacher), also show how the teachers agree per view.
+    A remote cache (http(s)://, s3://, hf://) is shown from its metadata alone, before any chunk is read. Given
+    several caches of the same views (one per teacher), also show how the teachers agree per view.
     """
     from kdcache.store import inspect_caches
 
-    for line in inspect_caches(list(caches), plot):
+    for line in inspect_caches(list(caches), plot, cache_dir):
         click.echo(line)
 
 
@@ -170,9 +185,12 @@ def study_views_cmd(**kw) -> None:
     """Train the same student from the first 1, 2, 4, ... cached views and plot accuracy against views."""
     from kdcache.experiments import study_views
     from kdcache.settings import resolve
+    from kdcache.store import use_cache_dir
 
-    settings: Mapping[str, Any] = resolve(STUDY, None, typed(kw))  # mixed settings, each checked by study_views
-    for p in study_views(**settings):
+    settings: dict[str, Any] = resolve(STUDY, None, typed(kw))  # mixed settings, each checked by study_views
+    with use_cache_dir(settings.pop("cache_dir", None)):
+        points = study_views(**settings)
+    for p in points:
         label = "online" if p.views is None else f"{p.views} view(s)"
         accuracy = f"last-epoch test top-1 {p.final_top1:6.2f}%  best-epoch test top-1 {p.best_top1:6.2f}%"
         click.echo(f"{label:>12}  {accuracy}  {p.run}")
@@ -196,14 +214,59 @@ def quickstart_cmd(**kw) -> None:
 def sweep_cmd(spec: str | None, **kw) -> None:
     """Many students from one cache: a SPEC's methods x grid x seeds, run side by side, reported as mean ± std."""
     from kdcache.experiments import sweep_command
+    from kdcache.store import use_cache_dir
 
-    lines, failed = sweep_command(spec, **typed(kw))
+    given = typed(kw)
+    with use_cache_dir(given.pop("cache_dir", None)):  # the students' too: they inherit the environment
+        lines, failed = sweep_command(spec, **given)
     for line in lines:
         click.echo(line)
     for line in failed:
         click.echo(f"FAILED     {line}", err=True)
     if failed:
         sys.exit(1)
+
+
+@main.command("pull", cls=GroupedCommand)
+@click.argument("url", metavar="URL")
+@click.argument("directory", metavar="DIR")
+@settings_options(PULL)
+@_errors
+def pull_cmd(url: str, directory: str, **kw) -> None:
+    """Copy the cache at URL (or some of its views) into the folder DIR, every file checked against its manifest.
+
+    An interrupted pull goes on from where it stopped; a corrupt or short file is fetched again.
+    """
+    from kdcache.store import pull_cache
+
+    click.echo("\n".join(pull_cache(url, directory, **typed(kw)).lines()))
+
+
+@main.command("derive", cls=GroupedCommand)
+@click.argument("store", metavar="STORE")
+@click.argument("out", metavar="OUT")
+@settings_options(DERIVE)
+@_errors
+def derive_cmd(store: str, out: str, **kw) -> None:
+    """A smaller cache OUT from the finished cache STORE (fewer views, top-k, float16), without the teacher."""
+    from kdcache.store import derive_cache
+
+    click.echo("\n".join(derive_cache(store, out, **typed(kw)).lines()))
+
+
+@main.command("publish", cls=GroupedCommand)
+@click.argument("store", metavar="STORE")
+@click.argument("out", metavar="OUT")
+@settings_options(PUBLISH)
+@_errors
+def publish_cmd(store: str, out: str, **kw) -> None:
+    """Copy the finished cache STORE into OUT with its manifest and a cache card (README.md), ready to serve.
+
+    OUT the same as STORE writes the manifest and card in place.
+    """
+    from kdcache.store import publish_cache
+
+    click.echo("\n".join(publish_cache(store, out, **typed(kw)).lines()))
 
 
 @main.command("models", cls=GroupedCommand)

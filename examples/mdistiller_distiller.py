@@ -18,7 +18,7 @@ no teacher. What changes relative to mdistiller, line by line:
 Everything else, the config keys, the loss (``kdcache.kd_loss`` is mdistiller's ``kd_loss``: KL summed over
 classes, batch mean, times τ²), the weights and the sum of ``losses_dict``, is mdistiller's.
 
-    python examples/mdistiller_distiller.py --cache data/digits-cache --dataset digits --epochs 5
+    python examples/mdistiller_distiller.py --cache data/quickstart/cache-cifar.zarr --epochs 6
 """
 
 from __future__ import annotations

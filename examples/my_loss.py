@@ -5,8 +5,8 @@ returns a scalar tensor is a loss; its keyword defaults are its options, set wit
 recorded in the run's ``config.yaml``. The trainer adds ``--ce-weight`` × cross-entropy and multiplies this term by
 ``--kd-weight`` (both 1 for a loss of your own), and logs the term's epoch mean as ``train_kd`` in ``metrics.jsonl``.
 
-    PYTHONPATH=examples kdcache train-student --cache data/digits-cache --dataset digits --student resnet8 \\
-        --loss my_loss:js_divergence --loss-opt temperature=2 --epochs 5 --out runs/js
+    PYTHONPATH=examples kdcache train-student --cache data/quickstart/cache-cifar.zarr --dataset digits \\
+        --student resnet8 --loss my_loss:js_divergence --loss-opt temperature=2 --epochs 6 --out runs/js
 """
 
 from __future__ import annotations

@@ -3,14 +3,15 @@
 The teacher never runs: every ``kdcache.Batch`` holds the augmented views the teacher saw at dump time and the
 teacher's cached logits for exactly those views, so the loop is ordinary supervised training plus one extra term.
 
-    python examples/own_loop.py --cache data/digits-cache --dataset digits --epochs 5
+    python examples/own_loop.py --cache data/quickstart/cache-cifar.zarr --epochs 6
 
 With ``--run-dir`` the loop also keeps a run folder as ``train-student`` does (``config.yaml`` and, through
 ``kdcache.RunLog``, ``metrics.jsonl``) and ends with ``kdcache.write_report`` on the folder above it: every run there,
 mean ± std over the seeds of the same settings, in ``results.md``.
 
     for seed in 0 1 2; do
-        python examples/own_loop.py --cache data/digits-cache --epochs 5 --seed $seed --run-dir runs/rkl/seed-$seed
+        python examples/own_loop.py --cache data/quickstart/cache-cifar.zarr --epochs 6 --seed $seed \\
+            --run-dir runs/rkl/seed-$seed
     done
 """
 

@@ -4,7 +4,7 @@ A timm model is a plain ``nn.Module`` from images to logits, so the loop is the 
 distillation term is a built-in one from kdcache's loss registry (``kdcache losses`` lists them), run through
 ``kdcache.Objective`` with its published default weights. 32x32 inputs work with timm's convolutional models.
 
-    python examples/timm_student.py --cache data/digits-cache --student timm.mobilenetv3_small_050 --loss kd
+    python examples/timm_student.py --cache data/quickstart/cache-cifar.zarr --student timm.mobilenetv3_small_050
 """
 
 from __future__ import annotations

@@ -28,7 +28,20 @@ _EXPORTS = {
     "kdcache.dataset": ("build_dataset", "test_split"),
     "kdcache.models": ("create_model", "list_models", "save_checkpoint", "load_checkpoint"),
     "kdcache.teacher": ("Teacher", "load_teacher"),
-    "kdcache.store": ("open_store", "verify_cache", "inspect_cache", "TopKTeacher", "VerifyReport"),
+    "kdcache.store": (
+        "open_store",
+        "verify_cache",
+        "inspect_cache",
+        "TopKTeacher",
+        "VerifyReport",
+        "pull_cache",
+        "derive_cache",
+        "publish_cache",
+        "write_manifest",
+        "Manifest",
+        "default_cache_dir",
+        "use_cache_dir",
+    ),
     "kdcache.dump": ("dump_logits", "dump_settings", "DumpSummary"),
     "kdcache.feed": ("DistillLoader", "Batch", "eval_loader", "init_ranks", "Ranks"),
     "kdcache.losses": (
@@ -87,7 +100,20 @@ if TYPE_CHECKING:  # what mypy and IDEs see; at run time module __getattr__ impo
         zscore,
     )
     from kdcache.models import create_model, list_models, load_checkpoint, save_checkpoint
-    from kdcache.store import TopKTeacher, VerifyReport, inspect_cache, open_store, verify_cache
+    from kdcache.store import (
+        Manifest,
+        TopKTeacher,
+        VerifyReport,
+        default_cache_dir,
+        derive_cache,
+        inspect_cache,
+        open_store,
+        publish_cache,
+        pull_cache,
+        use_cache_dir,
+        verify_cache,
+        write_manifest,
+    )
     from kdcache.teacher import Teacher, load_teacher
     from kdcache.train import (
         Precision,
@@ -137,6 +163,13 @@ __all__ = [
     "inspect_cache",
     "TopKTeacher",
     "VerifyReport",
+    "pull_cache",
+    "derive_cache",
+    "publish_cache",
+    "write_manifest",
+    "Manifest",
+    "default_cache_dir",
+    "use_cache_dir",
     "dump_logits",
     "dump_settings",
     "DumpSummary",

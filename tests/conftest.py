@@ -29,6 +29,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def remote_cache_dir(tmp_path_factory) -> Path:
+    """Where remote reads keep what they fetch (``--cache-dir``'s default) for the whole session, CLI subprocesses
+    included: never the user's own cache folder."""
+    path = tmp_path_factory.mktemp("kdcache-cache-dir")
+    os.environ["KDCACHE_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture
 def cifar_root(tmp_path: Path) -> Path:
     """A CIFAR-100 folder of this test's own, which it may change (same images as :func:`cifar_data`)."""

@@ -193,7 +193,7 @@ def _dump_midway(args: list[str], out: Path, **popen) -> subprocess.Popen:
     stalled = Path(__file__).with_name("stalled_dump.py")
     proc = subprocess.Popen([sys.executable, str(stalled), *args], stdout=subprocess.DEVNULL, **popen)
     done_dir = out / "done" / "c"
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a stalled run waits to be stopped: only a hang takes this long
     while time.time() < deadline and proc.poll() is None:
         if done_dir.exists() and sum(1 for _ in done_dir.rglob("*") if _.is_file()) >= 4:
             break

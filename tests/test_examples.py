@@ -1,5 +1,6 @@
-"""The examples/ scripts run as a user runs them, on a digits cache dumped once: they train, print an epoch line
-and compute what they claim to, from the teacher rows the cache holds for the views they train on."""
+"""The examples/ scripts run as a user runs them, on the session's cache of the tiny CIFAR-100 folder (96 samples, so
+an epoch takes a moment): they train, print an epoch line and compute what they claim to, from the teacher rows the
+cache holds for the views they train on."""
 
 from __future__ import annotations
 
@@ -31,8 +32,14 @@ needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason
 
 @pytest.fixture
 def cache(make_cache) -> Path:
-    """The digits train split's teacher logits: a seeded resnet8 with non-trivial BN statistics, 2 cifar views."""
-    return make_cache(dataset="digits")
+    """The train split's teacher logits: a seeded resnet8 with non-trivial BN statistics, 2 cifar views."""
+    return make_cache()
+
+
+@pytest.fixture
+def data(cifar_data) -> list[str]:
+    """The flags that name the cache's dataset."""
+    return ["--dataset", "cifar100", "--data-root", str(cifar_data)]
 
 
 def load_example(name: str) -> ModuleType:
@@ -60,18 +67,18 @@ def run_example(script: str, *args: str) -> list[dict[str, float]]:
     return rows
 
 
-def test_own_loop_trains_on_the_cached_rows_of_its_views(cache: Path, tmp_path: Path):
+def test_own_loop_trains_on_the_cached_rows_of_its_views(cache: Path, data: list[str], tmp_path: Path):
     # lr 0 keeps the seeded student fixed (train-mode BN uses batch statistics), so the epoch's mean loss can be
     # recomputed here: CE plus reverse KL against the store's rows of the views the epoch schedules.
     out = tmp_path / "student.pt"
-    (row,) = run_example("own_loop.py", "--cache", str(cache), "--epochs", "1", "--lr", "0", "--out", str(out))
+    (row,) = run_example("own_loop.py", "--cache", str(cache), *data, "--epochs", "1", "--lr", "0", "--out", str(out))
     assert row["epoch"] == 1 and out.is_file()
 
     logits = np.asarray(open_store(cache).group["logits"][...])
-    loader = kdcache.DistillLoader(cache, "digits", batch_size=64, seed=0, epochs=1)
+    loader = kdcache.DistillLoader(cache, "cifar100", data_root=data[-1], batch_size=64, seed=0, epochs=1)
     views = loader.epoch_views(0)
     torch.manual_seed(0)
-    student = create_model("resnet8", 10).train()
+    student = create_model("resnet8", 100).train()
     total, seen = 0.0, 0
     with torch.no_grad():
         for batch in loader:
@@ -89,15 +96,14 @@ def test_own_loop_trains_on_the_cached_rows_of_its_views(cache: Path, tmp_path: 
 
 
 @needs_timm
-def test_timm_student_trains_with_a_registered_loss(cache: Path):
+def test_timm_student_trains_with_a_registered_loss(cache: Path, data: list[str]):
     # Not the example's default timm model: the flag takes any timm name (this one is quick on a slow CPU).
-    (row,) = run_example(
-        "timm_student.py", "--cache", str(cache), "--student", "timm.test_resnet", "--loss", "dkd", "--epochs", "1"
-    )
+    args = ["--student", "timm.test_resnet", "--loss", "dkd", "--epochs", "1"]
+    (row,) = run_example("timm_student.py", "--cache", str(cache), *data, *args)
     assert row["epoch"] == 1 and row["train_loss"] > 0
 
 
-def test_mdistiller_kd_keeps_mdistillers_loss_with_cached_teacher_logits(cache: Path):
+def test_mdistiller_kd_keeps_mdistillers_loss_with_cached_teacher_logits(cache: Path, data: list[str]):
     module = load_example("mdistiller_distiller")
     cfg = SimpleNamespace(KD=SimpleNamespace(TEMPERATURE=4.0, LOSS=SimpleNamespace(CE_WEIGHT=0.1, KD_WEIGHT=0.9)))
     torch.manual_seed(0)
@@ -112,7 +118,7 @@ def test_mdistiller_kd_keeps_mdistillers_loss_with_cached_teacher_logits(cache: 
     assert distiller.get_learnable_parameters() == list(distiller.student.parameters())
     assert torch.equal(distiller.eval()(image=image), distiller.student(image))
 
-    (row,) = run_example("mdistiller_distiller.py", "--cache", str(cache), "--epochs", "1")
+    (row,) = run_example("mdistiller_distiller.py", "--cache", str(cache), *data, "--epochs", "1")
     assert row["epoch"] == 1 and row["loss_ce"] > 0 and row["loss_kd"] > 0
 
 
@@ -128,11 +134,11 @@ def test_my_loss_is_a_jensen_shannon_divergence():
     assert float(js(disjoint, disjoint.flip(1), labels[:2])) == pytest.approx(math.log(2), rel=1e-5)
 
 
-def test_my_loss_trains_through_the_cli(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_my_loss_trains_through_the_cli(cache: Path, data: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))  # as PYTHONPATH=examples puts it on a user's path
     out = tmp_path / "run"
     cli(
-        "train-student", "--cache", str(cache), "--dataset", "digits", "--student", "resnet8",
+        "train-student", "--cache", str(cache), *data, "--student", "resnet8",
         "--loss", "my_loss:js_divergence", "--loss-opt", "temperature=2", "--epochs", "1", "--batch-size", "64",
         "--device", "cpu", "--out", str(out), check=True, cwd=ROOT,
     )  # fmt: skip

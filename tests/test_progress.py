@@ -16,16 +16,17 @@ def _to_file(tmp_path, *args: str) -> str:
     return text
 
 
-def test_training_into_a_log_writes_a_line_per_epoch(make_cache, tmp_path):
-    cache = make_cache(dataset="digits")
-    args = ["train-student", "--cache", str(cache), "--student", "resnet8", "--dataset", "digits", "--epochs", "2"]
-    text = _to_file(tmp_path, *args, "--batch-size", "256", "--out", str(tmp_path / "run"))
+def test_training_into_a_log_writes_a_line_per_epoch(make_cache, cifar_data, tmp_path):
+    data = ["--dataset", "cifar100", "--data-root", str(cifar_data)]  # 96 samples: an epoch takes under a second
+    args = ["train-student", "--cache", str(make_cache()), "--student", "resnet8", *data, "--epochs", "2"]
+    text = _to_file(tmp_path, *args, "--batch-size", "32", "--out", str(tmp_path / "run"))
     lines = [x for x in text.splitlines() if x.startswith("epoch ")]
     assert [x.split()[1] for x in lines] == ["1/2", "2/2"] and all("ETA" in x for x in lines)
 
 
-def test_a_dump_into_a_log_writes_a_line_per_tenth(teacher_ckpt, tmp_path):
-    args = ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[10]), "--dataset", "digits"]
+def test_a_dump_into_a_log_writes_a_line_per_tenth(teacher_ckpt, cifar_data, tmp_path):
+    data = ["--dataset", "cifar100", "--data-root", str(cifar_data)]
+    args = ["dump-logits", "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[100]), *data]
     text = _to_file(tmp_path, *args, "--augment", "cifar", "--views", "2", "--out", str(tmp_path / "c.zarr"))
     steps = [x for x in text.splitlines() if x.startswith("dump-logits: ")]
     assert 1 <= len(steps) <= 10 and "100%" in steps[-1] and "views/s" in steps[-1] and "ETA" in steps[-1]

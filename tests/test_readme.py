@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +17,7 @@ def _snippet() -> str:
     return match.group(1)
 
 
+@pytest.mark.slow  # a fresh interpreter trains the snippet's student on a 6-view digits cache (the README's own run)
 def test_the_readme_python_snippet_runs_as_written(make_cache, tmp_path):
     cache = make_cache(dataset="digits", views=6, dtype="float32", copy_to=tmp_path / "data" / "quickstart")
     cache.rename(tmp_path / "data" / "quickstart" / "cache-cifar.zarr")

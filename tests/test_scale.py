@@ -78,8 +78,8 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
             stderr=subprocess.PIPE,
             text=True,
         )
-        killed, busy_since = None, {}
-        while proc.poll() is None and killed is None:
+        killed, busy_since, deadline = None, {}, time.monotonic() + 300
+        while proc.poll() is None and killed is None and time.monotonic() < deadline:
             for worker, keys in client.processing().items():
                 if any(str(k).startswith("kdcache-unit") for k in keys):
                     busy_since.setdefault(worker, time.monotonic())
@@ -89,6 +89,8 @@ def test_cluster_dump_is_bit_identical_and_survives_a_killed_worker(tmp_path, te
                         killed = worker
                         break
             time.sleep(0.05)
+        if killed is None:
+            proc.kill()  # its first task waits to be killed: without the kill it never ends
         out, err = proc.communicate(timeout=300)
     assert killed is not None, err[-2000:]
     assert proc.returncode == 0, err[-2000:]
@@ -204,7 +206,8 @@ def test_s3_store_end_to_end(tmp_path, teacher_ckpt, cifar_data, make_cache, s3_
     assert refused.returncode == 2 and "seed" in refused.stderr
     assert_same_arrays(url, local)
     assert "complete   2/2 chunks" in cli("inspect", url, check=True).stdout
-    cli("verify", url, "--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[100]), "--sample", "8", check=True)
+    replay = ["--teacher", "resnet8", "--checkpoint", str(teacher_ckpt[100]), "--sample", "8"]
+    cli("verify", url, *replay, "--data-root", str(cifar_data), check=True)
     cli(
         "train-student",
         "--cache",

@@ -14,17 +14,17 @@ from helpers import cli, run_cli
 
 from kdcache.experiments.sweep import expand, load_spec
 
-STUDENT = {"dataset": "digits", "student": "resnet8", "batch-size": 64}
 
-
-@pytest.fixture
-def setup(make_cache, teacher_ckpt) -> dict[str, Path]:
-    """A float32 cache of two cifar views of the built-in digits, and its teacher checkpoint."""
-    return {"ckpt": teacher_ckpt[10], "cache": make_cache(dataset="digits", dtype="float32")}
+@pytest.fixture(scope="module")
+def setup(make_cache, teacher_ckpt, cifar_data) -> dict:
+    """The session's float32 cache of two cifar views of the tiny CIFAR-100 folder, its teacher checkpoint, and the
+    SPEC keys of a student of that data (96 samples: a sweep's runs take a second each)."""
+    student = {"dataset": "cifar100", "data-root": str(cifar_data), "student": "resnet8", "batch-size": 64}
+    return {"ckpt": teacher_ckpt[100], "cache": make_cache(dtype="float32"), "student": student}
 
 
 def _spec(path: Path, setup: dict, **extra) -> Path:
-    body = {**STUDENT, "cache": str(setup["cache"]), "epochs": 1}
+    body = {**setup["student"], "cache": str(setup["cache"]), "epochs": 1}
     body.update(extra)
     path.write_text(json.dumps(body))  # JSON is YAML
     return path
@@ -90,23 +90,34 @@ def test_bad_specs_are_refused_before_any_run(tmp_path, setup, extra, message):
 METHODS = {"kd": {"loss": "kd"}, "dkd+ls": {"loss": "dkd", "logit-stand": True}}
 
 
+SERIAL = dict(methods=METHODS, seeds=[0, 1], epochs=2)  # the SPEC of the serial sweep the slow tests compare with
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory, setup) -> Path:
+    """A serial, uninterrupted sweep of SERIAL, made once for the tests that compare other ways of running it: its
+    folder (read it, never sweep into it)."""
+    base = tmp_path_factory.mktemp("serial")
+    proc = run_cli("sweep", _spec(base / "s.yaml", setup, **SERIAL), "--out", base / "out", check=True)
+    assert "results" in proc.stdout
+    return base / "out"
+
+
 @pytest.mark.slow
-def test_parallel_equals_serial_and_changed_specs(tmp_path, setup):
-    spec = _spec(tmp_path / "s.yaml", setup, methods=METHODS, seeds=[0, 1])
-    serial = run_cli("sweep", str(spec), "--out", str(tmp_path / "p1"), check=True)
-    assert "results" in serial.stdout
+def test_parallel_equals_serial_and_changed_specs(tmp_path, setup, serial):
+    spec = _spec(tmp_path / "s.yaml", setup, **SERIAL)
     run_cli("sweep", str(spec), "--out", str(tmp_path / "p2"), "--parallel", "2", check=True)
-    a, b = _metrics(tmp_path / "p1"), _metrics(tmp_path / "p2")
+    a, b = _metrics(serial), _metrics(tmp_path / "p2")
     assert len(a) == 4 and a == b
     for f in ("summary.csv", "results.md", "curves.png"):
-        assert (tmp_path / "p1" / f).is_file()
-    finished = tmp_path / "p1" / "runs" / "kd" / "default" / "seed-0" / "last.pt"
+        assert (serial / f).is_file() and (tmp_path / "p2" / f).is_file()
+    finished = tmp_path / "p2" / "runs" / "kd" / "default" / "seed-0" / "last.pt"
     stamp = finished.stat().st_mtime_ns
-    more = _spec(tmp_path / "more.yaml", setup, methods=METHODS, seeds=[0, 1, 2])
-    again = run_cli("sweep", str(more), "--out", str(tmp_path / "p1"), check=True)
+    more = _spec(tmp_path / "more.yaml", setup, **{**SERIAL, "seeds": [0, 1, 2]})
+    again = run_cli("sweep", str(more), "--out", str(tmp_path / "p2"), check=True)
     assert again.stdout.count("started") == 2 and finished.stat().st_mtime_ns == stamp
-    changed = _spec(tmp_path / "changed.yaml", setup, methods={**METHODS, "kd": {"loss": "kd", "temperature": 3}})
-    r = run_cli("sweep", str(changed), "--out", str(tmp_path / "p1"))
+    changed = {**SERIAL, "methods": {**METHODS, "kd": {"loss": "kd", "temperature": 3}}}
+    r = cli("sweep", _spec(tmp_path / "changed.yaml", setup, **changed), "--out", tmp_path / "p2")  # refused first
     assert r.returncode == 2 and "sweep run kd/default/seed-0" in r.stderr and "temperature" in r.stderr
 
 
@@ -117,9 +128,8 @@ def _sweep_process(spec: Path, out: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_sigkill_then_the_same_command_gives_the_uninterrupted_results(tmp_path, setup):
-    spec = _spec(tmp_path / "s.yaml", setup, methods=METHODS, seeds=[0, 1], epochs=2)
-    run_cli("sweep", str(spec), "--out", str(tmp_path / "whole"), check=True)
+def test_sigkill_then_the_same_command_gives_the_uninterrupted_results(tmp_path, setup, serial):
+    spec = _spec(tmp_path / "s.yaml", setup, **SERIAL)
     out = tmp_path / "cut"
     proc = _sweep_process(spec, out)
     second = out / "runs" / "kd" / "default" / "seed-1" / "last.pt"  # the second run has saved an epoch
@@ -140,14 +150,14 @@ def test_sigkill_then_the_same_command_gives_the_uninterrupted_results(tmp_path,
             time.sleep(0.1)
     os.close(lock)
     run_cli("sweep", str(spec), "--out", str(out), check=True)
-    assert _metrics(out) == _metrics(tmp_path / "whole")
+    assert _metrics(out) == _metrics(serial)
 
 
 @pytest.mark.slow
 def test_teacher_checkpoint_methods_share_one_dumped_cache(tmp_path, setup):
     teacher = {"teacher": "resnet8", "checkpoint": str(setup["ckpt"])}
     methods = {"kd": {**teacher, "loss": "kd"}, "dkd": {**teacher, "loss": "dkd"}}
-    body = {**STUDENT, "epochs": 1, "methods": methods, "dump": {"views": 1}}
+    body = {**setup["student"], "epochs": 1, "methods": methods, "dump": {"views": 1}}
     spec = tmp_path / "s.yaml"
     spec.write_text(json.dumps(body))
     r = run_cli("sweep", str(spec), "--out", str(tmp_path / "out"), check=True)
@@ -161,8 +171,8 @@ def test_teacher_checkpoint_methods_share_one_dumped_cache(tmp_path, setup):
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_sweep_equals_local(tmp_path, setup):
-    spec = _spec(tmp_path / "s.yaml", setup, methods=METHODS, epochs=1)
-    run_cli("sweep", str(spec), "--out", str(tmp_path / "local"), check=True)
+def test_dask_local_cluster_sweep_equals_local(tmp_path, setup, serial):
+    spec = _spec(tmp_path / "s.yaml", setup, **{**SERIAL, "seeds": [0]})  # the serial sweep's seed-0 runs
     run_cli("sweep", str(spec), "--out", str(tmp_path / "dask"), "--local-cluster", "2", check=True)
-    assert _metrics(tmp_path / "dask") == _metrics(tmp_path / "local")
+    local = {run: rows for run, rows in _metrics(serial).items() if run.endswith("seed-0")}
+    assert len(local) == 2 and _metrics(tmp_path / "dask") == local

@@ -498,7 +498,8 @@ def test_students_die_with_a_sigkilled_sweep(tmp_path, setup, when):
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                assert time.monotonic() - killed < 2, "the student outlived the killed sweep by 2 s"
+                # a bound for a hang, not a speed: that the student trained no further shows in metrics.jsonl below
+                assert time.monotonic() - killed < 60, "the student outlived the killed sweep by a minute"
                 time.sleep(0.02)
         os.close(lock)
         size = (first / "metrics.jsonl").stat().st_size

@@ -120,7 +120,7 @@ def test_topk_store_layout_with_plain_zarr(caches):
     assert on_disk[1] < on_disk[0] / 5
 
 
-def test_train_from_topk_cli_and_refusals(caches, cifar_root, tmp_path):
+def test_train_from_topk_cli_and_refusals(caches, cifar_root, teacher_ckpt, tmp_path):
     full, top = caches
     common = [
         "--student",
@@ -154,7 +154,7 @@ def test_train_from_topk_cli_and_refusals(caches, cifar_root, tmp_path):
         "--teacher",
         "resnet8",
         "--checkpoint",
-        "unused.pth",
+        teacher_ckpt[100],
         "--dataset",
         "cifar100",
         "--data-root",

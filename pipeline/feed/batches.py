@@ -211,10 +211,11 @@ def mixing_weights(cache_weights: str | list[float] | None, count: int, teacher_
 
 
 def open_caches(
-    caches: list[str], ds: ImageDataset, augment: str | None, mix: str | None
+    caches: list[str], ds: ImageDataset, augment: str | None, mix: str | None, cache_dir: str | Path | None = None
 ) -> tuple[list[CacheStore], Recipe]:
-    """Open every cache, check each against the data, and check they hold the same views."""
-    stores = [open_store(c) for c in caches]
+    """Open every cache (a URL through its manifest, keeping what it fetches in ``cache_dir``), check each against
+    the data, and check they hold the same views."""
+    stores = [open_store(c, cache_dir=cache_dir) for c in caches]
     recipe = [cache_matches(st, ds, augment, mix) for st in stores][0]
     for other in stores[1:]:
         if stores[0].format.is_topk or other.format.is_topk:
@@ -277,7 +278,9 @@ class DistillLoader:
     ``verify_views``) and stops at a non-finite teacher row. Call :meth:`set_epoch` (0-based) before each epoch:
     views and order are counter-based functions of ``(seed, epoch, sample)``, so a resumed loop draws what an
     uninterrupted one would. ``cache_scratch`` (a local folder) keeps each cache array there decompressed and
-    memory-maps it, so every student of the cache on the machine shares one copy. ``kinds=2`` yields MLKD's weak
+    memory-maps it, so every student of the cache on the machine shares one copy. A ``cache`` URL (``http(s)://``,
+    ``s3://``, ``hf://``) is read where it lies through its manifest, keeping what it fetches in ``cache_dir``
+    (default :func:`~kdcache.store.locations.default_cache_dir`). ``kinds=2`` yields MLKD's weak
     and strong views. Under torchrun (``ranks``) each process gets its shard and ``batch_size`` stays the global
     batch. Without a cache, ``teacher`` (an online :class:`~kdcache.teacher.Teacher`) labels views sampled from the
     recipe (``augment``, ``mix``, ``views``, ``view_seed``) exactly as a dump would have; ``with_teacher=False``
@@ -304,6 +307,7 @@ class DistillLoader:
         cache_views: int | None = T.cache_views,
         cache_memory: int | str = T.cache_memory,
         cache_scratch: str | Path | None = T.cache_scratch,
+        cache_dir: str | Path | None = T.cache_dir,
         cache_weights: str | list[float] | None = T.cache_weights,
         teacher_mix: str = T.teacher_mix,
         teacher: Teacher | None = None,
@@ -330,17 +334,13 @@ class DistillLoader:
         self.online = teacher if with_teacher else None
         self.stores, self.weights = [], [1.0]
         if caches:
-            self.stores, self.recipe = open_caches(caches, self.dataset, augment, mix)
+            self.stores, self.recipe = open_caches(caches, self.dataset, augment, mix, cache_dir)
             self.weights = mixing_weights(cache_weights, len(caches), teacher_mix)
             self.num_views, self.uniform = _cache_view_count(self.stores[0], cache_views)
         else:
             online = _online_views(self.dataset, augment, mix, mix_alpha, views, epochs)
             self.recipe, self.num_views, self.uniform = online
-        if kinds > len(self.recipe.kinds):
-            raise KdcacheError(
-                "--loss mlkd needs weak and strong views: use a cache dumped with --augment mlkd "
-                "(or --augment mlkd online)"
-            )
+        _check_kinds(kinds, self.recipe, self.stores)
         self.format = self.stores[0].format if self.stores else LogitFormat()
         self.names = array_names(len(self.recipe.kinds), self.format)
         self.lo, self.hi = self.ranks.shard(len(self.dataset))
@@ -366,7 +366,8 @@ class DistillLoader:
         logits = [a for k in kinds for a in self.names["teacher"][k]] if with_teacher else []
         stores = self.stores if with_teacher else self.stores[:1]
         return [
-            LogitFeed(s, (views if j == 0 else []) + logits, memory, (self.lo, self.hi)) for j, s in enumerate(stores)
+            LogitFeed(s, (views if j == 0 else []) + logits, memory, (self.lo, self.hi), scratch, self.num_views)
+            for j, s in enumerate(stores)
         ]
 
     def set_epoch(self, epoch: int) -> None:
@@ -489,6 +490,19 @@ def _checked_values(given: dict[str, Any]) -> tuple[int, list[float] | None]:
     if given["kinds"] not in (1, 2):
         raise KdcacheError(f"kinds is 1 (one view per sample) or 2 (MLKD's weak and strong), got {given['kinds']!r}")
     return values["cache_memory"], values["cache_weights"]  # type: ignore[return-value]
+
+
+def _check_kinds(kinds: int, recipe: Recipe, stores: list[CacheStore]) -> None:
+    """Refuse MLKD's two view kinds from a recipe or a cache that lacks the strong ones."""
+    if stores and kinds > stores[0].num_kinds and len(recipe.kinds) == 2:
+        raise KdcacheError(
+            f"cache {stores[0].location} holds the weak views only (pulled with --kind weak): --loss mlkd needs the "
+            "strong ones too: pull it with --kind both"
+        )
+    if kinds > len(recipe.kinds):
+        raise KdcacheError(
+            "--loss mlkd needs weak and strong views: use a cache dumped with --augment mlkd (or --augment mlkd online)"
+        )
 
 
 def _check_loader_args(

@@ -244,9 +244,12 @@ class LogitFeed:
     """Per-epoch arrays (logits, parameters, hashes) of the views an epoch uses, prefetched on a thread.
 
     Only the sample rows ``rows = (lo, hi)`` are ever read (a torchrun rank's
-    shard; all rows by default), and arrays come back indexed by ``sample - lo``.
-    If every view of those rows fits in ``memory_bytes`` they are read once,
-    whole, and each epoch is an in-RAM gather.
+    shard; all rows by default), and arrays come back indexed by ``sample - lo``;
+    only the first ``views`` views (all by default) are ever drawn. If those
+    views of those rows fit in ``memory_bytes`` they are read once, whole, and
+    each epoch is an in-RAM gather. A remote cache is always read an epoch at a
+    time, so a run fetches only the chunks it draws (``scratch`` applies to local caches only: a
+    remote one's files are shared on disk by the read-through folder).
 
     With ``scratch`` (a folder on a local disk) the whole cache is instead one
     decompressed ``.npy`` file per array there, memory-mapped read-only, so every
@@ -266,18 +269,23 @@ class LogitFeed:
         memory_bytes: int = 4 << 30,
         rows: tuple[int, int] | None = None,
         scratch: str | Path | None = None,
+        views: int | None = None,
     ):
         self.store, self.names = store, names
         self.lo, self.hi = rows if rows is not None else (0, store.num_samples)
+        self.views = views  # only the first ``views`` views are ever drawn (``--cache-views``)
         self.shared: dict[str, Path] | None = None
-        if scratch is not None:
+        if scratch is not None and local_path(store.location) is not None:
             folder = check_scratch(scratch)
             self.shared = shared_files(store, names, folder)
             self.whole = _fits(self.shared, store, folder)
+        elif local_path(store.location) is None:
+            self.whole = False  # a remote cache: each epoch fetches only the chunks it draws (then kept on disk)
         else:
             share = (self.hi - self.lo) / max(store.num_samples, 1)
             opened = [open_array(store.group, n) for n in names]
-            size = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in opened) * share
+            used = [min(views or a.shape[0], a.shape[0]) / max(a.shape[0], 1) for a in opened]
+            size = sum(int(np.prod(a.shape)) * a.dtype.itemsize * u for a, u in zip(opened, used, strict=True)) * share
             self.whole = size <= memory_bytes
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-feed")
         self._lock = threading.Lock()
@@ -318,7 +326,7 @@ class LogitFeed:
         arr = open_array(self.store.group, name)
         if self.shared is not None:
             return map_shared(arr, self.shared[name])[:, self.lo : self.hi]
-        return np.asarray(arr[:, self.lo : self.hi])
+        return np.asarray(arr[: self.views, self.lo : self.hi])
 
     def prefetch(self, epoch: int, views: np.ndarray) -> None:
         """Start loading ``epoch``'s rows in the background (no-op if already started); ``views`` covers rows lo..hi."""

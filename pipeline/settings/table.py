@@ -17,7 +17,8 @@ from kdcache.settings.rules import Rule
 
 DUMP, TRAIN, STUDY, VERIFY, INSPECT = "dump-logits", "train-student", "study views", "verify", "inspect"
 QUICKSTART, SWEEP, MODELS = "quickstart", "sweep", "models"
-COMMANDS = (DUMP, TRAIN, STUDY, VERIFY, INSPECT, QUICKSTART, SWEEP, MODELS)
+PULL, DERIVE, PUBLISH = "pull", "derive", "publish"
+COMMANDS = (DUMP, TRAIN, STUDY, VERIFY, INSPECT, QUICKSTART, SWEEP, MODELS, PULL, DERIVE, PUBLISH)
 #: Help sections, in the order ``--help`` shows them.
 GROUPS = ("Data", "Teacher", "Views", "Cache", "Loss", "Optimization", "Compute", "Output", "Cluster", "Other")
 
@@ -88,6 +89,8 @@ MLKD_VARIANTS = ("reference", "paper")
 TEACHER_FIXES = ("none", "sort")
 CTKD_DECAYS = ("cosine", "linear")
 SCHEDULES = ("chunk", "sample")
+KINDS = ("weak", "strong", "both")
+_KEEP_VIEWS = "Views to keep: A:B (view A up to B, B left out; default every view)."
 _ONLINE = "Online runs: "
 _LOSS_DEFAULT = " Default: the loss's (`kdcache losses`)."
 
@@ -99,7 +102,9 @@ _DATA = [
         "Data",
         {DUMP: Use(REQUIRED), TRAIN: Use(REQUIRED), STUDY: Use(REQUIRED, "The cache's dataset.")},
     ),
-    Setting("data_root", "path", "Dataset root (default: data/).", "Data", _all(None, DUMP, TRAIN, STUDY, VERIFY)),
+    Setting(
+        "data_root", "path", "Dataset root (default: data/).", "Data", _all(None, DUMP, TRAIN, STUDY, VERIFY, PUBLISH)
+    ),
     Setting(
         "download", "bool", "Download CIFAR-100 if it is missing (needs internet).", "Data", _all(False, DUMP, TRAIN)
     ),
@@ -127,7 +132,10 @@ _TEACHER = [
         "path",
         "Teacher weights: {'model': state_dict} or a bare state dict.",
         "Teacher",
-        _all(None, DUMP, TRAIN, STUDY, VERIFY),
+        {
+            **_all(None, DUMP, TRAIN, STUDY, VERIFY),
+            PUBLISH: Use(None, "The cache's teacher checkpoint: measure its test top-1 for the card (sha256 checked)."),
+        },
     ),
     Setting(
         "weights",
@@ -159,7 +167,12 @@ _VIEWS = [
         "views",
         "Views per sample: N seeded views, or 'all' (the 162 CIFAR crop/flip views).",
         "Views",
-        {DUMP: Use(REQUIRED), TRAIN: Use(None, _ONLINE + "views per sample, N or all.")},
+        {
+            DUMP: Use(REQUIRED),
+            TRAIN: Use(None, _ONLINE + "views per sample, N or all."),
+            PULL: Use(None, _KEEP_VIEWS),
+            DERIVE: Use(None, _KEEP_VIEWS),
+        },
     ),
     Setting(
         "view_seed",
@@ -251,9 +264,16 @@ _CACHE = [
         "text",
         "full logits, or topk:K (the K largest with their classes plus exact row statistics; kd/dkd only).",
         "Cache",
-        _all("full", DUMP),
+        {DUMP: Use("full"), DERIVE: Use(None, "topk:K: keep the K largest logits, statistics from the full rows.")},
     ),
-    Setting("dtype", "text", "Logit dtype in the store.", "Cache", _all("float16", DUMP), choices=DTYPES),
+    Setting(
+        "dtype",
+        "text",
+        "Logit dtype in the store.",
+        "Cache",
+        {DUMP: Use("float16"), DERIVE: Use(None, "Logit dtype of the derived cache (default: the source's).")},
+        choices=DTYPES,
+    ),
     Setting("overwrite", "bool", "Replace an existing cache made with different settings.", "Cache", _all(False, DUMP)),
     Setting(
         "sample",
@@ -492,7 +512,7 @@ _COMPUTE = [
         "text",
         "auto (a GPU when there is one), cpu, cuda or cuda:N.",
         "Compute",
-        _all("auto", DUMP, TRAIN, STUDY, VERIFY),
+        _all("auto", DUMP, TRAIN, STUDY, VERIFY, PUBLISH),
     ),
     Setting(
         "amp",
@@ -552,7 +572,7 @@ _OUTPUT = [
             TRAIN: Use(REQUIRED, "Run directory (config.yaml, metrics.jsonl, last.pt, best.pt)."),
             STUDY: Use(REQUIRED, "Study folder: one run per point, study.json, views.png."),
             QUICKSTART: Use("data/quickstart", "Where runs, caches and results go."),
-            SWEEP: Use(REQUIRED, "Sweep folder: runs/, caches/, summary.csv, results.md."),
+            SWEEP: Use(REQUIRED, "Sweep folder: runs/, caches/, spec.yaml, summary.csv, results.md, curves.png."),
         },
     ),
     Setting("resume", "bool", "Continue the run in --out where it stopped.", "Output", _all(False, TRAIN)),
@@ -579,6 +599,14 @@ _OUTPUT = [
         _all(None, DUMP, TRAIN),
     ),
     Setting("report", "bool", "Only rebuild the report from the runs finished so far.", "Output", _all(False, SWEEP)),
+    Setting(
+        "prune",
+        "bool",
+        "Move the run folders in --out that the SPEC no longer names to --out/pruned/ (the report leaves them out "
+        "either way).",
+        "Output",
+        _all(False, SWEEP),
+    ),
 ]
 _CLUSTER = [
     Setting(
@@ -599,14 +627,54 @@ _CLUSTER = [
 ]
 _OTHER = [
     Setting("preset", "text", "A SPEC shipped with kdcache instead of SPEC (ls-cifar100).", "Other", _all(None, SWEEP)),
+    Setting(
+        "yes",
+        "bool",
+        "Start a --preset on a machine without a GPU (its work ahead and a CPU estimate are stated first).",
+        "Other",
+        _all(False, SWEEP),
+    ),
     Setting("torchvision", "bool", "Also list torchvision.<arch> names.", "Other", _all(False, MODELS)),
     Setting("timm", "bool", "Also list timm.<name> names (needs kdcache[timm]).", "Other", _all(False, MODELS)),
+]
+
+_SHARING = [
+    Setting(
+        "cache_dir",
+        "path",
+        "Local folder keeping what reading a remote cache (http(s)://, s3://, hf://) fetched, checked against its "
+        "manifest, so the next run reads it from disk. Default $KDCACHE_CACHE_DIR, else $XDG_CACHE_HOME/kdcache or "
+        "~/.cache/kdcache.",
+        "Cache",
+        _all(None, TRAIN, STUDY, SWEEP, INSPECT, VERIFY, DERIVE, PUBLISH),
+    ),
+    Setting(
+        "kind",
+        "text",
+        "MLKD caches: pull the weak views only (enough for single-view losses), the strong ones only, or both "
+        "(default: every kind the cache has).",
+        "Views",
+        _all(None, PULL),
+        choices=KINDS,
+    ),
 ]
 
 #: Every setting by its Python name, in the order ``--help`` lists them within a group.
 SETTINGS: dict[str, Setting] = {
     s.name: s
-    for s in [*_DATA, *_TEACHER, *_VIEWS, *_CACHE, *_LOSS, *_OPTIMIZATION, *_COMPUTE, *_OUTPUT, *_CLUSTER, *_OTHER]
+    for s in [
+        *_DATA,
+        *_TEACHER,
+        *_VIEWS,
+        *_CACHE,
+        *_LOSS,
+        *_OPTIMIZATION,
+        *_COMPUTE,
+        *_OUTPUT,
+        *_CLUSTER,
+        *_OTHER,
+        *_SHARING,
+    ]
 }
 
 
@@ -636,6 +704,7 @@ class Defaults:
 
 DUMP_DEFAULTS, TRAIN_DEFAULTS, STUDY_DEFAULTS = Defaults(DUMP), Defaults(TRAIN), Defaults(STUDY)
 VERIFY_DEFAULTS, QUICKSTART_DEFAULTS, SWEEP_DEFAULTS = Defaults(VERIFY), Defaults(QUICKSTART), Defaults(SWEEP)
+PULL_DEFAULTS, DERIVE_DEFAULTS, PUBLISH_DEFAULTS = Defaults(PULL), Defaults(DERIVE), Defaults(PUBLISH)
 
 
 def _shown(setting: Setting, command: str) -> str:

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import socket
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,25 +42,15 @@ from zarr.core.common import JSON
 
 from kdcache.errors import KdcacheError, first_line
 from kdcache.store.formats import FULL, STAT_FIELDS, LogitFormat, parse_format, top1_and_confidence
+from kdcache.store.locations import LOCK_NAME, READ_ONLY, check_not_read_only, check_url, local_path, url_protocol
+from kdcache.store.manifest import MANIFEST_NAME, Manifest, read_manifest, remove_manifest
+from kdcache.store.remote import ManifestStore, open_remote
 
 FORMAT_VERSION = 2  # 1: full logits; 2: adds --format topk:K (full-logit stores are still written as 1)
 CHUNK = 4096
-LOCK_NAME = "kdcache.lock"
 # Fields a resumed or extended dump must match exactly.
 IDENTITY_FIELDS = ("teacher", "dataset", "split", "recipe", "seed", "dtype", "num_classes", "views_mode", "format")
 IDENTITY_DEFAULTS = {"format": "full"}  # stores written before a field existed
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
-def local_path(store: str | os.PathLike) -> Path | None:
-    """The filesystem path of a local store (``file://`` URLs included), else None."""
-    s = str(store)
-    if s.startswith("file://"):
-        return Path(s[len("file://") :])
-    return None if _is_url(s) else Path(s)
 
 
 def num_chunks(num_samples: int) -> int:
@@ -109,9 +100,10 @@ def array_names(kinds: int, fmt: LogitFormat = FULL) -> dict[str, list]:
 class CacheStore:
     """An open cache. Read-only opens are safe from any number of processes while nothing writes."""
 
-    def __init__(self, group: zarr.Group, location: str):
+    def __init__(self, group: zarr.Group, location: str, manifest: Manifest | None = None):
         self.group = group
         self.location = location
+        self._manifest = manifest
         attrs: dict[str, JSON] = dict(group.attrs)
         if "kdcache_format" not in attrs:
             raise KdcacheError(
@@ -126,6 +118,29 @@ class CacheStore:
         self.attrs = attrs
         self._arrays: dict[str, zarr.Array] = {}
         self._absent: set[str] = set()
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store is read through its manifest from a URL (:mod:`kdcache.store.remote`)."""
+        return isinstance(self.group.store, ManifestStore)
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The store's manifest (``manifest.json``), None when it has none (a dump writes it on completion)."""
+        if self._manifest is None and local_path(self.location) is not None:
+            self._manifest = read_manifest(self.location)
+        return self._manifest
+
+    def read_file(self, key: str) -> bytes | None:
+        """A file of the store that is no array (``README.md``), None when absent; a remote one is checked against
+        the manifest."""
+        root = local_path(self.location)
+        if root is not None:
+            path = root / key
+            return path.read_bytes() if path.is_file() else None
+        if isinstance(self.group.store, ManifestStore):
+            return self.group.store.read_key(key)
+        return None
 
     def array(self, name: str) -> zarr.Array:
         """Array ``name``, opened once: every ``group[name]`` re-reads and parses its metadata, which a writer cannot
@@ -253,10 +268,27 @@ class CacheStore:
         self._absent.clear()
 
 
-def open_store(location: str | os.PathLike, mode: Literal["r", "r+"] = "r") -> CacheStore:
-    """Open an existing cache (``mode`` "r" or "r+")."""
+def open_store(
+    location: str | os.PathLike, mode: Literal["r", "r+"] = "r", cache_dir: str | os.PathLike | None = None
+) -> CacheStore:
+    """Open an existing cache (``mode`` "r" or "r+").
+
+    A URL opened for reading goes through its manifest when it has one (:func:`~kdcache.store.remote.open_remote`:
+    no folder listings, every file checked, what is fetched kept in ``cache_dir``); an ``http(s)://`` cache must have
+    one. Other URLs without a manifest (a dump still writing to ``s3://``) are read directly.
+    """
     loc = str(location)
     lp = local_path(loc)
+    if lp is None:
+        check_url(loc, "cache")
+        opened = open_remote(loc, cache_dir) if mode == "r" else None
+        if opened is not None:
+            return CacheStore(opened[0], loc, opened[1])
+        if url_protocol(loc) in READ_ONLY:
+            raise KdcacheError(
+                f"cache {loc} has no {MANIFEST_NAME}: a web server is read without listing folders, so only a "
+                "published cache can be read there: run `kdcache publish STORE OUT` and serve OUT"
+            )
     if lp is not None and not lp.exists():
         raise KdcacheError(f"cache {lp} not found: create it with `kdcache dump-logits --out {lp}`")
     if lp is not None and lp.is_file():
@@ -264,6 +296,8 @@ def open_store(location: str | os.PathLike, mode: Literal["r", "r+"] = "r") -> C
     try:
         # An absolute root: zarr's LocalStore lists no chunks under a relative one (nchunks_initialized reads 0).
         group = zarr.open_group(store=str(lp.resolve()) if lp is not None else loc, mode=mode)
+    except KdcacheError:
+        raise
     except Exception as exc:
         raise KdcacheError(f"cannot open cache {loc}: {first_line(exc)}") from None
     return CacheStore(group, loc)
@@ -279,22 +313,6 @@ def store_exists(location: str | os.PathLike) -> bool:
         return True
     except Exception:
         return False
-
-
-def check_url(location: str, flag: str) -> None:
-    """Refuse a URL whose scheme fsspec does not know, or whose filesystem package is not installed."""
-    import fsspec
-
-    protocol = str(location).split("://", 1)[0]
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ValueError:
-        raise KdcacheError(
-            f"{flag} {location}: unknown URL scheme {protocol}://; use a local path or one fsspec knows (s3://, gs://, "
-            "memory://, ...)"
-        ) from None
-    except ImportError as exc:
-        raise KdcacheError(f"{flag} {location} needs a package that is not installed: {first_line(exc)}") from None
 
 
 def _store_above(path: Path) -> Path | None:
@@ -347,6 +365,7 @@ def check_writable_location(location: str | os.PathLike) -> None:
     """Refuse local store paths that are files, non-store directories or read-only, before anything is written."""
     lp = local_path(location)
     if lp is None:
+        check_not_read_only(str(location), "--out")
         check_url(str(location), "--out")
         return
     store = _store_above(lp.absolute().parent)
@@ -370,6 +389,7 @@ def remove_store(location: str | os.PathLike) -> None:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         return
     open_store(location)  # raises unless it is a kdcache store
+    remove_manifest(location)  # no reader takes the store for finished until its dump writes a new one
     zarr.open_group(store=str(location), mode="w")
 
 
@@ -475,15 +495,23 @@ def create_store(
 
 
 def extend_views(store: CacheStore, num_views: int) -> None:
-    """Grow every per-view array to ``num_views`` views (new views start not done)."""
-    for name in list(store.group.array_keys()):
+    """Grow every per-view array to ``num_views`` views (new views start not done); the manifest goes until the
+    extended dump completes and writes a new one."""
+    remove_manifest(store.location)
+    with warnings.catch_warnings():  # the manifest and card at the root are no Zarr nodes, and zarr says so
+        warnings.simplefilter("ignore")
+        names = list(store.group.array_keys())
+    for name in names:
         arr = store.array(name)  # resized in place, so open handles see the new shape
         if name != "labels" and arr.shape[0] < num_views:
             arr.resize((num_views, *arr.shape[1:]))
 
 
 def identity_mismatch(stored: Mapping[str, object], wanted: Mapping[str, object]) -> str | None:
-    """The first identity field where a store and a requested dump differ, described, or None."""
+    """The first identity field where a store and a requested dump differ, described, or None (a derived store
+    differs from every dump: its views are renumbered or re-encoded, so it is never resumed or extended)."""
+    if stored.get("derived_from") is not None:
+        return "derived_from (it was made by `kdcache derive` or `kdcache pull --views/--kind`, not by dump-logits)"
     for key in IDENTITY_FIELDS:
         a, b = stored.get(key, IDENTITY_DEFAULTS.get(key)), wanted.get(key, IDENTITY_DEFAULTS.get(key))
         if json.loads(json.dumps(a)) != json.loads(json.dumps(b)):

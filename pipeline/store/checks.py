@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from kdcache.errors import KdcacheError
-from kdcache.store.cache import CacheStore, array_names, local_path, num_chunks, open_store
+from kdcache.store.cache import CacheStore, array_names, num_chunks, open_store
+from kdcache.store.locations import local_path
+from kdcache.store.remote import RemoteError
 
 #: Attributes every reader relies on, with the keys it reads inside them.
 REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
@@ -56,6 +59,12 @@ def layout_problems(store: CacheStore) -> list[str]:
     problems = _attr_problems(store.attrs)
     if problems:
         return problems
+    kinds = store.attrs.get("view_kinds")
+    if isinstance(kinds, list) and "weak" not in kinds:
+        return [
+            "it holds the strong views only (`kdcache pull --kind strong`), which no student trains from alone: pull "
+            "it again with --kind both"
+        ]
     names = ["done", "labels", *per_view_arrays(store)]
     problems = [f"array {name} is missing (its folder or zarr.json was lost)" for name in names if not store.has(name)]
     if problems:
@@ -78,6 +87,8 @@ def _labels_problem(store: CacheStore) -> str | None:
     """
     try:
         labels = np.ascontiguousarray(store.labels(), dtype=np.int64)
+    except RemoteError:  # not fetched: nothing can be said of it
+        raise
     except Exception:  # the codec pipeline raises anything on a damaged file
         return "array labels does not decode (its chunk file is damaged)"
     recorded = store.attr_dict("dataset").get("labels_sha256")
@@ -119,8 +130,9 @@ def check_cache(store: CacheStore) -> None:
         raise KdcacheError(f"cache {store.location}: {problems[0]}: {REDUMP}; `kdcache verify` lists every problem")
 
 
-def open_checked(location: str) -> CacheStore:
-    """Open a cache for reading, refusing one that lacks attributes or arrays or has a hole (:func:`check_cache`)."""
-    store = open_store(location)
+def open_checked(location: str, cache_dir: str | os.PathLike[str] | None = None) -> CacheStore:
+    """Open a cache for reading, refusing one that lacks attributes or arrays or has a hole (:func:`check_cache`); a
+    URL keeps what it fetches in ``cache_dir``."""
+    store = open_store(location, cache_dir=cache_dir)
     check_cache(store)
     return store

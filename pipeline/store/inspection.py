@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from kdcache.errors import KdcacheError
-from kdcache.store.cache import CacheStore, check_output_dir, disk_bytes, view_mismatch
-from kdcache.store.checks import open_checked
+from kdcache.store.cache import CacheStore, check_output_dir, disk_bytes, open_store, view_mismatch
+from kdcache.store.checks import REDUMP, layout_problems, open_checked
 from kdcache.store.formats import top1_and_confidence
+from kdcache.store.manifest import CARD_NAME
 
 
 @dataclass
@@ -43,14 +44,40 @@ class CacheReport:
         ]
         if self.disk_bytes is not None:
             per = self.disk_bytes / max(1, self.store.num_views * self.store.num_samples)
-            out.append(f"on disk    {self.disk_bytes / 2**20:.2f} MiB ({per:.1f} B per view-sample)")
+            where = "size" if self.store.remote else "on disk"
+            out.append(f"{where:<10} {self.disk_bytes / 2**20:.2f} MiB ({per:.1f} B per view-sample)")
         if self.top1:
             top = np.asarray(self.top1) * 100
+            confidence = f"mean confidence {100 * np.mean(self.confidence):.1f}%" if self.confidence else "(recorded)"
             out.append(
                 f"teacher    top-1 per view mean {top.mean():.2f}%  min {top.min():.2f}%  max {top.max():.2f}%  "
-                f"mean confidence {100 * np.mean(self.confidence):.1f}%"
+                + confidence
             )
-        return out
+        return out + share_lines(self.store)
+
+
+def share_lines(store: CacheStore) -> list[str]:
+    """What a person who finds the cache needs before reading it: manifest, provenance, card, how to train from it
+    (attributes, manifest and card only; no chunk is read)."""
+    from kdcache.store.card import read_card, train_command
+
+    manifest = store.manifest
+    out = [
+        f"manifest   {len(manifest.files)} files, {manifest.total_bytes / 2**20:.2f} MiB, each with its sha256"
+        if manifest is not None
+        else "manifest   none (a dump writes it when it completes; `kdcache publish` writes one)"
+    ]
+    derived = store.attrs.get("derived_from")
+    if isinstance(derived, dict):
+        out.append(f"derived    from {derived.get('location')} (views {derived.get('views')}, {derived.get('format')})")
+    card = read_card(store.read_file(CARD_NAME))
+    facts = card.get("kdcache") if isinstance(card.get("kdcache"), dict) else {}
+    if card:
+        test = (facts.get("teacher") or {}).get("test_top1") if isinstance(facts, dict) else None
+        shown = "not measured" if test is None else f"{float(test):.2f}%"
+        out.append(f"card       {CARD_NAME}: license {card.get('license', 'unknown')}, teacher test top-1 {shown}")
+    out.append(f"train      {train_command(store, store.location)}")
+    return out
 
 
 def _recipe_name(recipe: Mapping[str, object]) -> str:
@@ -73,9 +100,30 @@ def view_predictions(store: CacheStore, view: int) -> tuple[np.ndarray, np.ndarr
     return top1_and_confidence({name: read_view(store, name, view) for name in store.teacher_arrays()})
 
 
-def inspect_cache(location: str) -> CacheReport:
-    """Read a cache's attributes and compute per-view teacher accuracy and confidence on its finished views."""
-    store = open_checked(location)
+def metadata_report(store: CacheStore) -> CacheReport:
+    """A cache's report from its metadata alone (attributes, array shapes, manifest): no chunk is read."""
+    problems = layout_problems(store)
+    if problems:
+        raise KdcacheError(f"cache {store.location}: {problems[0]}: {REDUMP}; `kdcache verify` lists every problem")
+    total = int(np.prod(store.array("done").shape))
+    complete = store.attrs.get("complete") is True
+    done = total if complete else int(store.done().sum())
+    recorded = store.attrs.get("teacher_top1")
+    top1 = [float(x) for x in recorded] if complete and isinstance(recorded, list) else []
+    size = store.manifest.total_bytes if store.manifest is not None else None
+    return CacheReport(store, done, total, size, top1, [])
+
+
+def inspect_cache(location: str, cache_dir: str | None = None, metadata: bool | None = None) -> CacheReport:
+    """Read a cache's attributes and compute per-view teacher accuracy and confidence on its finished views.
+
+    ``metadata`` (the default for a remote cache) reports from the metadata alone (:func:`metadata_report`), with
+    the per-view accuracy the dump recorded.
+    """
+    store = open_store(location, cache_dir=cache_dir)
+    if metadata if metadata is not None else store.remote:
+        return metadata_report(store)
+    store = open_checked(location, cache_dir)
     done = store.done()
     labels = store.labels()
     top1, conf = [], []
@@ -126,9 +174,9 @@ def _js(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return ((p * np.log(safe(p) / safe(m))).sum(axis=1) + (q * np.log(safe(q) / safe(m))).sum(axis=1)) / 2
 
 
-def teacher_agreement(locations: list[str]) -> Agreement:
+def teacher_agreement(locations: list[str], cache_dir: str | None = None) -> Agreement:
     """Per-view top-1 of each teacher, the share of samples where all agree, and their mean pairwise JS divergence."""
-    stores = [open_checked(loc) for loc in locations]
+    stores = [open_checked(loc, cache_dir) for loc in locations]
     for other in stores[1:]:
         diff = view_mismatch(stores[0], other)
         if diff:
@@ -161,7 +209,7 @@ def teacher_agreement(locations: list[str]) -> Agreement:
     return Agreement([st.location for st in stores], top1, agree, js if full else None)
 
 
-def inspect_caches(locations: list[str], plot: str | None = None) -> list[str]:
+def inspect_caches(locations: list[str], plot: str | None = None, cache_dir: str | None = None) -> list[str]:
     """What ``kdcache inspect`` prints for one cache or several of the same views (with their agreement); ``plot``
     (``""`` for ``views.png``) also writes the per-view plot."""
     from kdcache.plots import plot_agreement, plot_views
@@ -171,10 +219,10 @@ def inspect_caches(locations: list[str], plot: str | None = None) -> list[str]:
         check_output_dir(path.absolute().parent, "--plot folder")
     lines: list[str] = []
     for location in locations:
-        report = inspect_cache(location)
+        report = inspect_cache(location, cache_dir, None if path is None and len(locations) == 1 else False)
         lines += report.lines()
     if len(locations) > 1:
-        agreement = teacher_agreement(list(locations))
+        agreement = teacher_agreement(list(locations), cache_dir)
         lines += agreement.lines()
         if path is not None:
             lines.append(f"plot       {plot_agreement(agreement.top1, agreement.agree, path)}")

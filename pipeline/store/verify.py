@@ -4,7 +4,8 @@ Checks, each reported as a problem line rather than raised, so one run lists
 everything: the attributes and arrays a cache needs are there with agreeing
 shapes (:func:`layout_problems`; nothing else is read without them); every
 chunk marked done has its file (:func:`holes`), decodes (its crc32c checksum
-matches) and holds finite logits; attributes agree with the arrays; and, with
+matches) and holds finite logits; every file matches the manifest's size and sha256
+(where the cache has one); attributes agree with the arrays; and, with
 a teacher and no lost or corrupt rows, ``sample`` random views of finished
 chunks are rebuilt from their stored parameters, their pixel hashes compared
 and the teacher re-run on them, which catches augmentation or model drift
@@ -27,6 +28,9 @@ from kdcache.settings import check_options
 from kdcache.store.cache import CHUNK, CacheStore, array_names, json_float, json_int, num_chunks, open_array, open_store
 from kdcache.store.checks import REDUMP, holes, layout_problems, per_view_arrays
 from kdcache.store.formats import encode
+from kdcache.store.locations import local_path
+from kdcache.store.manifest import manifest_problems
+from kdcache.store.remote import CorruptError, RemoteError
 from kdcache.teacher.runner import load_teacher
 from kdcache.views.ops import pixel_hash
 from kdcache.views.recipes import recipe_from_attrs
@@ -66,6 +70,11 @@ def _check_chunks(store: CacheStore, report: VerifyReport) -> None:
                 rows = slice(c * CHUNK, min(n, (c + 1) * CHUNK))
                 try:
                     block = np.asarray(arr[v, rows])
+                except CorruptError as exc:  # a remote file that does not match the manifest
+                    report.problems.append(f"corrupt: {exc}")
+                    continue
+                except RemoteError:  # a file that cannot be fetched: nothing can be said of it
+                    raise
                 except Exception as exc:  # the codec pipeline raises on a checksum mismatch
                     report.problems.append(
                         f"corrupt: array {name}, view {v}, chunk {c} does not decode ({exc.__class__.__name__}: "
@@ -98,7 +107,9 @@ def _check_attrs(store: CacheStore, report: VerifyReport) -> None:
     if str(main.dtype) != a["dtype"]:
         report.problems.append(f"attributes: dtype {a['dtype']} but {fmt.arrays()[0]} is {main.dtype}")
     recipe = recipe_from_attrs(store.attr_dict("recipe"))
-    if (fmt.arrays()[0] + "_strong" in store.group) != (len(recipe.kinds) == 2):
+    kinds = a.get("view_kinds")
+    strong = len(recipe.kinds) == 2 and (not isinstance(kinds, list) or "strong" in kinds)
+    if (fmt.arrays()[0] + "_strong" in store.group) != strong:
         report.problems.append(f"attributes: recipe {recipe.name} does not match the arrays present")
     top1 = a.get("teacher_top1")
     readable = not _rows_lost(report)
@@ -181,6 +192,21 @@ def _check_replay(
     report.checked.append(f"{sample} random views rebuilt and re-run through {teacher} (max |logit diff| {worst:.3g})")
 
 
+def _check_manifest(store: CacheStore, report: VerifyReport) -> None:
+    """Every file against the manifest: hashed here for a local store; a remote one's were checked as fetched."""
+    manifest, root = store.manifest, local_path(store.location)
+    if manifest is None:
+        if store.complete():
+            report.checked.append("no manifest (a dump writes one when it completes; `kdcache publish` writes one)")
+        return
+    if root is None:
+        report.checked.append(f"every file fetched checked against the manifest ({len(manifest.files)} files)")
+        return
+    found = manifest_problems(root, manifest)
+    report.problems += found
+    report.checked.append(f"{len(manifest.files)} files hashed against the manifest ({len(found)} differ)")
+
+
 def verify_cache(
     location: str,
     teacher: str | None = V.teacher,
@@ -189,17 +215,20 @@ def verify_cache(
     sample: int = V.sample,
     data_root: str | None = V.data_root,
     device: str = V.device,
+    cache_dir: str | None = V.cache_dir,
 ) -> VerifyReport:
-    """Check a cache and return every problem found (see the module docstring)."""
+    """Check a cache and return every problem found (see the module docstring); a URL keeps what it fetches in
+    ``cache_dir``."""
     check_options({"sample": sample})
     if sample and teacher is None:
         raise KdcacheError("--sample needs --teacher (and --checkpoint) to re-run the teacher")
-    store = open_store(location)
+    store = open_store(location, cache_dir=cache_dir)
     report = VerifyReport(str(location))
     report.problems += [f"layout: {line}; {REDUMP}" for line in layout_problems(store)]
     if report.problems:  # nothing else can be read without its attributes and arrays
         return report
     _check_chunks(store, report)
+    _check_manifest(store, report)
     _check_attrs(store, report)
     if teacher is not None and sample:
         if _rows_lost(report) or not store.done().any():  # views cannot be rebuilt from lost or unwritten rows

@@ -194,6 +194,7 @@ def train_student(
     progress: bool = True,
     cache_memory: int | str = T.cache_memory,
     cache_scratch: str | None = T.cache_scratch,
+    cache_dir: str | None = T.cache_dir,
     view_schedule: str | None = T.view_schedule,
     **hyper: object,
 ) -> TrainResult:
@@ -335,27 +336,18 @@ def _build_loader(cfg: TrainConfig, given: dict, ranks: Ranks, dev: torch.device
         online = load_teacher(
             g["teacher"], train_ds.num_classes, norm, g["checkpoint"], g["weights"], str(dev), g["forward_block"]
         )
+    # The loader's settings are train-student's of the same names; the run's own ones are passed explicitly.
+    own = ("cache", "dataset", "data_root", "download", "device", "teacher", "batch_size", "seed", "kinds", "epochs")
+    shared = {k: g[k] for k in inspect.signature(DistillLoader.__init__).parameters if k in g and k not in own}
     loader = DistillLoader(
         g["cache"],
         train_ds,
+        **shared,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         kinds=cfg.spec.kinds,
         device=dev,
-        workers=g["workers"],
-        verify_views=g["verify_views"],
-        view_schedule=g["view_schedule"],
-        cache_views=g["cache_views"],
-        cache_memory=g["cache_memory"],
-        cache_scratch=g["cache_scratch"],
-        cache_weights=g["cache_weights"],
-        teacher_mix=g["teacher_mix"],
         teacher=online,
-        augment=g["augment"],
-        mix=g["mix"],
-        mix_alpha=g["mix_alpha"],
-        views=g["views"],
-        view_seed=g["view_seed"],
         with_teacher=cfg.spec.fn is not None,
         epochs=cfg.epochs,
         ranks=ranks,
