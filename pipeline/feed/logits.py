@@ -33,6 +33,7 @@ import zarr
 from kdcache.errors import KdcacheError, first_line
 from kdcache.settings import choices
 from kdcache.store.cache import CHUNK, CacheStore, local_path, open_array
+from kdcache.store.locations import local_folder
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 TAG_VIEW, TAG_ORDER, TAG_PERM = 0x5649, 0x4F52, 0x5045
@@ -121,18 +122,7 @@ SCRATCH_LOCK = ".kdcache-scratch.lock"
 
 def check_scratch(scratch: str | Path) -> Path:
     """The scratch folder (created if absent), refused in one line when it is a file or cannot be written."""
-    path = Path(scratch)
-    if path.is_file():
-        raise KdcacheError(f"--cache-scratch {path} is a file: give a folder on a local disk")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KdcacheError(
-            f"--cache-scratch {path} cannot be created ({exc.strerror}): choose a folder you can write to"
-        ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise KdcacheError(f"--cache-scratch {path} is not writable: choose a folder you can write to, or leave it out")
-    return path
+    return local_folder(Path(scratch), "--cache-scratch", ", or leave it out")
 
 
 def shared_files(store: CacheStore, names: list[str], scratch: Path) -> dict[str, Path]:

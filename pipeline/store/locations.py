@@ -128,23 +128,25 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "kdcache"
 
 
-def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    """``cache_dir`` (or :func:`default_cache_dir`), created; one line when it cannot be."""
-    path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+def local_folder(path: Path, flag: str, hint: str = "") -> Path:
+    """``path`` as a writable local folder (created if absent); one line naming ``flag`` when it cannot be."""
     if path.is_file():
-        raise KdcacheError(f"--cache-dir {path} is a file: give a folder on a local disk")
+        raise KdcacheError(f"{flag} {path} is a file: give a folder on a local disk")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KdcacheError(
-            f"--cache-dir {path} cannot be created ({exc.strerror or exc}): choose a folder you can write to "
-            f"(--cache-dir or {CACHE_DIR_ENV})"
+            f"{flag} {path} cannot be created ({exc.strerror or exc}): choose a folder you can write to{hint}"
         ) from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise KdcacheError(
-            f"--cache-dir {path} is not writable: choose a folder you can write to (--cache-dir or {CACHE_DIR_ENV})"
-        )
+        raise KdcacheError(f"{flag} {path} is not writable: choose a folder you can write to{hint}")
     return path
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    """``cache_dir`` (or :func:`default_cache_dir`), created; one line when it cannot be."""
+    path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return local_folder(path, "--cache-dir", f" (--cache-dir or {CACHE_DIR_ENV})")
 
 
 @contextlib.contextmanager
