@@ -332,4 +332,4 @@ class LogitFeed:
         return fut.result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # a read already running ends before close returns
