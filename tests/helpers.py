@@ -111,3 +111,23 @@ def same_weights(a: Path, b: Path) -> bool:
 
     wa, wb = (torch.load(p, weights_only=True)["model"] for p in (a, b))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+#: The LS repo's README "Results and Logs": table 1 (same family), then table 2 (different architectures).
+LS_PAIRS = [
+    ("resnet32x4", "resnet8x4"),
+    ("vgg13", "vgg8"),
+    ("wrn_40_2", "wrn_40_1"),
+    ("wrn_40_2", "wrn_16_2"),
+    ("resnet56", "resnet20"),
+    ("resnet110", "resnet32"),
+    ("resnet110", "resnet20"),
+    ("resnet32x4", "ShuffleV2"),
+    ("resnet32x4", "wrn_16_2"),
+    ("resnet32x4", "wrn_40_2"),
+    ("wrn_40_2", "resnet8x4"),
+    ("wrn_40_2", "MobileNetV2"),
+    ("vgg13", "MobileNetV2"),
+    ("ResNet50", "MobileNetV2"),
+]
+LS_METHODS = ["kd", "kd+ls", "ctkd", "ctkd+ls", "dkd", "dkd+ls", "mlkd", "mlkd+ls"]  # its methods, each ± Z-score

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from helpers import LS_METHODS, LS_PAIRS
 
 from kdcache.errors import KdcacheError
 from kdcache.experiments.report import collect_runs, write_report
@@ -200,24 +201,6 @@ def test_user_errors_are_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------- the ls-cifar100 preset
-
-LS_PAIRS = [  # README.md "Results and Logs", tables 1 (same family) and 2 (different architectures)
-    ("resnet32x4", "resnet8x4"),
-    ("vgg13", "vgg8"),
-    ("wrn_40_2", "wrn_40_1"),
-    ("wrn_40_2", "wrn_16_2"),
-    ("resnet56", "resnet20"),
-    ("resnet110", "resnet32"),
-    ("resnet110", "resnet20"),
-    ("resnet32x4", "ShuffleV2"),
-    ("resnet32x4", "wrn_16_2"),
-    ("resnet32x4", "wrn_40_2"),
-    ("wrn_40_2", "resnet8x4"),
-    ("wrn_40_2", "MobileNetV2"),
-    ("vgg13", "MobileNetV2"),
-    ("ResNet50", "MobileNetV2"),
-]
-LS_METHODS = ["kd", "kd+ls", "ctkd", "ctkd+ls", "dkd", "dkd+ls", "mlkd", "mlkd+ls"]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-from helpers import cli, run_cli, write_cifar100
+from helpers import LS_METHODS, LS_PAIRS, cli, run_cli, write_cifar100
 
 import kdcache
 from kdcache.errors import KdcacheError
@@ -34,23 +34,6 @@ from kdcache.experiments.report import curve_panels, write_manifest, write_repor
 from kdcache.experiments.sweep import expand, load_spec, preset_path, sweep_command, sweep_manifest
 from kdcache.plots import sweep_figure
 
-LS_PAIRS = [  # README.md of the LS repo, "Results and Logs": table 1 (same family), then table 2
-    ("resnet32x4", "resnet8x4"),
-    ("vgg13", "vgg8"),
-    ("wrn_40_2", "wrn_40_1"),
-    ("wrn_40_2", "wrn_16_2"),
-    ("resnet56", "resnet20"),
-    ("resnet110", "resnet32"),
-    ("resnet110", "resnet20"),
-    ("resnet32x4", "ShuffleV2"),
-    ("resnet32x4", "wrn_16_2"),
-    ("resnet32x4", "wrn_40_2"),
-    ("wrn_40_2", "resnet8x4"),
-    ("wrn_40_2", "MobileNetV2"),
-    ("vgg13", "MobileNetV2"),
-    ("ResNet50", "MobileNetV2"),
-]
-LS_METHODS = ["kd", "kd+ls", "ctkd", "ctkd+ls", "dkd", "dkd+ls", "mlkd", "mlkd+ls"]
 STUDENT = {"dataset": "digits", "student": "resnet8", "cache": "/nonexistent/c.zarr", "epochs": 3}
 
 
